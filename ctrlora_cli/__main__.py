@@ -1,0 +1,3 @@
+from ctrlora_cli.app import main
+
+main()

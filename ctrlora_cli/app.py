@@ -1,0 +1,65 @@
+"""The ``ctrlora`` command: a Typer app with one module per command."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from ctrlora_cli import __version__
+
+app = typer.Typer(
+    name="ctrlora",
+    help="CtrLoRA on Stable Diffusion 1.5: one shared Base ControlNet, one small adapter per condition.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+# Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctrlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """CtrLoRA on Stable Diffusion 1.5."""
+
+
+def _quiet_libraries() -> None:
+    # Our own progress is drawn by Rich; the libraries' tqdm bars and info logs are noise here.
+    # Set before any command imports them: huggingface_hub reads these at import time.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+_quiet_libraries()
+for _module in COMMAND_MODULES:
+    importlib.import_module(f"ctrlora_cli.{_module}").register(app)
+
+
+def main() -> None:
+    from engine.errors import CtrloraError
+
+    try:
+        app(prog_name="ctrlora")
+    except CtrloraError as exc:
+        from ctrlora_cli.console import err
+
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+

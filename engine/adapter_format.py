@@ -1,0 +1,77 @@
+"""Our adapter file: one ``.safetensors`` per condition.
+
+Keys are the adapter-name-free keys of ``engine.adapters.adapter_state_dict`` (peft/diffusers
+style). The safetensors header metadata (all strings) holds:
+
+- ``format``: ``ctrlora-adapter``; ``format_version``: ``1``
+- ``rank``, ``alpha``: the LoRA rank and alpha (scale = alpha / rank)
+- ``base_arch``: the architecture id of the Base ControlNet it was made for (``engine.arch``)
+- ``condition``: the condition's name (``canny``, ``mosaic``, ...)
+- ``provenance``: JSON (where it came from: an official file and its digest, or a fit run)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.errors import CheckpointError
+
+FORMAT = "ctrlora-adapter"
+FORMAT_VERSION = "1"
+
+
+def save_adapter_file(path: str | Path, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float,
+                      base_arch: str, condition: str, provenance: dict | None = None) -> Path:
+    """Write atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rank": str(rank),
+        "alpha": str(alpha),
+        "base_arch": base_arch,
+        "condition": condition,
+        "provenance": json.dumps(provenance or {}, sort_keys=True),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_adapter_metadata(path: str | Path) -> dict:
+    """The header only (no tensors are read); ``rank``/``alpha`` parsed, ``provenance`` decoded."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ctrlora adapter file (import official files with `ctrlora pull`)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: adapter format version {meta.get('format_version')} is not supported")
+    meta["rank"] = int(meta["rank"])
+    meta["alpha"] = float(meta["alpha"])
+    meta["provenance"] = json.loads(meta.get("provenance") or "{}")
+    return meta
+
+
+def load_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from engine.checkpoints import load_tensor_file
+
+    meta = read_adapter_metadata(path)
+    return load_tensor_file(path), meta

@@ -1,0 +1,230 @@
+"""Reading checkpoint files safely and mapping official CtrLoRA files onto our models.
+
+Official files are pickled dicts of fp32 tensors with ldm names under ``control_model.``. They
+are only ever opened with ``torch.load(weights_only=True)``. Every import is checked key by key:
+a file with unknown, missing or mis-shaped keys is refused with one line naming the first few.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from engine.errors import CheckpointError
+
+LDM_CONTROL_PREFIX = "control_model."
+LDM_UNET_PREFIX = "model.diffusion_model."
+
+
+def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict from ``.safetensors`` or a pickled ``.ckpt/.pt/.pth/.bin``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or damaged?): {exc}") from None
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused: the pickle holds more than plain tensors ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged?): {first}") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]  # Lightning-style wrapper
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: refused: expected a dict of tensors, found {type(data).__name__}")
+    bad = [k for k, v in data.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{path}: refused: {len(bad)} entries are not tensors (first: {_first(bad)})")
+    return data
+
+
+def check_keys(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Raise one CheckpointError line if ``state`` does not have exactly the ``expected`` keys/shapes."""
+    unknown = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in state
+        if k in expected and tuple(state[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown keys (first: {_first(unknown)})")
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {_first(missing)})")
+    if misshaped:
+        problems.append(f"{len(misshaped)} mis-shaped keys (first: {_first(misshaped)})")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+# --- ldm (official) names -> ours -------------------------------------------------------------
+# diffusers' single-file helpers convert WHOLE ControlNet files only (they count input blocks
+# from the keys present, so an adapter file, which lacks most blocks, is mis-mapped), and their
+# fixed-name table drops the time-embedding LoRA. A per-key mapping handles base and adapter
+# files alike; the SD1.5 key lists in tests check that it is complete.
+
+_RESNET_RENAMES = (
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("skip_connection", "conv_shortcut"),
+)
+
+
+def ldm_control_key(key: str, layers_per_block: int) -> str | None:
+    """Our name for one official ControlNet key (prefix already stripped), or None if unknown."""
+    lora = re.search(r"\.lora_layer\.(down|up)\.weight$", key)
+    if lora:
+        key = key[: lora.start()] + (".lora_A.weight" if lora.group(1) == "down" else ".lora_B.weight")
+    m = re.match(r"time_embed\.([02])\.(.+)$", key)
+    if m:
+        return f"time_embedding.linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"
+    m = re.match(r"zero_convs\.(\d+)\.0\.(.+)$", key)
+    if m:
+        return f"controlnet_down_blocks.{m.group(1)}.{m.group(2)}"
+    m = re.match(r"middle_block_out\.0\.(.+)$", key)
+    if m:
+        return f"controlnet_mid_block.{m.group(1)}"
+    m = re.match(r"input_blocks\.0\.0\.(.+)$", key)
+    if m:
+        return f"conv_in.{m.group(1)}"
+    m = re.match(r"input_blocks\.(\d+)\.([01])\.(.+)$", key)
+    if m:
+        index, part, rest = int(m.group(1)), m.group(2), m.group(3)
+        block, layer = divmod(index - 1, layers_per_block + 1)
+        if part == "0" and rest.startswith("op."):
+            return f"down_blocks.{block}.downsamplers.0.conv.{rest[3:]}"
+        if part == "0":
+            return f"down_blocks.{block}.resnets.{layer}.{_resnet_rest(rest)}"
+        return f"down_blocks.{block}.attentions.{layer}.{rest}"
+    m = re.match(r"middle_block\.([012])\.(.+)$", key)
+    if m:
+        part, rest = m.group(1), m.group(2)
+        if part == "1":
+            return f"mid_block.attentions.0.{rest}"
+        return f"mid_block.resnets.{0 if part == '0' else 1}.{_resnet_rest(rest)}"
+    return None
+
+
+def _resnet_rest(rest: str) -> str:
+    for old, new in _RESNET_RENAMES:
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def strip_control_prefix(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    outside = [k for k in state if not k.startswith(LDM_CONTROL_PREFIX)]
+    if outside:
+        raise CheckpointError(
+            f"{what}: not an official CtrLoRA file: {len(outside)} keys lack the '{LDM_CONTROL_PREFIX}' prefix "
+            f"(first: {_first(outside)})"
+        )
+    return {k[len(LDM_CONTROL_PREFIX):]: v for k, v in state.items()}
+
+
+def map_official_keys(state: dict[str, torch.Tensor], layers_per_block: int, what: str) -> dict[str, torch.Tensor]:
+    """Official (prefixed ldm) keys -> our keys; unknown ldm names are refused."""
+    stripped = strip_control_prefix(state, what)
+    out, unknown = {}, []
+    for key, value in stripped.items():
+        new = ldm_control_key(key, layers_per_block)
+        if new is None:
+            unknown.append(LDM_CONTROL_PREFIX + key)
+        else:
+            out[new] = value
+    if unknown:
+        raise CheckpointError(f"{what}: {len(unknown)} unknown keys (first: {_first(unknown)})")
+    return out
+
+
+def is_adapter_key(key: str) -> bool:
+    """Keys that belong to a condition (LoRA, zero convs, transformer norms), not the base."""
+    from engine.adapters import is_condition_norm
+
+    if ".lora_A." in key or ".lora_B." in key:
+        return True
+    if key.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")):
+        return True
+    return is_condition_norm(key.rsplit(".", 1)[0])
+
+
+def convert_official_base(state: dict[str, torch.Tensor], controlnet_config: dict, what: str = "base"):
+    """An official base file -> (base state dict for ``BaseControlNetModel``, embedded adapter).
+
+    The base file also carries one condition's LoRA, zero convs and norms. Its zero convs and
+    norms are kept as the base's own values (the starting point of a new condition, as the paper
+    does); the whole embedded set is also returned as an adapter state dict (our keys), which the
+    caller may ignore: at generation time every adapter brings its own.
+    """
+    from engine.adapters import adapter_parameters, add_adapter
+    from engine.controlnet import BaseControlNetModel
+
+    mapped = map_official_keys(state, controlnet_config["layers_per_block"], what)
+    base = {k: v for k, v in mapped.items() if ".lora_A." not in k and ".lora_B." not in k}
+    embedded = {k: v for k, v in mapped.items() if is_adapter_key(k)}
+    with torch.device("meta"):
+        model = BaseControlNetModel(**controlnet_config)
+    check_keys(base, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
+    if any(".lora_A." in k for k in embedded):
+        from engine.adapters import adapter_rank
+
+        with torch.device("meta"):
+            add_adapter(model, "embedded", rank=adapter_rank(embedded))
+        check_keys(embedded, {k: tuple(p.shape) for k, p in adapter_parameters(model, "embedded").items()}, what)
+    else:
+        embedded = {}
+    return base, embedded
+
+
+def convert_official_adapter(state: dict[str, torch.Tensor], controlnet_config: dict, what: str = "adapter"):
+    """An official adapter file -> our adapter state dict, checked against the architecture."""
+    from engine.adapters import adapter_parameters, adapter_rank, add_adapter
+    from engine.controlnet import BaseControlNetModel
+
+    mapped = map_official_keys(state, controlnet_config["layers_per_block"], what)
+    try:
+        rank = adapter_rank(mapped)
+    except ValueError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    with torch.device("meta"):
+        model = BaseControlNetModel(**controlnet_config)
+        add_adapter(model, "check", rank=rank)
+    check_keys(mapped, {k: tuple(p.shape) for k, p in adapter_parameters(model, "check").items()}, what)
+    return mapped
+
+
+def convert_ldm_unet(state: dict[str, torch.Tensor], unet_config: dict, what: str = "unet"):
+    """An ldm UNet (``model.diffusion_model.*`` keys, as in single-file SD checkpoints) -> diffusers'
+    ``UNet2DConditionModel`` state dict, through diffusers' own converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet_keys = [k for k in state if k.startswith(LDM_UNET_PREFIX)]
+    if not unet_keys:
+        raise CheckpointError(f"{what}: no '{LDM_UNET_PREFIX}' keys: not an ldm Stable Diffusion UNet")
+    converted = convert_ldm_unet_checkpoint({k: state[k] for k in unet_keys}, dict(unet_config))
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**unet_config)
+    check_keys(converted, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
+    return converted

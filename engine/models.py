@@ -1,0 +1,54 @@
+"""Loading and saving the parts on disk: SD components (diffusers layout) and Base ControlNets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.adapters import base_state_dict
+from engine.controlnet import BaseControlNetModel
+from engine.presets import SDComponents
+
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_sd(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            variant: str | None = None) -> SDComponents:
+    """SD components from a diffusers-layout folder (the subfolders of ``SD_SUBFOLDERS``)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    kw = dict(torch_dtype=dtype)
+    if variant:
+        kw["variant"] = variant
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def save_sd(components: SDComponents, folder: str | Path) -> Path:
+    folder = Path(folder)
+    for name in SD_SUBFOLDERS:
+        getattr(components, name).save_pretrained(folder / name)
+    return folder
+
+
+def load_base(folder: str | Path, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> BaseControlNetModel:
+    model = BaseControlNetModel.from_pretrained(folder, torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def save_base(model: BaseControlNetModel, folder: str | Path) -> Path:
+    """Save the base alone (safetensors, diffusers layout), leaving out any loaded adapters."""
+    clean = BaseControlNetModel.from_config(model.config)
+    clean.load_state_dict(base_state_dict(model))
+    clean.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
