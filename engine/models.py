@@ -52,3 +52,17 @@ def save_base(model: BaseControlNetModel, folder: str | Path) -> Path:
     clean.load_state_dict(base_state_dict(model))
     clean.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def make_random_model(preset: str, sd_folder: str | Path, base_folder: str | Path, seed: int = 0) -> dict:
+    """Random-weight SD components and a Base ControlNet initialised from that UNet, saved in
+    diffusers layout. Only for trying commands without downloads; returns the base's config."""
+    from engine.presets import build_sd
+
+    sd = build_sd(preset, seed=seed)
+    if sd.tokenizer is None:
+        raise ValueError(f"preset {preset!r} has no offline tokenizer")
+    save_sd(sd, sd_folder)
+    base = BaseControlNetModel.from_unet(sd.unet)
+    save_base(base, base_folder)
+    return dict(base.config)

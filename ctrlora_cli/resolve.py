@@ -1,0 +1,45 @@
+"""From store names to files the engine loads: bases, their SD, and adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctrlora_cli.store import Manifest, Store
+from engine.errors import UsageError
+
+
+def base_folders(store: Store, base: str, sd: str | None = None) -> tuple[Manifest, Path, Path]:
+    """(base manifest, Base ControlNet folder, SD folder) for a base entry, paired with ``sd`` or
+    the SD entry the base names."""
+    manifest = store.get(base)
+    if manifest.kind != "base":
+        raise UsageError(f"{base!r} is a {manifest.kind}, not a base; list bases with: ctrlora list")
+    sd_name = sd or manifest.sd
+    if not sd_name:
+        raise UsageError(f"base {base!r} names no Stable Diffusion model; pass --sd NAME")
+    sd_manifest = store.get(sd_name)
+    if sd_manifest.kind != "sd":
+        raise UsageError(f"{sd_name!r} is a {sd_manifest.kind}, not a Stable Diffusion model")
+    folder = store.folder(base)
+    return manifest, folder / "controlnet", store.folder(sd_name)
+
+
+def adapter_file(store: Store, name_or_path: str, base: Manifest) -> tuple[Path, dict]:
+    """An adapter by store name or file path, checked to fit ``base``'s architecture."""
+    from engine.adapter_format import read_adapter_metadata
+
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors" and path.is_file():
+        meta = read_adapter_metadata(path)
+        label = str(path)
+    else:
+        manifest = store.get(name_or_path)
+        if manifest.kind != "adapter":
+            raise UsageError(f"{name_or_path!r} is a {manifest.kind}, not an adapter")
+        path = store.file(name_or_path, "adapter.safetensors")
+        meta = read_adapter_metadata(path)
+        label = name_or_path
+    if meta["base_arch"] != base.arch:
+        raise UsageError(f"adapter {label!r} was made for a {meta['base_arch']} base, but {base.name!r} is "
+                         f"{base.arch}; pick an adapter of that base")
+    return path, meta

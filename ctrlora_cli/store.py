@@ -1,0 +1,259 @@
+"""The local model store: content-addressed blobs plus one JSON manifest per entry.
+
+    $CTRLORA_HOME (else the platformdirs user data dir)/
+        blobs/sha256-<hex>        every file, named by its digest, written to a temp file and renamed
+        manifests/<name>.json     written LAST and atomically: an entry exists once its manifest does
+        partial/                  bytes of downloads in progress (resumed by the next pull)
+        views/<name>/...          folders of links to blobs by relative path (derived, rebuilt at will)
+        .lock                     a file lock taken by every writer
+
+A pull killed at any moment leaves no visible half-entry: blobs without a manifest are invisible
+and collected by the next ``rm``/``gc``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from filelock import FileLock
+
+from engine.errors import CtrloraError, UsageError
+
+SCHEMA = 1
+KINDS = ("base", "adapter", "sd")
+_NAME = re.compile(r"^[a-z0-9._-]{1,64}$")
+_CHUNK = 1 << 20
+
+
+class NotInStore(CtrloraError):
+    exit_code = 1
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name or "") or name in (".", "..") or ".." in name:
+        raise UsageError(f"invalid name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-' (no '..')")
+    return name
+
+
+def default_root() -> Path:
+    env = os.environ.get("CTRLORA_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("ctrlora"))
+
+
+@dataclass
+class FileRecord:
+    path: str  # relative path inside the entry, e.g. "controlnet/config.json"
+    digest: str  # "sha256:<hex>"
+    size: int
+
+
+@dataclass
+class Manifest:
+    name: str
+    kind: str  # base | adapter | sd
+    files: list[FileRecord]
+    arch: str | None = None  # base architecture id (engine.arch) for base and adapter entries
+    condition: str | None = None
+    rank: int | None = None
+    sd: str | None = None  # for a base: the SD entry it pairs with by default
+    source: dict = field(default_factory=dict)  # {"type": "hub", "repo", "revision", "path"} | {"type": "local", ...}
+    converted_from: dict | None = None  # the original file, when we converted it on import
+    labels: list[str] = field(default_factory=list)  # e.g. "random-weights"
+    notes: str = ""
+    extra: dict = field(default_factory=dict)  # kind-specific facts (fit: steps, data digest, ...)
+    created: str = ""
+    schema: int = SCHEMA
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        data = dict(data)
+        data["files"] = [FileRecord(**f) for f in data.get("files", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+class Store:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else default_root()
+        self.blobs = self.root / "blobs"
+        self.manifests = self.root / "manifests"
+        self.partial = self.root / "partial"
+        self.views = self.root / "views"
+
+    # -- locking and blobs ------------------------------------------------------------------
+    def lock(self) -> FileLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / ".lock"))
+
+    def blob_path(self, digest: str) -> Path:
+        algo, _, hexdigest = digest.partition(":")
+        return self.blobs / f"{algo}-{hexdigest}"
+
+    def put_file(self, src: str | Path) -> FileRecord:
+        """Copy a file into the blobs (hashing as it goes); returns its record (path = name)."""
+        src = Path(src)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+            digest = "sha256:" + h.hexdigest()
+            final = self.blob_path(digest)
+            if final.exists():
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return FileRecord(path=src.name, digest=digest, size=final.stat().st_size)
+
+    def adopt_blob(self, tmp: str | Path, digest: str) -> Path:
+        """Move an already-verified temp file (inside the store's filesystem) into the blobs."""
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        final = self.blob_path(digest)
+        if final.exists():
+            Path(tmp).unlink(missing_ok=True)
+        else:
+            os.replace(tmp, final)
+        return final
+
+    # -- manifests --------------------------------------------------------------------------
+    def manifest_path(self, name: str) -> Path:
+        return self.manifests / f"{validate_name(name)}.json"
+
+    def write_manifest(self, manifest: Manifest) -> Manifest:
+        validate_name(manifest.name)
+        if manifest.kind not in KINDS:
+            raise ValueError(f"unknown kind {manifest.kind!r}")
+        missing = [f.path for f in manifest.files if not self.blob_path(f.digest).is_file()]
+        if missing:
+            raise CtrloraError(f"internal error: blobs missing for {missing[:3]}")
+        if not manifest.created:
+            manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        path = self.manifest_path(manifest.name)
+        fd, tmp = tempfile.mkstemp(dir=self.manifests, prefix=f".{manifest.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        shutil.rmtree(self.views / manifest.name, ignore_errors=True)  # stale view of an older entry
+        return manifest
+
+    def add(self, name: str, kind: str, files: dict[str, str | Path], **meta) -> Manifest:
+        """Store ``files`` ({relative path in the entry: source file}) as entry ``name``."""
+        validate_name(name)
+        with self.lock():
+            records = []
+            for rel, src in sorted(files.items()):
+                record = self.put_file(src)
+                record.path = rel
+                records.append(record)
+            return self.write_manifest(Manifest(name=name, kind=kind, files=records, **meta))
+
+    def add_folder(self, name: str, kind: str, folder: str | Path, **meta) -> Manifest:
+        folder = Path(folder)
+        files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        return self.add(name, kind, files, **meta)
+
+    def exists(self, name: str) -> bool:
+        return self.manifest_path(name).is_file()
+
+    def get(self, name: str) -> Manifest:
+        path = self.manifest_path(name)
+        if not path.is_file():
+            raise NotInStore(f"{name!r} is not in the store ({self.root}); fetch it with: ctrlora pull {name}")
+        return Manifest.from_json(json.loads(path.read_text()))
+
+    def list(self) -> list[Manifest]:
+        if not self.manifests.is_dir():
+            return []
+        return [Manifest.from_json(json.loads(p.read_text())) for p in sorted(self.manifests.glob("*.json"))]
+
+    # -- reading entries --------------------------------------------------------------------
+    def file(self, name: str, rel: str) -> Path:
+        manifest = self.get(name)
+        for record in manifest.files:
+            if record.path == rel:
+                return self.blob_path(record.digest)
+        raise NotInStore(f"{name!r} has no file {rel!r}")
+
+    def folder(self, name: str) -> Path:
+        """A folder with the entry's files at their relative paths (links to the blobs), for
+        loaders such as ``from_pretrained`` that want a directory."""
+        manifest = self.get(name)
+        view = self.views / name
+        stamp = view / ".manifest-digest"
+        want = hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()
+        if stamp.is_file() and stamp.read_text() == want:
+            return view
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".view-"))
+        for record in manifest.files:
+            target = tmp / record.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob = self.blob_path(record.digest)
+            try:
+                target.symlink_to(blob)
+            except OSError:  # filesystems without links
+                shutil.copyfile(blob, target)
+        (tmp / ".manifest-digest").write_text(want)
+        self.views.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(view, ignore_errors=True)
+        os.replace(tmp, view)
+        return view
+
+    # -- removal ----------------------------------------------------------------------------
+    def remove(self, names: Iterable[str]) -> int:
+        """Remove entries (manifest first), then collect unreferenced blobs; returns bytes freed."""
+        with self.lock():
+            for name in names:
+                path = self.manifest_path(name)
+                if not path.is_file():
+                    raise NotInStore(f"{name!r} is not in the store")
+                path.unlink()
+                shutil.rmtree(self.views / name, ignore_errors=True)
+            return self.gc()
+
+    def gc(self) -> int:
+        """Delete blobs that no manifest references (call with the lock held)."""
+        referenced = {self.blob_path(f.digest).name for m in self.list() for f in m.files}
+        freed = 0
+        if self.blobs.is_dir():
+            for blob in self.blobs.iterdir():
+                if blob.name not in referenced:
+                    freed += blob.stat().st_size
+                    blob.unlink()
+        return freed
