@@ -160,10 +160,12 @@ class AdapterTrainer:
         for micro in range(c.grad_accum):
             idx = self.indices(position + micro * c.batch, c.batch)
             latents, cond, text = self.data.sample_batch(idx, self.generator, c.drop_prompt)
-            with self.autocast(), self.controlnet.routing.use(ADAPTER):
-                loss = diffusion_loss(self.unet, self.controlnet, self.scheduler, latents, cond, text,
-                                      generator=self.generator)
-            (loss / c.grad_accum).backward()
+            # Backward inside the routing too: gradient checkpointing reruns forward pieces then.
+            with self.controlnet.routing.use(ADAPTER):
+                with self.autocast():
+                    loss = diffusion_loss(self.unet, self.controlnet, self.scheduler, latents, cond, text,
+                                          generator=self.generator)
+                (loss / c.grad_accum).backward()
             total += loss.item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
