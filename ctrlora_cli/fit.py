@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -13,6 +14,11 @@ source/ and target/, or source/ and target/ with matching file names and prompts
 ({"name", "prompt"} lines) or one .txt per image."""
 
 
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 def register(app: typer.Typer) -> None:
     app.command("fit")(fit)
 
@@ -21,26 +27,30 @@ def fit(
     data: Path = typer.Argument(..., help=DATA_HELP, show_default=False),
     name: str | None = typer.Option(None, "--name", help="Store name of the new adapter (asked for when interactive)."),
     base: str = typer.Option("base", "--base", help="Base ControlNet to fit on (a store name)."),
-    sd: str | None = typer.Option(None, "--sd", help="Stable Diffusion model to pair with the base (default: the base's)."),
+    sd: str | None = typer.Option(None, "--sd", help="Stable Diffusion model to use (default: the base's)."),
     rank: int = typer.Option(128, "--rank", help="LoRA rank."),
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
     batch: int = typer.Option(1, "--batch", help="Pairs per forward pass."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Forward passes per optimizer step."),
     lr: float = typer.Option(1e-5, "--lr", help="AdamW learning rate."),
     resolution: int = typer.Option(512, "--resolution", help="Training size (short side resized, centre crop)."),
-    precision: str | None = typer.Option(None, "--precision", help="bf16 or fp32 [default: bf16 on GPU, fp32 on CPU]",
-                                         show_default=False),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations: less memory, slower."),
+    precision: Precision | None = typer.Option(None, "--precision", help="[default: bf16 on GPU, fp32 on CPU]",
+                                               show_default=False),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
+                                            help="Recompute activations: less memory, slower."),
     drop_prompt: float = typer.Option(0.3, "--drop-prompt", help="Probability of training on the empty prompt."),
     val_every: int = typer.Option(0, "--val-every", help="Save a validation grid every N steps (0: never)."),
-    val_prompt: list[str] = typer.Option([], "--val-prompt", help="Validation prompt (repeatable; default: the first pair's)."),
-    val_cond: list[Path] = typer.Option([], "--val-cond", help="Validation condition image (repeatable; default: the first two pairs')."),
+    val_prompt: list[str] = typer.Option([], "--val-prompt",
+                                         help="Validation prompt (repeatable; default: the first pair's)."),
+    val_cond: list[Path] = typer.Option([], "--val-cond",
+                                        help="Validation condition image (repeatable; default: the first two pairs')."),
     save_every: int = typer.Option(100, "--save-every", help="Write a checkpoint every N steps (0: only at the end)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Seed for the adapter's init, the data order and the noise."),
     workers: int = typer.Option(4, "--workers", help="Threads that read and decode images."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out bad pairs instead of stopping."),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder [default: <store>/runs/NAME]", show_default=False),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder [default: <store>/runs/NAME]",
+                                        show_default=False),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Latent cache [default: <store>/cache/latents]",
                                           show_default=False),
     device: str | None = typer.Option(None, "--device", help="cuda, cuda:1, cpu, ... [default: cuda when present]",
@@ -70,7 +80,8 @@ def fit(
     from engine.models import load_base, load_sd
 
     config = FitConfig(condition=name, rank=rank, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
-                       resolution=resolution, precision=precision, grad_checkpointing=grad_checkpointing,
+                       resolution=resolution, precision=precision.value if precision else None,
+                       grad_checkpointing=grad_checkpointing,
                        drop_prompt=drop_prompt, val_every=val_every, val_prompts=list(val_prompt),
                        val_conds=[str(p) for p in val_cond], save_every=save_every, seed=seed, workers=workers,
                        device=device).resolved()
@@ -83,8 +94,8 @@ def fit(
     if pairs.skipped:
         warn(f"left out {describe_problems(pairs.skipped, pairs.folder)}")
     if show:
-        err.print(f"{len(pairs.pairs)} pairs ({pairs.layout} layout); training on {config.device} in {config.precision}; "
-                  f"run folder {run_dir}", highlight=False)
+        err.print(f"{len(pairs.pairs)} pairs ({pairs.layout} layout); training on {config.device} in "
+                  f"{config.precision}; run folder {run_dir}", highlight=False)
 
     sd_components = load_sd(sd_dir)
     controlnet = load_base(controlnet_dir)
@@ -103,7 +114,8 @@ def fit(
             torch.cuda.empty_cache()
 
     store.add(name, "adapter", {"adapter.safetensors": result.adapter_file}, arch=base_manifest.arch, condition=name,
-              rank=rank, source={"type": "fit", "data": str(Path(data).resolve()), "run_dir": str(Path(run_dir).resolve())},
+              rank=rank,
+              source={"type": "fit", "data": str(Path(data).resolve()), "run_dir": str(Path(run_dir).resolve())},
               notes=f"fitted on {base_manifest.name} from {result.pairs} pairs",
               labels=list(base_manifest.labels),
               extra={"steps": result.steps, "pairs": result.pairs, "data_digest": result.data_digest,
@@ -111,7 +123,7 @@ def fit(
                      "lr": lr, "batch": batch, "grad_accum": grad_accum, "resolution": resolution,
                      "precision": config.precision, "seed": seed})
     out.print(f"fitted {name}: {result.steps} steps on {result.pairs} pairs in {_duration(result.seconds)}, "
-              f"final loss {result.final_loss:.4f}; run folder {result.run_dir}", highlight=False)
+              f"loss {result.final_loss:.4f} (moving average); run folder {result.run_dir}", highlight=False)
     out.print(f"use it: ctrlora gen --base {base_manifest.name} --cond {name}=CONDITION.png -p PROMPT", highlight=False)
 
 

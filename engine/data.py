@@ -111,7 +111,8 @@ def scan_folder(folder: str | Path, skip_bad: bool = False, workers: int = 4,
     if problems and not skip_bad:
         raise UsageError(describe_problems(problems, folder) + "; fix them or pass --skip-bad to leave them out")
     if not checked:
-        raise UsageError(f"no usable pairs in {folder}" + (f" ({describe_problems(problems, folder)})" if problems else ""))
+        detail = f" ({describe_problems(problems, folder)})" if problems else ""
+        raise UsageError(f"no usable pairs in {folder}{detail}")
     return PairSet(folder, layout, checked, problems)
 
 
@@ -140,12 +141,12 @@ def _list_reference(folder: Path) -> tuple[list[Pair], list[Problem]]:
         except json.JSONDecodeError:
             problems.append(Problem(where, "not a JSON object"))
             continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str) or not isinstance(entry.get("target"), str):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("source", "target")):
             problems.append(Problem(where, 'needs "source" and "target" paths'))
             continue
         prompt = entry.get("prompt")
-        pairs.append(Pair(folder / entry["source"], folder / entry["target"], prompt if isinstance(prompt, str) else None,
-                          label=entry["target"]))
+        prompt = prompt if isinstance(prompt, str) else None
+        pairs.append(Pair(folder / entry["source"], folder / entry["target"], prompt, label=entry["target"]))
     return pairs, problems
 
 
@@ -208,7 +209,8 @@ def _check_pair(pair: Pair) -> tuple[Pair, Problem | None]:
             return pair, Problem(pair.label, f"unreadable {role} image {path.name} ({type(exc).__name__})")
         setattr(pair, f"{role}_digest", "sha256:" + hashlib.sha256(data).hexdigest())
     if sizes[0] != sizes[1]:
-        return pair, Problem(pair.label, f"source is {sizes[0][0]}x{sizes[0][1]} but target is {sizes[1][0]}x{sizes[1][1]}")
+        (sw, sh), (tw, th) = sizes
+        return pair, Problem(pair.label, f"source is {sw}x{sh} but target is {tw}x{th}")
     if pair.prompt is None:
         return pair, Problem(pair.label, "no prompt")
     if not pair.prompt.strip():

@@ -84,7 +84,7 @@ class FitResult:
     adapter_file: Path
     run_dir: Path
     steps: int
-    final_loss: float
+    final_loss: float  # the moving average at the last step
     data_digest: str
     base_digest: str
     pairs: int
@@ -269,7 +269,7 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
     history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     draw_loss_curve(history, run_dir / "loss.png")
     adapters.delete_adapter(controlnet, ADAPTER)  # leave the caller's base as it came
-    return FitResult(adapter_file, run_dir, trainer.step, history[-1]["loss"] if history else loss, pairs.digest,
+    return FitResult(adapter_file, run_dir, trainer.step, history[-1]["loss_smooth"] if history else loss, pairs.digest,
                      base_digest, len(pairs.pairs), time.perf_counter() - started, resumed_from)
 
 
@@ -291,7 +291,8 @@ def _open_run(run_dir: Path, checkpoint_path: Path, identity: dict, resume: bool
     try:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"checkpoint {checkpoint_path} is unreadable ({type(exc).__name__}); start a new run") from None
+        raise UsageError(f"checkpoint {checkpoint_path} is unreadable ({type(exc).__name__}); "
+                         "start a new run") from None
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {checkpoint_path} has an unknown format; start a new run")
     return state

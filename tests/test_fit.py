@@ -92,6 +92,19 @@ def test_short_fit_lowers_the_loss_and_leaves_the_base_alone(tiny_store, tmp_pat
         fit(pairs, sd=sd, controlnet=controlnet, run_dir=run, cache_dir=tmp_path / "cache", config=config)
 
 
+def _check_store_entry(store, name, data):
+    """The CLI's result: an adapter entry that gen resolves against the base it was fitted on."""
+    manifest = store.get(name)
+    assert (manifest.kind, manifest.arch, manifest.condition, manifest.rank) == ("adapter", "tiny", name, 4)
+    assert [f.path for f in manifest.files] == ["adapter.safetensors"]
+    base = store.get("tiny")
+    assert manifest.extra["steps"] == 12 and manifest.extra["pairs"] == 3
+    assert manifest.extra["base_digest"] == next(f.digest for f in base.files if f.path.endswith(".safetensors"))
+    assert manifest.extra["data_digest"] == scan_folder(data).digest
+    _, meta = adapter_file(store, name, base)
+    assert meta["condition"] == name and meta["base_arch"] == "tiny"
+
+
 _RESUME_SETTINGS = dict(rank=4, steps=12, batch=2, lr=1e-3, resolution=64, save_every=4, seed=7)
 
 
@@ -124,6 +137,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_store, tmp_path,
 
     resumed = run_cli(*_fit_args(data, "resumed", run), "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
+    assert "fitted resumed: 12 steps on 3 pairs" in resumed.stdout
+    assert "ctrlora gen --base tiny --cond resumed=" in resumed.stdout
+    _check_store_entry(tiny_store, "resumed", data)
 
     # The same fit, never interrupted (in this process, also on one thread).
     _, controlnet_dir, sd_dir = base_folders(tiny_store, "tiny")
@@ -147,57 +163,39 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_store, tmp_path,
             config=FitConfig(**{**_RESUME_SETTINGS, "lr": 1e-4}), resume=True)
 
 
-@pytest.mark.slow
-def test_cli_fit_lands_an_adapter_in_the_store(tiny_store, tmp_path):
-    data = make_pairs(tmp_path / "data", n=2, layout="plain-jsonl")
-    env = {"CTRLORA_HOME": str(tiny_store.root), **ONE_THREAD}
-    assert run_cli("fit", "--help").returncode == 0
-    result = run_cli("fit", str(data), "--name", "rings", "--base", "tiny", "--steps", "2", "--rank", "4",
-                     "--resolution", "64", env=env)
-    assert result.returncode == 0, result.stderr
-    assert "fitted rings: 2 steps on 2 pairs" in result.stdout
-    assert "ctrlora gen --base tiny --cond rings=" in result.stdout
-
-    manifest = tiny_store.get("rings")
-    assert (manifest.kind, manifest.arch, manifest.condition, manifest.rank) == ("adapter", "tiny", "rings", 4)
-    assert [f.path for f in manifest.files] == ["adapter.safetensors"]
-    base = tiny_store.get("tiny")
-    assert manifest.extra["steps"] == 2 and manifest.extra["pairs"] == 2
-    assert manifest.extra["base_digest"] == next(f.digest for f in base.files if f.path.endswith(".safetensors"))
-    assert manifest.extra["data_digest"] == scan_folder(data).digest
-    # What gen resolves: the adapter fits the base it was fitted on.
-    path, meta = adapter_file(tiny_store, "rings", base)
-    assert meta["condition"] == "rings" and meta["base_arch"] == "tiny"
-    assert (tiny_store.root / "runs" / "rings" / "loss.png").is_file()
-
-    # A taken name, a missing name without a terminal, and bad data: one line, exit 2, no traceback.
-    for args, message in [
-        (["fit", str(data), "--name", "rings", "--base", "tiny"], "'rings' is already in the store"),
-        (["fit", str(data), "--base", "tiny"], "missing --name"),
-        (["fit", str(data), "--name", "x", "--base", "tiny", "--precision", "fp8"], "precision must be bf16 or fp32"),
+def test_cli_refuses_bad_requests_before_any_work(tiny_store, tmp_path):
+    data = make_pairs(tmp_path / "data", n=1)
+    env = {"CTRLORA_HOME": str(tiny_store.root)}
+    for args, code, message in [
+        (["--name", "tiny"], 2, "'tiny' is already in the store"),
+        ([], 2, "missing --name"),
+        (["--name", "x", "--precision", "fp8"], 2, "Invalid value for '--precision'"),
+        (["--name", "Bad/Name"], 2, "invalid name"),
+        (["--name", "x", "--base", "nope"], 1, "'nope' is not in the store"),
     ]:
-        bad = run_cli(*args, env=env)
-        assert bad.returncode == 2, bad.stderr
-        assert message in bad.stderr and "Traceback" not in bad.stderr
+        result = run_cli("fit", str(data), "--base", "tiny", *args, env=env)
+        assert result.returncode == code, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_gradient_checkpointing_gives_the_same_step(one_thread):
+def _trainer(**settings):
+    from engine.controlnet import BaseControlNetModel
     from engine.data import EncodedPairs
     from engine.fit import AdapterTrainer
     from engine.presets import build_sd
 
     g = torch.Generator().manual_seed(0)
     moments = torch.cat([torch.randn(2, 4, 8, 8, generator=g), torch.full((2, 4, 8, 8), -6.0)], 1)
+    data = EncodedPairs(target=moments, cond=moments.flip(0), text=torch.randn(2, 77, 32, generator=g),
+                        text_index=torch.arange(2), empty=torch.zeros(77, 32), scaling_factor=0.18215)
+    sd = build_sd("tiny", seed=0)
+    return AdapterTrainer(sd.unet, BaseControlNetModel.from_unet(sd.unet), sd.scheduler, data,
+                          FitConfig(rank=4, lr=1e-2, drop_prompt=0.0, resolution=64, **settings))
 
+
+def test_gradient_checkpointing_gives_the_same_step(one_thread):
     def one_step(**settings):
-        from engine.controlnet import BaseControlNetModel
-
-        sd = build_sd("tiny", seed=0)
-        text = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
-        data = EncodedPairs(target=moments, cond=moments.flip(0), text=text, text_index=torch.arange(2),
-                            empty=torch.zeros(77, 32), scaling_factor=0.18215)
-        trainer = AdapterTrainer(sd.unet, BaseControlNetModel.from_unet(sd.unet), sd.scheduler, data,
-                                 FitConfig(rank=4, lr=1e-2, drop_prompt=0.0, resolution=64, **settings))
+        trainer = _trainer(**settings)
         trainer.train_step()
         return trainer.adapter_state()
 
@@ -207,3 +205,17 @@ def test_gradient_checkpointing_gives_the_same_step(one_thread):
     assert other.keys() == plain.keys()
     assert max((other[k] - plain[k]).abs().max().item() for k in plain) < 1e-6
     assert any(not torch.equal(v, one_step(batch=2, seed=1)[k]) for k, v in plain.items())
+
+
+def test_bf16_keeps_fp32_master_weights_for_the_adapter_only(one_thread):
+    trainer = _trainer(batch=2, precision="bf16")  # the GPU default, here under CPU autocast
+    before = trainer.adapter_state()
+    loss = trainer.train_step()
+    assert loss == loss and 0 < loss < 100
+    assert all(p.dtype == torch.float32 for p in trainer.params.values())
+    adapter_ids = {id(p) for p in trainer.params.values()}
+    frozen = [p for p in trainer.controlnet.parameters() if id(p) not in adapter_ids]
+    assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.unet.parameters())
+    after = trainer.adapter_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

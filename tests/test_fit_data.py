@@ -37,7 +37,8 @@ def test_plain_layout_prompts_folder_and_matching_by_stem(tmp_path):
     Image.open(folder / "source" / "0.png").save(folder / "source" / "0.jpg")  # same stem, other format
     (folder / "source" / "0.png").unlink()
     pairs = scan_folder(folder)
-    assert {p.target.name: p.prompt for p in pairs.pairs} == {"0.png": "a red circle 0", "1.png": "from the prompts folder"}
+    prompts = {p.target.name: p.prompt for p in pairs.pairs}
+    assert prompts == {"0.png": "a red circle 0", "1.png": "from the prompts folder"}
 
 
 def _bad_folder(tmp_path):
