@@ -20,6 +20,9 @@ def base_folders(store: Store, base: str, sd: str | None = None) -> tuple[Manife
     sd_manifest = store.get(sd_name)
     if sd_manifest.kind != "sd":
         raise UsageError(f"{sd_name!r} is a {sd_manifest.kind}, not a Stable Diffusion model")
+    if sd_manifest.arch and manifest.arch and sd_manifest.arch != manifest.arch:
+        raise UsageError(f"{sd_name!r} is a {sd_manifest.arch} Stable Diffusion model, but base {base!r} is "
+                         f"{manifest.arch}; pick an SD model of that architecture with --sd")
     folder = store.folder(base)
     return manifest, folder / "controlnet", store.folder(sd_name)
 
@@ -36,7 +39,8 @@ def adapter_file(store: Store, name_or_path: str, base: Manifest) -> tuple[Path,
         manifest = store.get(name_or_path)
         if manifest.kind != "adapter":
             raise UsageError(f"{name_or_path!r} is a {manifest.kind}, not an adapter")
-        path = store.file(name_or_path, "adapter.safetensors")
+        store.file(name_or_path, "adapter.safetensors")  # raises a clear error if the entry lacks it
+        path = store.folder(name_or_path) / "adapter.safetensors"  # a name with its suffix, for loaders
         meta = read_adapter_metadata(path)
         label = name_or_path
     if meta["base_arch"] != base.arch:

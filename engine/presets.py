@@ -73,6 +73,15 @@ def vae_config(preset: str) -> dict:
     return dict(_preset(preset, _SD15_VAE, _TINY_VAE))
 
 
+def text_encoder_config(preset: str) -> dict:
+    """``CLIPTextConfig`` arguments of a preset's text encoder (tiny: sized to its offline tokenizer)."""
+    if preset == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return dict(_TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return dict(_preset(preset, _SD15_TEXT, _TINY_TEXT))
+
+
 def _preset(preset: str, sd15: dict, tiny: dict) -> dict:
     if preset == "sd15":
         return sd15

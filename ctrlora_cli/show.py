@@ -1,0 +1,107 @@
+"""``ctrlora show NAME``: one entry's manifest, parameter counts and files."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from ctrlora_cli.console import out
+from ctrlora_cli.list import human_size, source_label
+from ctrlora_cli.store import Manifest, Store
+
+
+def register(app: typer.Typer) -> None:
+    app.command("show")(show)
+
+
+def show(
+    name: str = typer.Argument(..., help="A store name (see: ctrlora list)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a model: what it is, where it came from, its parameters and files."""
+    store = Store()
+    manifest = store.get(name)
+    params = parameter_counts(store, manifest)
+    if as_json:
+        typer.echo(json.dumps(dict(manifest.to_json(), size=manifest.size, parameters=params), indent=2))
+        return
+    from rich.table import Table
+
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    rows = [("name", manifest.name), ("kind", manifest.kind), ("architecture", manifest.arch),
+            ("condition", manifest.condition), ("rank", manifest.rank and str(manifest.rank)),
+            ("pairs with", manifest.sd and f"{manifest.sd} (Stable Diffusion)"),
+            ("source", _source_detail(manifest.source)),
+            ("converted from", manifest.converted_from and _converted(manifest.converted_from)),
+            ("labels", ", ".join(manifest.labels)), ("notes", manifest.notes),
+            ("created", manifest.created), ("size", human_size(manifest.size))]
+    for key, value in rows:
+        if value:
+            facts.add_row(key, str(value))
+    for key, value in params.items():
+        facts.add_row("parameters" if key == "total" else f"  {key}", f"{value:,}")
+    for key, value in sorted(manifest.extra.items()):
+        facts.add_row(key, json.dumps(value) if not isinstance(value, str) else value)
+    out.print(facts, highlight=False)
+    files = Table(box=None, header_style="bold", pad_edge=False, title=None)
+    files.add_column("FILE", overflow="fold")
+    files.add_column("SIZE", justify="right")
+    files.add_column("DIGEST", no_wrap=True)
+    for record in manifest.files:
+        files.add_row(record.path, human_size(record.size), record.digest[:19])
+    out.print()
+    out.print(files, highlight=False)
+
+
+def _source_detail(source: dict) -> str:
+    if source.get("type") == "hub":
+        text = f"hf://{source['repo']}" + (f"/{source['path']}" if source.get("path") else "")
+        text += f" at {source.get('revision')} = {source.get('commit')}"
+        return text + (f" ({source['endpoint']})" if source.get("endpoint") else "")
+    if source.get("type") == "local":
+        return source.get("path", "")
+    return source_label(source)
+
+
+def _converted(info: dict) -> str:
+    text = f"{info.get('file')} ({info.get('format', '?')}, sha256 {str(info.get('sha256', ''))[:12]}...)"
+    if info.get("embedded_adapter_rank"):
+        text += f"; its embedded rank-{info['embedded_adapter_rank']} condition was left out"
+    return text
+
+
+def parameter_counts(store: Store, manifest: Manifest) -> dict[str, int]:
+    """Parameter counts from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for record in manifest.files:
+        if not record.path.endswith(".safetensors"):
+            continue
+        blob = store.blob_path(record.digest)
+        if not blob.is_file():
+            continue
+        with safe_open(str(blob), framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                group = _group(manifest.kind, record.path, key)
+                counts[group] = counts.get(group, 0) + n
+    total = sum(counts.values())
+    if manifest.kind == "base":
+        return {"total": total}
+    return {"total": total, **dict(sorted(counts.items()))}
+
+
+def _group(kind: str, path: str, key: str) -> str:
+    if kind == "adapter":
+        if ".lora_A." in key or ".lora_B." in key:
+            return "LoRA"
+        if key.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")):
+            return "zero convs"
+        return "norms"
+    return path.split("/")[0] if "/" in path else "weights"
