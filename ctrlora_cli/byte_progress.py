@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from ctrlora_cli.console import err, interactive
 
 
@@ -30,12 +32,12 @@ class ByteBars:
         return False
 
     def log(self, message: str) -> None:
-        err.print(message, highlight=False, soft_wrap=True)
+        err.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def progress(self, event) -> None:
         """An ``engine.progress.Progress`` callback: ``task`` names the file, counts are bytes."""
         if self._bars is None:
             return
         if event.task not in self._tasks:
-            self._tasks[event.task] = self._bars.add_task(Path(event.task).name, total=event.total)
+            self._tasks[event.task] = self._bars.add_task(escape(Path(event.task).name), total=event.total)
         self._bars.update(self._tasks[event.task], completed=event.completed, total=event.total)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.markup import escape
 
-from ctrlora_cli.console import out
+from ctrlora_cli.console import out, say
 from ctrlora_cli.store import Store
 
 
@@ -28,8 +29,7 @@ def list_models(
         typer.echo(json.dumps([dict(m.to_json(), size=m.size) for m in manifests], indent=2))
         return
     if not manifests:
-        out.print(f"The store ({store.root}) is empty. Try: ctrlora pull tiny (random, offline) or ctrlora pull base",
-                  highlight=False)
+        say(f"The store ({store.root}) is empty. Try: ctrlora pull tiny (random, offline) or ctrlora pull base")
     else:
         from rich.table import Table
 
@@ -38,14 +38,13 @@ def list_models(
             table.add_column(column, justify="right" if column in ("RANK", "SIZE") else "left",
                              no_wrap=column != "SOURCE")
         for m in manifests:
-            table.add_row(m.name, m.kind, m.condition or "-", str(m.rank) if m.rank else "-", human_size(m.size),
-                          source_label(m.source), m.created[:10])
+            table.add_row(m.name, m.kind, escape(m.condition or "-"), str(m.rank) if m.rank else "-",
+                          human_size(m.size), escape(source_label(m.source)), m.created[:10])
         out.print(table)
     partials = store.partials()
     if partials:
         total = sum(p.stat().st_size for p in partials)
-        out.print(f"{len(partials)} unfinished download(s), {human_size(total)}: the same pull continues them",
-                  highlight=False)
+        say(f"{len(partials)} unfinished download(s), {human_size(total)}: the same pull continues them")
 
 
 def source_label(source: dict) -> str:
@@ -83,6 +82,6 @@ def _list_catalog(as_json: bool) -> None:
     for column in ("NAME", "KIND", "CONDITION", "REPOSITORY", "NOTES"):
         table.add_column(column, no_wrap=column not in ("NOTES",))
     for e in entries.values():
-        table.add_row(e.name, e.kind, e.condition or "-", e.repo, e.notes)
+        table.add_row(escape(e.name), e.kind, escape(e.condition or "-"), escape(e.repo), escape(e.notes))
     table.add_row("tiny", "base+sd", "-", "(made offline)", "random tiny model for trying every command")
     out.print(table)

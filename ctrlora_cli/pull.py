@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
-from ctrlora_cli.console import out, warn
+from ctrlora_cli.console import say, warn
 from ctrlora_cli.store import Manifest, Staged, Store, sha256_file, validate_name
 from engine.errors import CheckpointError, CtrloraError, UsageError
 
@@ -123,7 +124,7 @@ class _Puller:
                              configs=self._base_configs(base), archs=[arch] if arch else None, origin=origin)
             wanted = base or (base_entry.name if base_entry else None)
             if wanted and not self._present(wanted):
-                out.print(f"next: ctrlora pull {wanted}  (the base this adapter was made for)", highlight=False)
+                say(f"next: ctrlora pull {wanted}  (the base this adapter was made for)")
 
     def hub_file(self, spec: str, name, revision, *, kind, sd, base, condition, force) -> None:
         parts = spec.split("/", 2)
@@ -181,8 +182,8 @@ class _Puller:
                              f"{' or '.join(entry.pattern)}; it may have been renamed or removed (pull a file "
                              f"directly with hf://{entry.repo}/PATH --name {entry.name})")
         if len(found) > 1:
-            warn(f"{entry.name}: several files match; using {found[0].path} (others: "
-                 f"{', '.join(f.path for f in found[1:4])})")
+            warn(escape(f"{entry.name}: several files match; using {found[0].path} (others: "
+                 f"{', '.join(f.path for f in found[1:4])})"))
         return found[0]
 
     def _fetch(self, remote):
@@ -256,16 +257,16 @@ class _Puller:
             for f in fetched.values():
                 if f.owned:
                     f.path.unlink(missing_ok=True)
-        out.print(f"pulled {name} (sd, {arch}) from {_short(source)}", highlight=False)
+        say(f"pulled {name} (sd, {arch}) from {_short(source)}")
 
     def _sd_files(self, chosen: dict[str, str], paths: dict[str, Path], digests: dict[str, str] | None,
                   tmp: Path) -> dict:
         """Entry files for a chosen SD layout: pickled weights rewritten as safetensors, the rest as is."""
-        from engine.importing import bin_to_safetensors
-
         files = {}
         for dest, src in chosen.items():
             if src.endswith(".bin"):
+                from engine.importing import bin_to_safetensors
+
                 out_path = tmp / dest
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 bin_to_safetensors(paths[dest], out_path)
@@ -292,7 +293,7 @@ class _Puller:
                 source["variant"] = _used_variant(chosen)
                 arch = _arch_of_unet(files["unet/config.json"])
                 self._commit(name, "sd", files, arch=arch, source=source, notes="Stable Diffusion (diffusers layout)")
-            out.print(f"imported {name} (sd, {arch}) from {path}", highlight=False)
+            say(f"imported {name} (sd, {arch}) from {path}")
             return
         folder = path / "controlnet" if (path / "controlnet" / "config.json").is_file() else path
         config_file = folder / "config.json"
@@ -311,7 +312,7 @@ class _Puller:
                  "controlnet/diffusion_pytorch_model.safetensors": folder / "diffusion_pytorch_model.safetensors"}
         pair = self._pairing(sd, arch)
         self._commit(name, "base", files, arch=arch, sd=pair, source=source)
-        out.print(f"imported {name} (base, {arch}{', sd ' + pair if pair else ''}) from {path}", highlight=False)
+        say(f"imported {name} (base, {arch}{', sd ' + pair if pair else ''}) from {path}")
 
     # -- one file: detect, convert, store -------------------------------------------------------
     def _import_file(self, path: Path, digest: str, name: str, source: dict, *, kind=None, sd=None, configs=None,
@@ -353,11 +354,10 @@ class _Puller:
                 self._commit(name, "base", files, arch=arch, sd=pair, source=source,
                              converted_from=dict(original, format="official", embedded_adapter_rank=embedded),
                              notes="Base ControlNet converted from the official checkpoint")
-                out.print(f"pulled {name} (base, {arch}{', sd ' + pair if pair else ''}) from {_short(source)}",
-                          highlight=False)
+                say(f"pulled {name} (base, {arch}{', sd ' + pair if pair else ''}) from {_short(source)}")
                 if not pair:
-                    out.print("next: pair it with a Stable Diffusion model: pass --sd NAME to gen/fit, or pull it "
-                              "again with --sd NAME --force", highlight=False)
+                    say("next: pair it with a Stable Diffusion model: pass --sd NAME to gen/fit, or pull it "
+                              "again with --sd NAME --force")
             elif found_kind == "adapter":
                 from engine.adapter_format import save_adapter_file
                 from engine.importing import import_official_adapter
@@ -371,8 +371,7 @@ class _Puller:
                 self._commit(name, "adapter", {"adapter.safetensors": target}, arch=arch, condition=cond, rank=rank,
                              source=source, converted_from=dict(original, format="official"),
                              extra={"alpha": rank})
-                out.print(f"pulled {name} (adapter {cond}, rank {rank}, for {arch} bases) from {_short(source)}",
-                          highlight=False)
+                say(f"pulled {name} (adapter {cond}, rank {rank}, for {arch} bases) from {_short(source)}")
             else:
                 from engine.importing import import_ldm_sd
 
@@ -382,7 +381,7 @@ class _Puller:
                 self._commit_folder(name, "sd", tmp / "sd", arch=arch, source=source,
                                     converted_from=dict(original, format="ldm-single-file"),
                                     notes="Stable Diffusion converted from a single-file checkpoint")
-                out.print(f"pulled {name} (sd, {arch}) from {_short(source)}", highlight=False)
+                say(f"pulled {name} (sd, {arch}) from {_short(source)}")
 
     def _own_adapter(self, path, meta, name, source, kind, expected_arch, config, condition, label) -> None:
         from engine.adapter_format import load_adapter_file, save_adapter_file
@@ -408,8 +407,7 @@ class _Puller:
                                   condition=cond, provenance=meta["provenance"])
             self._commit(name, "adapter", {"adapter.safetensors": target}, arch=arch, condition=cond,
                          rank=meta["rank"], source=source, extra={"alpha": meta["alpha"]})
-        out.print(f"imported {name} (adapter {cond}, rank {meta['rank']}, for {arch} bases) from {_short(source)}",
-                  highlight=False)
+        say(f"imported {name} (adapter {cond}, rank {meta['rank']}, for {arch} bases) from {_short(source)}")
 
     def _sd15_tokenizer(self, tmp: Path) -> Path:
         """SD1.5's CLIP tokenizer: from the store's sd15 entry, else its repository's tokenizer/ folder."""
@@ -473,7 +471,7 @@ class _Puller:
             return False
         manifest = self.store.get(name)
         if same(manifest) and self.store.intact(manifest):
-            out.print(f"{name} is up to date ({_short(manifest.source)})", highlight=False)
+            say(f"{name} is up to date ({_short(manifest.source)})")
             return True
         if same_origin(manifest) or not self.store.intact(manifest):
             return False  # a newer revision of the same thing, or a damaged entry: replace it
@@ -599,7 +597,7 @@ def _pull_random(store: Store, preset: str, name: str, replace: bool = False) ->
                          notes=note, arch=arch_id(config), replace=replace)
         store.add_folder(name, "base", f"{tmp}/base", arch=arch_id(config), sd=sd_name,
                          source={"type": "random", "preset": preset}, labels=labels, notes=note, replace=replace)
-    out.print(f"pulled {name} (base, {preset}, random weights) and {sd_name} (sd)")
+    say(f"pulled {name} (base, {preset}, random weights) and {sd_name} (sd)")
 
 
 def _tmp_parent(store: Store) -> Path:

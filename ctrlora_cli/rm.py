@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
-from ctrlora_cli.console import interactive, out, warn
+from ctrlora_cli.console import interactive, say, warn
 from ctrlora_cli.list import human_size
 from ctrlora_cli.store import Store
 from engine.errors import UsageError
@@ -27,10 +28,10 @@ def rm(
         if not interactive():
             raise UsageError(f"not removing {', '.join(names)} without confirmation (no terminal): pass -y")
         if not typer.confirm(f"Remove {summary}?", default=False):
-            out.print("nothing removed")
+            say("nothing removed")
             raise typer.Exit(1)
     freed = store.remove(names)
-    out.print(f"removed {', '.join(names)}; freed {human_size(freed)}", highlight=False)
+    say(f"removed {', '.join(names)}; freed {human_size(freed)}")
     for m in store.list():
         if m.kind == "base" and m.sd in names:
-            warn(f"base {m.name!r} paired with {m.sd!r}, which is gone: pass --sd NAME to gen/fit, or pull {m.sd} again")
+            warn(escape(f"base {m.name!r} paired with {m.sd!r}, which is gone: pass --sd NAME to gen/fit, or pull {m.sd} again"))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import typer
+from rich.markup import escape
 
 from ctrlora_cli.console import out
 from ctrlora_cli.list import human_size, source_label
@@ -40,18 +42,18 @@ def show(
             ("created", manifest.created), ("size", human_size(manifest.size))]
     for key, value in rows:
         if value:
-            facts.add_row(key, str(value))
+            facts.add_row(key, escape(str(value)))
     for key, value in params.items():
         facts.add_row("parameters" if key == "total" else f"  {key}", f"{value:,}")
     for key, value in sorted(manifest.extra.items()):
-        facts.add_row(key, json.dumps(value) if not isinstance(value, str) else value)
+        facts.add_row(escape(key), escape(json.dumps(value) if not isinstance(value, str) else value))
     out.print(facts, highlight=False)
     files = Table(box=None, header_style="bold", pad_edge=False, title=None)
     files.add_column("FILE", overflow="fold")
     files.add_column("SIZE", justify="right")
     files.add_column("DIGEST", no_wrap=True)
     for record in manifest.files:
-        files.add_row(record.path, human_size(record.size), record.digest[:19])
+        files.add_row(escape(record.path), human_size(record.size), record.digest[:19])
     out.print()
     out.print(files, highlight=False)
 
@@ -74,27 +76,29 @@ def _converted(info: dict) -> str:
 
 
 def parameter_counts(store: Store, manifest: Manifest) -> dict[str, int]:
-    """Parameter counts from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-
+    """Parameter counts from the safetensors headers (no tensor is read, torch is not needed)."""
     counts: dict[str, int] = {}
     for record in manifest.files:
-        if not record.path.endswith(".safetensors"):
-            continue
         blob = store.blob_path(record.digest)
-        if not blob.is_file():
+        if not record.path.endswith(".safetensors") or not blob.is_file():
             continue
-        with safe_open(str(blob), framework="pt") as f:
-            for key in f.keys():
-                n = 1
-                for dim in f.get_slice(key).get_shape():
-                    n *= dim
-                group = _group(manifest.kind, record.path, key)
-                counts[group] = counts.get(group, 0) + n
+        for key, shape in _safetensors_shapes(blob).items():
+            group = _group(manifest.kind, record.path, key)
+            counts[group] = counts.get(group, 0) + math.prod(shape)
     total = sum(counts.values())
     if manifest.kind == "base":
         return {"total": total}
     return {"total": total, **dict(sorted(counts.items()))}
+
+
+def _safetensors_shapes(path) -> dict[str, list[int]]:
+    """The tensor shapes in a safetensors header: 8 bytes of length (little endian), then JSON."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > 100_000_000:
+            return {}
+        header = json.loads(f.read(length))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
 def _group(kind: str, path: str, key: str) -> str:

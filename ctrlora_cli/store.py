@@ -236,7 +236,8 @@ class Store:
     def list(self) -> list[Manifest]:
         if not self.manifests.is_dir():
             return []
-        return [Manifest.from_json(json.loads(p.read_text())) for p in sorted(self.manifests.glob("*.json"))]
+        paths = sorted(self.manifests.glob("*.json"), key=lambda p: p.stem)
+        return [Manifest.from_json(json.loads(p.read_text())) for p in paths]
 
     def intact(self, manifest: Manifest) -> bool:
         """Every blob present with its recorded size (cheap; ``check`` re-hashes)."""

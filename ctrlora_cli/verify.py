@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from ctrlora_cli.byte_progress import ByteBars
-from ctrlora_cli.console import out
+from rich.markup import escape
+
+from ctrlora_cli.console import out, say
 from ctrlora_cli.store import Store
 from engine.progress import report
 
@@ -19,7 +21,7 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
     store = Store()
     manifests = [store.get(name) for name in dict.fromkeys(names)] if names else store.list()
     if not manifests:
-        out.print("nothing to verify: the store is empty")
+        say("nothing to verify: the store is empty")
         return
     total = sum(m.size for m in manifests)
     damaged = []
@@ -34,13 +36,13 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
         results = [(m, store.check(m, on_bytes)) for m in manifests]
     for manifest, problems in results:
         if not problems:
-            out.print(f"[green]ok[/green]       {manifest.name}", highlight=False)
+            out.print(f"[green]ok[/green]       {manifest.name}", highlight=False, soft_wrap=True)
             continue
         damaged.append(manifest)
         for problem in problems:
-            out.print(f"[red]damaged[/red]  {manifest.name}: {problem}", highlight=False)
+            out.print(f"[red]damaged[/red]  {manifest.name}: {escape(problem)}", highlight=False, soft_wrap=True)
     if not damaged:
-        out.print(f"{len(manifests)} verified, all intact", highlight=False)
+        say(f"{len(manifests)} verified, all intact")
         return
     fixes = []
     for m in damaged:
@@ -49,7 +51,7 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
             fixes.append(f"ctrlora pull {what or _hub_spec(m.source)} --name {m.name} --force")
         else:
             fixes.append(f"ctrlora rm {m.name}, then import it again")
-    out.print(f"{len(damaged)} of {len(manifests)} damaged; repair: " + "; ".join(fixes), highlight=False)
+    say(f"{len(damaged)} of {len(manifests)} damaged; repair: " + "; ".join(fixes))
     raise typer.Exit(1)
 
 

@@ -123,10 +123,13 @@ def import_ldm_sd(state, folder: str | Path, tokenizer_dir: str | Path | None = 
     text_sd = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_CLIP_PREFIX)})
     with torch.device("meta"):
         unet, vae, text = UNet2DConditionModel(**ucfg), AutoencoderKL(**vcfg), CLIPTextModel(tcfg)
-    text_keys = text.state_dict()
+    # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); the files keep the
+    # published layout with the prefix, which every version loads.
+    flat = not hasattr(text, "text_model")
+    text_keys = {("text_model." + k if flat else k): tuple(v.shape) for k, v in text.state_dict().items()}
     text_sd = {k: v for k, v in text_sd.items() if k in text_keys or not k.endswith("position_ids")}
     check_keys(vae_sd, {k: tuple(v.shape) for k, v in vae.state_dict().items()}, f"{what} (VAE)")
-    check_keys(text_sd, {k: tuple(v.shape) for k, v in text_keys.items()}, f"{what} (text encoder)")
+    check_keys(text_sd, text_keys, f"{what} (text encoder)")
 
     folder = Path(folder)
     for name, model, weights, sd in (("unet", unet, WEIGHTS, unet_sd), ("vae", vae, WEIGHTS, vae_sd),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REF_TINY
 from hub_server import TinyHub
 
 CTRLORA_REPO = "test/ctrlora"

@@ -3,12 +3,10 @@ hub files, local files and folders, resumed downloads, digests, the HF cache and
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from hub_fixtures import (BASE_FILE, COND0_FILE, COND1_FILE, CTRLORA_REPO, SD_REPO, cli, hub, hub_server,  # noqa: F401
+from hub_fixtures import (BASE_FILE, COND0_FILE, COND1_FILE, CTRLORA_REPO, cli, hub, hub_server,  # noqa: F401
                           store_env, tiny_sd_folder)
 from ctrlora_cli.store import Store
 
