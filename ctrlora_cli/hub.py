@@ -262,6 +262,8 @@ def fetch(store, remote: RemoteFile, callback: ProgressCallback | None = None, f
             resumed = 0
         if resumed:
             log(f"{remote.path}: resuming at {_mb(resumed)} of {_mb(remote.size)}")
+        elif remote.size >= 1_000_000:
+            log(f"{remote.path}: downloading {_mb(remote.size)} from {endpoint()}/{remote.repo}")
         if resumed < remote.size:
             _download(remote, part, callback)
         digest = _verify(part, remote)

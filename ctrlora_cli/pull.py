@@ -54,24 +54,31 @@ def pull(
     if sd is not None:
         validate_name(sd)
     store = Store()
-    options = dict(kind=kind, sd=sd, base=base, condition=condition, force=force)
+    options = dict(kind=kind, sd=sd, base=base, condition=condition)
     if source == "tiny":
         _pull_random(store, "tiny", name or "tiny", replace=force)
         return
-    with ByteBars() as ui:
-        puller = _Puller(store, ui, force)
-        if source.startswith("hf://"):
-            puller.hub_file(source[len("hf://"):], name, revision, **options)
-        elif source.startswith("sd:"):
-            if kind not in (None, "sd"):
-                raise UsageError("sd:owner/repo pulls a Stable Diffusion model; drop --kind or use --kind sd")
-            puller.sd_repo(source[len("sd:"):], name, revision, variant="fp16")
-        elif _looks_local(source):
-            if revision:
-                raise UsageError("--revision applies to hub sources, not to local files")
-            puller.local(Path(source).expanduser(), name, **options)
-        else:
-            puller.catalog_name(source, name, revision, **options)
+    try:
+        with ByteBars() as ui:
+            _pull(_Puller(store, ui, force), source, name, revision, options)
+    except KeyboardInterrupt:
+        warn("interrupted: the same pull continues from the bytes already downloaded")
+        raise
+
+
+def _pull(puller: "_Puller", source: str, name, revision, options: dict) -> None:
+    if source.startswith("hf://"):
+        puller.hub_file(source[len("hf://"):], name, revision, **options)
+    elif source.startswith("sd:"):
+        if options["kind"] not in (None, "sd"):
+            raise UsageError("sd:owner/repo pulls a Stable Diffusion model; drop --kind or use --kind sd")
+        puller.sd_repo(source[len("sd:"):], name, revision, variant="fp16")
+    elif _looks_local(source):
+        if revision:
+            raise UsageError("--revision applies to hub sources, not to local files")
+        puller.local(Path(source).expanduser(), name, **options)
+    else:
+        puller.catalog_name(source, name, revision, **options)
 
 
 def _looks_local(source: str) -> bool:
@@ -95,7 +102,7 @@ class _Puller:
         return self._catalog
 
     # -- sources --------------------------------------------------------------------------------
-    def catalog_name(self, source: str, name, revision, *, kind, sd, base, condition, force) -> None:
+    def catalog_name(self, source: str, name, revision, *, kind, sd, base, condition) -> None:
         entry = self.catalog.get(source)
         if entry is None:
             validate_name(source)
@@ -114,7 +121,7 @@ class _Puller:
         if entry.kind == "base":
             pair = sd or entry.sd
             if pair and not sd and pair in self.catalog and not self._present(pair):
-                self.catalog_name(pair, None, None, kind="sd", sd=None, base=None, condition=None, force=False)
+                self.catalog_name(pair, None, None, kind="sd", sd=None, base=None, condition=None)
             self._hub_import(remote, snapshot, name, kind="base", sd=pair, archs=[entry.arch] if entry.arch else None,
                              origin=origin)
         else:
@@ -126,7 +133,7 @@ class _Puller:
             if wanted and not self._present(wanted):
                 say(f"next: ctrlora pull {wanted}  (the base this adapter was made for)")
 
-    def hub_file(self, spec: str, name, revision, *, kind, sd, base, condition, force) -> None:
+    def hub_file(self, spec: str, name, revision, *, kind, sd, base, condition) -> None:
         parts = spec.split("/", 2)
         if len(parts) < 3 or not all(parts):
             raise UsageError(f"hf://{spec}: expected hf://owner/repo/path/to/file")
@@ -145,7 +152,7 @@ class _Puller:
         name = name or _name_from(repo.split("/")[-1])
         self._hub_sd(snapshot, "", name, variant, origin or {})
 
-    def local(self, path: Path, name, *, kind, sd, base, condition, force) -> None:
+    def local(self, path: Path, name, *, kind, sd, base, condition) -> None:
         if not path.exists():
             raise UsageError(f"{path}: no such file or folder")
         name = name or _name_from(path.stem if path.is_file() else path.resolve().name)

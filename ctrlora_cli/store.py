@@ -297,7 +297,12 @@ class Store:
         (tmp / ".manifest-digest").write_text(want)
         self.views.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(view, ignore_errors=True)
-        os.replace(tmp, view)
+        try:
+            os.replace(tmp, view)
+        except OSError:  # another process built the same view in between
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (stamp.is_file() and stamp.read_text() == want):
+                raise
         return view
 
     # -- removal ----------------------------------------------------------------------------

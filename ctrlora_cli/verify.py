@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import typer
-
-from ctrlora_cli.byte_progress import ByteBars
 from rich.markup import escape
 
+from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import out, say
 from ctrlora_cli.store import Store
 from engine.progress import report
@@ -44,18 +43,24 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
     if not damaged:
         say(f"{len(manifests)} verified, all intact")
         return
-    fixes = []
+    say(f"{len(damaged)} of {len(manifests)} damaged; repair with:")
     for m in damaged:
-        if m.source.get("type") in ("hub", "random"):
-            what = m.source.get("catalog") or ("tiny" if m.source.get("type") == "random" else None)
-            fixes.append(f"ctrlora pull {what or _hub_spec(m.source)} --name {m.name} --force")
-        else:
-            fixes.append(f"ctrlora rm {m.name}, then import it again")
-    say(f"{len(damaged)} of {len(manifests)} damaged; repair: " + "; ".join(fixes))
+        say(f"  {repair_command(m)}")
     raise typer.Exit(1)
 
 
-def _hub_spec(source: dict) -> str:
-    if source.get("path") and source["path"].endswith((".ckpt", ".safetensors", ".pt", ".pth", ".bin")):
-        return f"hf://{source['repo']}/{source['path']} --revision {source['commit']}"
-    return f"sd:{source['repo']} --revision {source['commit']}"
+def repair_command(m) -> str:
+    """The command that fetches a damaged entry again, replacing its blobs."""
+    source, named = m.source, f" --name {m.name}"
+    if source.get("catalog"):
+        return f"ctrlora pull {source['catalog']}{named if m.name != source['catalog'] else ''} --force"
+    if source.get("type") == "hub":
+        path = source.get("path")  # a file or folder of the repository; none for a whole SD repository
+        what = f"hf://{source['repo']}/{path}" if path else f"sd:{source['repo']}"
+        return f"ctrlora pull {what} --revision {source['commit']}{named} --force"
+    if source.get("type") == "random":
+        base = m.name[:-3] if m.kind == "sd" and m.name.endswith("-sd") else m.name
+        return f"ctrlora pull {source.get('preset', 'tiny')}{' --name ' + base if base != 'tiny' else ''} --force"
+    if source.get("type") == "local":
+        return f"ctrlora pull {source.get('path')}{named} --force"
+    return f"ctrlora rm {m.name} (then make it again)"

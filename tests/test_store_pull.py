@@ -192,3 +192,60 @@ def test_hub_file_with_pinned_revision(store_env, hub):
     assert absent.code == 1 and "has no file 'nothing.ckpt'" in absent.err
     taken = cli("pull", f"hf://test/ctrlora/{COND0_FILE}", "--name", "pinned")
     assert taken.code == 2 and "--force" in taken.err
+
+
+def test_sd15_layout_selection():
+    """On SD1.5's published file list: configs and tokenizer, and the fp16 safetensors weights only."""
+    from ctrlora_cli.pull import select_sd_files
+
+    published = """.gitattributes README.md model_index.json feature_extractor/preprocessor_config.json
+        safety_checker/config.json safety_checker/model.fp16.safetensors safety_checker/model.safetensors
+        scheduler/scheduler_config.json text_encoder/config.json text_encoder/model.fp16.safetensors
+        text_encoder/model.safetensors text_encoder/pytorch_model.bin text_encoder/pytorch_model.fp16.bin
+        tokenizer/merges.txt tokenizer/special_tokens_map.json tokenizer/tokenizer_config.json tokenizer/vocab.json
+        unet/config.json unet/diffusion_pytorch_model.bin unet/diffusion_pytorch_model.fp16.bin
+        unet/diffusion_pytorch_model.fp16.safetensors unet/diffusion_pytorch_model.non_ema.bin
+        unet/diffusion_pytorch_model.non_ema.safetensors unet/diffusion_pytorch_model.safetensors
+        v1-5-pruned-emaonly.ckpt v1-5-pruned-emaonly.safetensors v1-5-pruned.ckpt v1-5-pruned.safetensors
+        vae/config.json vae/diffusion_pytorch_model.bin vae/diffusion_pytorch_model.fp16.bin
+        vae/diffusion_pytorch_model.fp16.safetensors vae/diffusion_pytorch_model.safetensors""".split()
+    chosen = select_sd_files(published, "fp16", where="sd15")
+    assert chosen == {
+        "model_index.json": "model_index.json",
+        "scheduler/scheduler_config.json": "scheduler/scheduler_config.json",
+        "text_encoder/config.json": "text_encoder/config.json",
+        "text_encoder/model.safetensors": "text_encoder/model.fp16.safetensors",
+        **{f"tokenizer/{f}": f"tokenizer/{f}" for f in ("merges.txt", "special_tokens_map.json",
+                                                        "tokenizer_config.json", "vocab.json")},
+        "unet/config.json": "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors": "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json": "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors": "vae/diffusion_pytorch_model.fp16.safetensors",
+    }
+    pickled_only = [p for p in published if not p.endswith(".safetensors")]
+    assert select_sd_files(pickled_only, None, "x")["unet/diffusion_pytorch_model.safetensors"] == \
+        "unet/diffusion_pytorch_model.bin"  # rewritten as safetensors on the way in
+    with pytest.raises(Exception, match="no vae/ folder"):
+        select_sd_files([p for p in published if not p.startswith("vae/")], "fp16", "x")
+
+
+def test_shipped_catalog_matches_published_names():
+    """The shipped patterns pick the published adapters' names (and hed never picks hedsketch)."""
+    from ctrlora_cli import catalog
+    from ctrlora_cli.hub import RemoteFile, Snapshot
+
+    names = ["ctrlora-basecn/ctrlora_sd15_basecn700k.ckpt",
+             *[f"ctrlora-loras/ctrlora_sd15_basecn700k_{c}_rank128.ckpt"
+               for c in ("canny", "depth", "hed", "hedsketch", "seg", "normal", "openpose", "bbox", "outpainting")],
+             *[f"ctrlora-loras/novel-conditions/ctrlora_sd15_basecn700k_{c}_rank128_1kimgs_1ksteps.ckpt"
+               for c in ("lineart", "lineart_anime_color")],
+             "ctrlora-loras/novel-conditions/ctrlora_sd15_basecn700k_palette_rank128_1000imgs_1000steps.ckpt"]
+    snapshot = Snapshot("xyfJASON/ctrlora", "main", "0" * 40, {n: RemoteFile("r", "c", n, 1) for n in names})
+    entries = catalog.load()
+    picked = {name: [f.path for f in snapshot.match(e.pattern)] for name, e in entries.items() if e.pattern}
+    assert picked["hed"] == ["ctrlora-loras/ctrlora_sd15_basecn700k_hed_rank128.ckpt"]
+    assert picked["canny"] == ["ctrlora-loras/ctrlora_sd15_basecn700k_canny_rank128.ckpt"]
+    assert picked["palette"] == [names[-1]]
+    assert picked["lineart"] == [names[10]] and picked["lineart_anime_color"] == [names[11]]
+    assert entries["base"].file == names[0] and entries["base"].sd == "sd15"
+    assert all(e.kind in ("sd", "base", "adapter") for e in entries.values())
