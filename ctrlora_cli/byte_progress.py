@@ -3,11 +3,12 @@ at a terminal, nothing drawn otherwise; ``log`` lines go to stderr either way.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.markup import escape
 
 from ctrlora_cli.console import err, interactive
+
+
+MIN_BAR_BYTES = 1_000_000
 
 
 class ByteBars:
@@ -35,9 +36,11 @@ class ByteBars:
         err.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def progress(self, event) -> None:
-        """An ``engine.progress.Progress`` callback: ``task`` names the file, counts are bytes."""
-        if self._bars is None:
+        """An ``engine.progress.Progress`` callback: ``task`` names the file, counts are bytes.
+        Files under 1 MB get no bar (they are done before one could be read)."""
+        if self._bars is None or (event.total is not None and event.total < MIN_BAR_BYTES):
             return
         if event.task not in self._tasks:
-            self._tasks[event.task] = self._bars.add_task(escape(Path(event.task).name), total=event.total)
+            label = event.task if len(event.task) <= 40 else "…" + event.task[-39:]
+            self._tasks[event.task] = self._bars.add_task(escape(label), total=event.total)
         self._bars.update(self._tasks[event.task], completed=event.completed, total=event.total)
