@@ -112,6 +112,8 @@ class _Puller:
         if kind and kind != entry.kind:
             raise UsageError(f"{source!r} is a {entry.kind}, not a {kind}")
         name = name or entry.name
+        if self._offline_present(name):
+            return
         origin = {"catalog": entry.name}
         if entry.kind == "sd":
             self.sd_repo(entry.repo, name, revision or entry.revision, variant=entry.variant, origin=origin)
@@ -137,6 +139,8 @@ class _Puller:
         parts = spec.split("/", 2)
         if len(parts) < 3 or not all(parts):
             raise UsageError(f"hf://{spec}: expected hf://owner/repo/path/to/file")
+        if name and self._offline_present(name):
+            return
         snapshot = self._resolve(f"{parts[0]}/{parts[1]}", revision)
         in_repo = [p for p in snapshot.files if p == parts[2] or p.startswith(parts[2].rstrip("/") + "/")]
         if parts[2] not in snapshot.files and in_repo:
@@ -148,16 +152,18 @@ class _Puller:
                          configs=self._base_configs(base), condition=condition)
 
     def sd_repo(self, repo: str, name, revision, variant: str | None = None, origin: dict | None = None) -> None:
-        snapshot = self._resolve(repo, revision)
         name = name or _name_from(repo.split("/")[-1])
-        self._hub_sd(snapshot, "", name, variant, origin or {})
+        if self._offline_present(name):
+            return
+        self._hub_sd(self._resolve(repo, revision), "", name, variant, origin or {})
 
     def local(self, path: Path, name, *, kind, sd, base, condition) -> None:
         if not path.exists():
             raise UsageError(f"{path}: no such file or folder")
         name = name or _name_from(path.stem if path.is_file() else path.resolve().name)
         if path.is_dir():
-            self._local_folder(path, name, kind=kind, sd=sd)
+            with self._entry_lock(name):
+                self._local_folder(path, name, kind=kind, sd=sd)
             return
         digest = sha256_file(path)
         source = {"type": "local", "path": str(path.resolve()), "sha256": digest.split(":", 1)[1]}
@@ -219,7 +225,7 @@ class _Puller:
             if self._up_to_date(name, same, origin_same):
                 return
             fetched = self._fetch(remote)
-            with tempfile.TemporaryDirectory(dir=_tmp_parent(self.store)) as tmp:
+            with _scratch(self.store) as tmp:
                 named = _linked(fetched.path, Path(tmp) / Path(remote.path).name)  # loaders go by the suffix
                 self._import_file(named, fetched.digest, name, source, kind=kind, sd=sd, configs=configs,
                                   archs=archs, condition=condition)
@@ -253,7 +259,7 @@ class _Puller:
         try:
             for dest, src in chosen.items():
                 fetched[dest] = self._fetch(snapshot.files[prefix + src])
-            with tempfile.TemporaryDirectory(dir=_tmp_parent(self.store)) as tmp:
+            with _scratch(self.store) as tmp:
                 files = self._sd_files(chosen, {d: f.path for d, f in fetched.items()},
                                        {d: f.digest for d, f in fetched.items()}, Path(tmp))
                 source["variant"] = _used_variant(chosen)
@@ -295,7 +301,7 @@ class _Puller:
             if self._up_to_date(name, lambda m: False, origin_same):
                 return
             chosen = select_sd_files(listing, "fp16", where=str(path))
-            with tempfile.TemporaryDirectory(dir=_tmp_parent(self.store)) as tmp:
+            with _scratch(self.store) as tmp:
                 files = self._sd_files(chosen, {d: path / s for d, s in chosen.items()}, None, Path(tmp))
                 source["variant"] = _used_variant(chosen)
                 arch = _arch_of_unet(files["unet/config.json"])
@@ -349,7 +355,7 @@ class _Puller:
         if kind and kind != found_kind:
             raise UsageError(f"{label} holds a {found_kind}, not a {kind}")
         configs = configs or ([(a, controlnet_config(a)) for a in archs] if archs else preset_configs())
-        with tempfile.TemporaryDirectory(dir=_tmp_parent(self.store)) as tmp:
+        with _scratch(self.store) as tmp:
             tmp = Path(tmp)
             if found_kind == "base":
                 from engine.importing import import_official_base
@@ -405,7 +411,7 @@ class _Puller:
             config = controlnet_config(arch)
         if config is not None:
             check_adapter(state, config, what=label)
-        with tempfile.TemporaryDirectory(dir=_tmp_parent(self.store)) as tmp:
+        with _scratch(self.store) as tmp:
             target = path
             cond = condition or meta["condition"]
             if cond != meta["condition"]:  # keep file and manifest in agreement
@@ -458,6 +464,15 @@ class _Puller:
             return "sd15"
         fits = [m.name for m in self.store.list() if m.kind == "sd" and m.arch == arch]
         return fits[0] if len(fits) == 1 else None
+
+    def _offline_present(self, name: str) -> bool:
+        """Offline, an entry already in the store is used as it is (updates cannot be checked)."""
+        from ctrlora_cli import hub
+
+        if hub.offline() and not self.force and self._present(name):
+            say(f"{name} is in the store (offline: not checked for updates)")
+            return True
+        return False
 
     @contextmanager
     def _entry_lock(self, name: str):
@@ -596,7 +611,7 @@ def _pull_random(store: Store, preset: str, name: str, replace: bool = False) ->
     validate_name(name)
     sd_name = f"{name}-sd"
     validate_name(sd_name)
-    with tempfile.TemporaryDirectory(dir=_tmp_parent(store)) as tmp:
+    with _scratch(store) as tmp:
         config = make_random_model(preset, f"{tmp}/sd", f"{tmp}/base/controlnet")
         labels = ["random-weights"]
         note = "randomly initialised: for trying commands offline, not for real images"
@@ -607,8 +622,7 @@ def _pull_random(store: Store, preset: str, name: str, replace: bool = False) ->
     say(f"pulled {name} (base, {preset}, random weights) and {sd_name} (sd)")
 
 
-def _tmp_parent(store: Store) -> Path:
-    """Scratch space inside the store (same filesystem, so finished files move in by rename)."""
-    folder = store.root / "tmp"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def _scratch(store: Store) -> tempfile.TemporaryDirectory:
+    """A scratch folder inside the store (same filesystem, so finished files move in by rename),
+    named by process id so that ``gc`` can clear what a killed pull left."""
+    return tempfile.TemporaryDirectory(dir=store.scratch(), prefix=f"{os.getpid()}-")

@@ -125,6 +125,16 @@ class Staged:
     digest: str
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_root()
@@ -319,8 +329,23 @@ class Store:
                 shutil.rmtree(self.views / name, ignore_errors=True)
             return self.gc()
 
+    def scratch(self) -> Path:
+        """Scratch folders of running pulls (``<pid>-...``), inside the store's filesystem."""
+        folder = self.root / "tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _clear_dead_scratch(self) -> None:
+        folder = self.root / "tmp"
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            pid = entry.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
     def gc(self) -> int:
-        """Delete blobs that no manifest references (call with the lock held)."""
+        """Delete blobs that no manifest references, and scratch left by killed pulls (call with
+        the lock held)."""
+        self._clear_dead_scratch()
         referenced = {self.blob_path(f.digest).name for m in self.list() for f in m.files}
         freed = 0
         if self.blobs.is_dir():

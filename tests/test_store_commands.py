@@ -42,11 +42,13 @@ def test_list_show_rm_and_garbage_collection(store_env, hub):
     assert refused.code == 2 and "pass -y" in refused.err and store.exists("tiny-cond0")
     partly = cli("rm", "-y", "tiny-cond0", "nonesuch")
     assert partly.code == 1 and store.exists("tiny-cond0")  # all or nothing
+    dead = store.scratch() / "999999999-left-by-a-killed-pull"
+    dead.mkdir()
     gone = store.blob_path(store.get("tiny-cond0").files[0].digest)
     size = store.get("tiny-cond0").size
     removed = cli("rm", "-y", "tiny-cond0")
     assert removed.code == 0 and f"removed tiny-cond0; freed {_human(size)}" in removed.out
-    assert not store.exists("tiny-cond0") and not gone.exists()
+    assert not store.exists("tiny-cond0") and not gone.exists() and not dead.exists()
     referenced = {store.blob_path(f.digest).name for m in store.list() for f in m.files}
     assert {p.name for p in store.blobs.iterdir()} == referenced  # garbage collected
     assert "tiny-cond0" not in cli("list").out

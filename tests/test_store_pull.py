@@ -156,6 +156,8 @@ def test_offline_touches_no_network(store_env, hub, monkeypatch):
     cached = cli("pull", "tiny-cond0")  # resolved from the HF cache alone
     assert cached.code == 0, cached.err
     assert _manifest(store_env, "tiny-cond0").source["commit"] == hub.repos[CTRLORA_REPO].commit
+    present = cli("pull", "tiny-cond0")
+    assert present.code == 0 and "tiny-cond0 is in the store (offline" in present.out
     monkeypatch.delenv("CTRLORA_OFFLINE")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli("pull", "tiny-official").code == 1
