@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
-from ctrlora_cli.console import say, warn
+from ctrlora_cli.console import interactive, say, warn
 from ctrlora_cli.store import Manifest, Staged, Store, sha256_file, validate_name
 from engine.errors import CheckpointError, CtrloraError, UsageError
 
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
 
 def pull(
-    source: str = typer.Argument(..., help="'base', an adapter ('canny', ...), 'sd15', 'tiny' (random, offline), "
+    source: str | None = typer.Argument(None, show_default=False, help="'base', an adapter ('canny', ...), 'sd15', 'tiny' (random, offline), "
                                            "hf://owner/repo/path, sd:owner/repo, or a local file or folder."),
     name: str | None = typer.Option(None, "--name", help="Store name (default: from the source)."),
     revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit to pin."),
@@ -46,7 +46,15 @@ def pull(
     condition: str | None = typer.Option(None, "--condition", help="For an adapter: the condition's name."),
     force: bool = typer.Option(False, "--force", help="Fetch again and replace an existing entry of that name."),
 ) -> None:
-    """Fetch or import a model into the local store."""
+    """Fetch or import a model into the local store.
+
+    Examples: ctrlora pull base | ctrlora pull canny | ctrlora pull hf://owner/repo/file.ckpt --name x |
+    ctrlora pull ./model.safetensors --kind sd --name y
+    """
+    if source is None:
+        if not interactive():
+            raise UsageError("what to pull? e.g. ctrlora pull base (see: ctrlora list --catalog)")
+        source = typer.prompt("What to pull (base, canny, ..., tiny, hf://..., a file)")
     if name is not None:
         validate_name(name)
     if kind is not None and kind not in KINDS:
@@ -398,7 +406,8 @@ class _Puller:
 
     def _own_adapter(self, path, meta, name, source, kind, expected_arch, config, condition, label) -> None:
         from engine.adapter_format import load_adapter_file, save_adapter_file
-        from engine.importing import check_adapter, controlnet_config
+        from engine.checkpoints import check_adapter_state
+        from engine.importing import controlnet_config
         from engine.presets import PRESETS
 
         if kind and kind != "adapter":
@@ -410,7 +419,7 @@ class _Puller:
         if config is None and arch in PRESETS:
             config = controlnet_config(arch)
         if config is not None:
-            check_adapter(state, config, what=label)
+            check_adapter_state(state, config, what=label)
         with _scratch(self.store) as tmp:
             target = path
             cond = condition or meta["condition"]

@@ -39,8 +39,7 @@ def adapter_file(store: Store, name_or_path: str, base: Manifest) -> tuple[Path,
         manifest = store.get(name_or_path)
         if manifest.kind != "adapter":
             raise UsageError(f"{name_or_path!r} is a {manifest.kind}, not an adapter")
-        store.file(name_or_path, "adapter.safetensors")  # raises a clear error if the entry lacks it
-        path = store.folder(name_or_path) / "adapter.safetensors"  # a name with its suffix, for loaders
+        path = store.file(name_or_path, "adapter.safetensors")
         meta = read_adapter_metadata(path)
         label = name_or_path
     if meta["base_arch"] != base.arch:

@@ -8,9 +8,10 @@ import math
 import typer
 from rich.markup import escape
 
-from ctrlora_cli.console import out
+from ctrlora_cli.console import interactive, out
 from ctrlora_cli.list import human_size, source_label
 from ctrlora_cli.store import Manifest, Store
+from engine.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -18,11 +19,15 @@ def register(app: typer.Typer) -> None:
 
 
 def show(
-    name: str = typer.Argument(..., help="A store name (see: ctrlora list)."),
+    name: str | None = typer.Argument(None, show_default=False, help="A store name (see: ctrlora list)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a model: what it is, where it came from, its parameters and files."""
     store = Store()
+    if name is None:
+        if not interactive():
+            raise UsageError("which model? e.g. ctrlora show base (see: ctrlora list)")
+        name = typer.prompt("Model to show")
     manifest = store.get(name)
     params = parameter_counts(store, manifest)
     if as_json:

@@ -280,11 +280,12 @@ class Store:
 
     # -- reading entries --------------------------------------------------------------------
     def file(self, name: str, rel: str) -> Path:
+        """One file of an entry, under its own name (loaders such as ``load_tensor_file`` go by
+        the suffix, which blobs lack): a link in the entry's view."""
         manifest = self.get(name)
-        for record in manifest.files:
-            if record.path == rel:
-                return self.blob_path(record.digest)
-        raise NotInStore(f"{name!r} has no file {rel!r}")
+        if not any(record.path == rel for record in manifest.files):
+            raise NotInStore(f"{name!r} has no file {rel!r}")
+        return self.folder(name) / rel
 
     def folder(self, name: str) -> Path:
         """A folder with the entry's files at their relative paths (links to the blobs), for

@@ -82,22 +82,6 @@ def import_official_adapter(state, configs: list[tuple[str, dict]], what: str = 
     return arch, config, mapped, adapter_rank(mapped)
 
 
-def check_adapter(state, config: dict, what: str = "adapter") -> int:
-    """Check one of our adapter state dicts against a base config; returns its rank."""
-    from engine.adapters import adapter_parameters, adapter_rank, add_adapter
-    from engine.controlnet import BaseControlNetModel
-
-    try:
-        rank = adapter_rank(state)
-    except ValueError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    with torch.device("meta"):
-        model = BaseControlNetModel(**config)
-        add_adapter(model, "check", rank=rank)
-    check_keys(state, {k: tuple(p.shape) for k, p in adapter_parameters(model, "check").items()}, what)
-    return rank
-
-
 def import_ldm_sd(state, folder: str | Path, tokenizer_dir: str | Path | None = None,
                   presets: tuple[str, ...] = PRESETS, what: str = "checkpoint") -> str:
     """Write a single-file ldm Stable Diffusion checkpoint (``model.diffusion_model.*``,
