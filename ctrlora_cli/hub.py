@@ -235,8 +235,6 @@ def fetch(store, remote: RemoteFile, callback: ProgressCallback | None = None, f
     """A verified copy of ``remote``: the store's blob when it already holds these bytes, the
     user's Hugging Face cache, or a download that continues from partial bytes left by an
     earlier pull (an HTTP Range request). A file whose digest is wrong is deleted and refused."""
-    from filelock import FileLock
-
     log = log or (lambda message: None)
     if remote.sha256 and not force:
         blob = store.blob_path("sha256:" + remote.sha256)
@@ -245,7 +243,7 @@ def fetch(store, remote: RemoteFile, callback: ProgressCallback | None = None, f
     store.partial.mkdir(parents=True, exist_ok=True)
     part = store.partial / f"{remote.key}.part"
     # One process per file at a time: a second pull of the same thing waits, then finds it done.
-    with FileLock(str(store.partial / f"{remote.key}.lock")):
+    with store.lock(remote.key):
         if remote.sha256 and not force and store.blob_path("sha256:" + remote.sha256).is_file():
             return Fetched(remote, store.blob_path("sha256:" + remote.sha256), "sha256:" + remote.sha256,
                            owned=False, how="store")  # another pull finished it while we waited

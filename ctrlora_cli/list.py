@@ -40,7 +40,7 @@ def list_models(
         for m in manifests:
             table.add_row(m.name, m.kind, escape(m.condition or "-"), str(m.rank) if m.rank else "-",
                           human_size(m.size), escape(source_label(m.source)), m.created[:10])
-        out.print(table)
+        print_table(table)
     partials = store.partials()
     if partials:
         total = sum(p.stat().st_size for p in partials)
@@ -50,8 +50,7 @@ def list_models(
 def source_label(source: dict) -> str:
     kind = source.get("type")
     if kind == "hub":
-        text = f"{source.get('repo')}@{str(source.get('commit', ''))[:7]}"
-        return text + (f" ({source['catalog']})" if source.get("catalog") else "")
+        return f"{source.get('repo')}@{str(source.get('commit', ''))[:7]}"
     if kind == "local":
         from pathlib import Path
 
@@ -59,6 +58,16 @@ def source_label(source: dict) -> str:
     if kind == "random":
         return f"random ({source.get('preset')})"
     return str(kind or "-")
+
+
+def print_table(renderable) -> None:
+    """At a terminal, fit its width; in a pipe or a log keep the natural width (Rich would cut at 80)."""
+    if out.is_terminal:
+        out.print(renderable, highlight=False)
+    else:
+        from rich.console import Console
+
+        Console(file=out.file, width=240, highlight=False).print(renderable)
 
 
 def human_size(n: int) -> str:
@@ -84,4 +93,4 @@ def _list_catalog(as_json: bool) -> None:
     for e in entries.values():
         table.add_row(escape(e.name), e.kind, escape(e.condition or "-"), escape(e.repo), escape(e.notes))
     table.add_row("tiny", "base+sd", "-", "(made offline)", "random tiny model for trying every command")
-    out.print(table)
+    print_table(table)

@@ -114,9 +114,8 @@ class _Puller:
         entry = self.catalog.get(source)
         if entry is None:
             validate_name(source)
-            known = ", ".join(sorted(self.catalog))
-            raise UsageError(f"unknown model {source!r}: pull one of {known}, 'tiny', hf://owner/repo/path, "
-                             f"sd:owner/repo or a local file (see: ctrlora list --catalog)")
+            raise UsageError(f"unknown model {source!r}: see the names pull knows with: ctrlora list --catalog "
+                             f"(or pull hf://owner/repo/path, sd:owner/repo, or a local file)")
         if kind and kind != entry.kind:
             raise UsageError(f"{source!r} is a {entry.kind}, not a {kind}")
         name = name or entry.name
@@ -487,10 +486,7 @@ class _Puller:
     def _entry_lock(self, name: str):
         """One pull per entry name at a time: a second pull of the same thing waits, then finds it
         up to date."""
-        from filelock import FileLock
-
-        self.store.partial.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.store.partial / f"pull-{name}.lock")):
+        with self.store.lock(f"pull-{name}"):
             yield
 
     def _present(self, name: str) -> bool:

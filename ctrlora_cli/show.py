@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.console import interactive, out
-from ctrlora_cli.list import human_size, source_label
+from ctrlora_cli.list import human_size, print_table, source_label
 from ctrlora_cli.store import Manifest, Store
 from engine.errors import UsageError
 
@@ -52,7 +52,7 @@ def show(
         facts.add_row("parameters" if key == "total" else f"  {key}", f"{value:,}")
     for key, value in sorted(manifest.extra.items()):
         facts.add_row(escape(key), escape(json.dumps(value) if not isinstance(value, str) else value))
-    out.print(facts, highlight=False)
+    print_table(facts)
     files = Table(box=None, header_style="bold", pad_edge=False, title=None)
     files.add_column("FILE", overflow="fold")
     files.add_column("SIZE", justify="right")
@@ -60,7 +60,7 @@ def show(
     for record in manifest.files:
         files.add_row(escape(record.path), human_size(record.size), record.digest[:19])
     out.print()
-    out.print(files, highlight=False)
+    print_table(files)
 
 
 def _source_detail(source: dict) -> str:

@@ -4,6 +4,7 @@
         blobs/sha256-<hex>        every file, named by its digest, written to a temp file and renamed
         manifests/<name>.json     written LAST and atomically: an entry exists once its manifest does
         partial/                  bytes of downloads in progress (resumed by the next pull)
+        locks/                    lock files of pulls and downloads in progress
         views/<name>/...          folders of links to blobs by relative path (derived, rebuilt at will)
         .lock                     a file lock taken by every writer
 
@@ -144,9 +145,15 @@ class Store:
         self.views = self.root / "views"
 
     # -- locking and blobs ------------------------------------------------------------------
-    def lock(self) -> FileLock:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / ".lock"))
+    def lock(self, key: str | None = None) -> FileLock:
+        """The store's lock (taken to add or remove entries), or with ``key`` a lock of its own
+        (one pull of an entry or one download of a file at a time); lock files live in locks/."""
+        if key is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return FileLock(str(self.root / ".lock"))
+        folder = self.root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / f"{key}.lock"))
 
     def blob_path(self, digest: str) -> Path:
         algo, _, hexdigest = digest.partition(":")
