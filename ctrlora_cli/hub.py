@@ -337,6 +337,8 @@ def _download(remote: RemoteFile, part: Path, callback: ProgressCallback | None)
                 if response.status_code == 416:  # we hold more than the server has: start over
                     part.unlink(missing_ok=True)
                     continue
+                if response.status_code >= 400:
+                    response.read()  # the hub's error message is in the body
                 hf_raise_for_status(response)
                 mode = "ab"
                 if have and response.status_code != 206:  # the server ignored Range: take it whole
