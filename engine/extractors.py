@@ -254,7 +254,12 @@ def gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
         pad[axis] = (radius, radius)
         padded = np.pad(array, pad, mode="symmetric")
         n = array.shape[axis]
-        array = sum(t * np.take(padded, range(i, i + n), axis=axis) for i, t in enumerate(taps))
+        window = [slice(None)] * array.ndim
+        out = np.zeros(array.shape)
+        for i, t in enumerate(taps):
+            window[axis] = slice(i, i + n)
+            out += t * padded[tuple(window)]
+        array = out
     return array
 
 

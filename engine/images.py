@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -40,18 +42,27 @@ def check_writable_image_path(path: str | Path) -> Path:
     return path
 
 
-def save_image(image: Image.Image, path: str | Path, **save_args) -> Path:
-    """Write atomically: a temp file in the same folder, then a rename over ``path``."""
-    path = check_writable_image_path(path)
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path in ``path``'s folder to write to; renamed over ``path`` when the block ends
+    without an error, removed otherwise. Readers see the old file or the new, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        image.save(tmp, format=WRITE_FORMATS[path.suffix.lower()], **save_args)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_image(image: Image.Image, path: str | Path, **save_args) -> Path:
+    """Write atomically (see ``atomic_path``); the format follows the extension."""
+    path = check_writable_image_path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=WRITE_FORMATS[path.suffix.lower()], **save_args)
     return path
 
 

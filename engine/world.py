@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from engine.errors import UsageError
 from engine.extractors import draw_boxes, extract
-from engine.images import save_image
+from engine.images import atomic_path, save_image
 from engine.progress import ProgressCallback, report
 
 BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")
@@ -314,11 +312,5 @@ def write_dataset(folder: str | Path, condition: str, count: int, size: int = 64
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
