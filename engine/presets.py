@@ -113,9 +113,30 @@ def build_tiny_tokenizer():
                 merges.append(pair)
                 vocab.setdefault(pair[0] + pair[1], len(vocab))
             pieces = [pair[0] + pair[1]] + pieces[2:]
+    # BPE applies the earliest merge first, so another word's merge can cut a word built above
+    # ("cyan" -> "cy" + "an"). Join what is left with merges appended last: they only act where no
+    # earlier merge does, and every piece they make is a prefix already in the vocabulary.
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    for word in _TINY_WORDS:
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the lowest rank."""
+    while len(pieces) > 1:
+        pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        i = next(i for i in range(len(pieces) - 1) if (pieces[i], pieces[i + 1]) == pair)
+        pieces = pieces[:i] + [pair[0] + pair[1]] + pieces[i + 2:]
+    return pieces
 
 
 @dataclass
