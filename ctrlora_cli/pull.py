@@ -611,7 +611,7 @@ def _short(source: dict) -> str:
 
 def _pull_random(store: Store, preset: str, name: str, replace: bool = False) -> None:
     from engine.arch import arch_id
-    from engine.models import make_random_model
+    from engine.models import make_random_adapter, make_random_model
 
     validate_name(name)
     sd_name = f"{name}-sd"
@@ -624,7 +624,14 @@ def _pull_random(store: Store, preset: str, name: str, replace: bool = False) ->
                          notes=note, arch=arch_id(config), replace=replace)
         store.add_folder(name, "base", f"{tmp}/base", arch=arch_id(config), sd=sd_name,
                          source={"type": "random", "preset": preset}, labels=labels, notes=note, replace=replace)
-    say(f"pulled {name} (base, {preset}, random weights) and {sd_name} (sd)")
+        # An untrained adapter (equal to the base), so `ctrlora gen` can be tried at once.
+        adapter_name = f"{name}-canny"
+        validate_name(adapter_name)
+        make_random_adapter(f"{tmp}/base/controlnet", f"{tmp}/adapter.safetensors", "canny")
+        store.add(adapter_name, "adapter", {"adapter.safetensors": f"{tmp}/adapter.safetensors"},
+                  arch=arch_id(config), condition="canny", rank=4, source={"type": "random", "preset": preset},
+                  labels=labels, notes=note, replace=replace)
+    say(f"pulled {name} (base, {preset}, random weights), {sd_name} (sd) and {adapter_name} (untrained adapter)")
 
 
 def _scratch(store: Store) -> tempfile.TemporaryDirectory:

@@ -18,7 +18,7 @@ def test_list_show_rm_and_garbage_collection(store_env, hub):
     store = Store(store_env["CTRLORA_HOME"])
 
     listed = json.loads(cli("list", "--json").out)
-    assert [m["name"] for m in listed] == ["tiny", "tiny-cond0", "tiny-cond1", "tiny-sd"]
+    assert [m["name"] for m in listed] == ["tiny", "tiny-canny", "tiny-cond0", "tiny-cond1", "tiny-sd"]
     by_name = {m["name"]: m for m in listed}
     assert by_name["tiny-cond0"]["size"] == sum(f["size"] for f in by_name["tiny-cond0"]["files"]) > 0
     table = cli("list").out

@@ -1,0 +1,480 @@
+"""Fitting a new condition's adapter on a frozen Base ControlNet (the paper's "new condition" recipe).
+
+Only the adapter trains: LoRA on the base's linear layers plus the condition's own zero convs and
+transformer norms, started from the base's values (``engine.adapters.add_adapter``), so step 0
+equals the base. AdamW (torch defaults, lr 1e-5), epsilon-MSE on SD1.5's schedule
+(``engine.diffusion``), the prompt replaced by "" with probability 0.3, the condition never.
+
+What makes it cheap: the frozen encoders ran once (``engine.data``), so a step is the ControlNet
+and the UNet only; gradients flow to the adapter alone (no weight gradients for the 1.2 B frozen
+weights, which the reference computes and throws away); on GPU the frozen weights are held in bf16
+under autocast while the adapter keeps fp32 master weights; attention is PyTorch's SDPA.
+
+A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one line per step),
+``checkpoint.pt`` (the latest, written atomically), ``val/step-NNNNNN.png`` (validation grids),
+``loss.png`` and, at the end, ``adapter.safetensors``. A killed run resumed with ``resume=True``
+continues exactly: the data order is a pure function of (seed, position) and the checkpoint holds
+the adapter, the optimizer and the random generator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine import adapters
+from engine.data import EncodedPairs, LatentCache, PairSet, encode_pairs, encode_prompts, load_image
+from engine.diffusion import controlled_eps, diffusion_loss
+from engine.errors import UsageError
+from engine.progress import ProgressCallback, report
+
+ADAPTER = "new"  # the adapter's name inside the model (store names may hold '.', adapter names not)
+CHECKPOINT_FORMAT = 1
+# Settings that must not change when a run is resumed (steps, validation and saving may).
+RESUME_FIXED = ("rank", "batch", "grad_accum", "lr", "resolution", "precision", "drop_prompt", "seed")
+
+
+@dataclass
+class FitConfig:
+    condition: str = "new"
+    rank: int = adapters.DEFAULT_RANK
+    steps: int = 1000
+    batch: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    resolution: int = 512
+    precision: str | None = None  # "bf16" | "fp32"; None: bf16 on CUDA, fp32 elsewhere
+    grad_checkpointing: bool = False
+    drop_prompt: float = 0.3
+    val_every: int = 0
+    val_prompts: list[str] = field(default_factory=list)
+    val_conds: list[str] = field(default_factory=list)
+    val_steps: int = 20
+    val_guidance: float = 7.5
+    save_every: int = 100
+    seed: int = 0
+    workers: int = 4
+    device: str | None = None
+
+    def resolved(self) -> "FitConfig":
+        """A copy with device and precision decided."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        precision = self.precision or ("bf16" if device.startswith("cuda") else "fp32")
+        if precision not in ("bf16", "fp32"):
+            raise UsageError(f"precision must be bf16 or fp32, not {precision!r}")
+        for name in ("steps", "batch", "grad_accum", "rank", "resolution"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.resolution % 8:
+            raise UsageError(f"--resolution must be a multiple of 8, not {self.resolution}")
+        if not 0 <= self.drop_prompt <= 1:
+            raise UsageError("--drop-prompt must be between 0 and 1")
+        return FitConfig(**{**asdict(self), "device": device, "precision": precision})
+
+
+@dataclass
+class FitResult:
+    adapter_file: Path
+    run_dir: Path
+    steps: int
+    final_loss: float  # the moving average at the last step
+    data_digest: str
+    base_digest: str
+    pairs: int
+    seconds: float
+    resumed_from: int = 0
+
+
+# -- the training step -------------------------------------------------------------------------
+
+class AdapterTrainer:
+    """The adapter, its optimizer and the step; no files. ``bench/fit.py`` times this class."""
+
+    def __init__(self, unet, controlnet, scheduler, data: EncodedPairs, config: FitConfig):
+        config = config.resolved()
+        self.config = config
+        self.device = torch.device(config.device)
+        self.unet, self.controlnet, self.scheduler, self.data = unet, controlnet, scheduler, data
+        self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+
+        unet.requires_grad_(False).eval()
+        controlnet.requires_grad_(False).eval()
+        torch.manual_seed(config.seed)  # the LoRA down-projections' initial values
+        adapters.add_adapter(controlnet, ADAPTER, rank=config.rank)
+        self.params = adapters.adapter_parameters(controlnet, ADAPTER)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        unet.to(self.device)
+        controlnet.to(self.device)
+        if self.autocast_dtype is not None:
+            # Frozen weights in bf16 (autocast would cast them at every op); master weights fp32.
+            unet.to(self.autocast_dtype)
+            for p in controlnet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(self.autocast_dtype)
+        if config.grad_checkpointing:
+            unet.enable_gradient_checkpointing()
+            controlnet.enable_gradient_checkpointing()
+        _use_sdpa(unet, controlnet)
+        self.data.to(self.device)
+        # torch's AdamW defaults (weight decay 0.01), as the reference; fused: one kernel for all.
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr, fused=True)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.step = 0
+        self._orders: dict[int, torch.Tensor] = {}
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.config.batch * self.config.grad_accum
+
+    def indices(self, position: int, count: int) -> torch.Tensor:
+        """Samples ``position .. position+count`` of the endless stream of shuffled epochs: a
+        pure function of the seed, so a resumed run draws what the killed one would have."""
+        n = len(self.data)
+        out = []
+        for pos in range(position, position + count):
+            epoch, offset = divmod(pos, n)
+            if epoch not in self._orders:
+                self._orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(
+                    self.config.seed * 1_000_003 + epoch))}
+            out.append(self._orders[epoch][offset])
+        return torch.stack(out)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> float:
+        """One optimizer step over ``batch * grad_accum`` samples; returns the mean loss."""
+        c = self.config
+        total = 0.0
+        position = self.step * self.samples_per_step
+        for micro in range(c.grad_accum):
+            idx = self.indices(position + micro * c.batch, c.batch)
+            latents, cond, text = self.data.sample_batch(idx, self.generator, c.drop_prompt)
+            # Backward inside the routing too: gradient checkpointing reruns forward pieces then.
+            with self.controlnet.routing.use(ADAPTER):
+                with self.autocast():
+                    loss = diffusion_loss(self.unet, self.controlnet, self.scheduler, latents, cond, text,
+                                          generator=self.generator)
+                (loss / c.grad_accum).backward()
+            total += loss.item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / c.grad_accum
+
+    @torch.no_grad()
+    def loss_on(self, indices: torch.Tensor, seed: int) -> float:
+        """The loss on fixed samples with fixed noise and timesteps (no prompt dropout)."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        latents, cond, text = self.data.sample_batch(indices, g, 0.0)
+        with self.autocast(), self.controlnet.routing.use(ADAPTER):
+            return diffusion_loss(self.unet, self.controlnet, self.scheduler, latents, cond, text, generator=g).item()
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in self.params.items()}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "adapter": self.adapter_state(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for key, param in self.params.items():
+                param.copy_(state["adapter"][key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+
+
+def _use_sdpa(*models) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for model in models:
+        for module in model.modules():
+            if hasattr(module, "set_processor") and hasattr(module, "processor"):
+                module.set_processor(AttnProcessor2_0())
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str | Path, config: FitConfig,
+        resume: bool = False, base_digest: str = "", callback: ProgressCallback | None = None) -> FitResult:
+    """Fit an adapter on ``pairs``. ``sd``: SD components (engine.models.load_sd, fp32, CPU);
+    ``controlnet``: the frozen Base ControlNet (left bit-identical; the adapter lives beside it)."""
+    config = config.resolved()
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    checkpoint_path = run_dir / "checkpoint.pt"
+    identity = {"data_digest": pairs.digest, "base_digest": base_digest,
+                **{k: getattr(config, k) for k in RESUME_FIXED}}
+    checkpoint = _open_run(run_dir, checkpoint_path, identity, resume)
+
+    device = torch.device(config.device)
+    vae, text_encoder = sd.vae.to(device), sd.text_encoder.to(device)
+    data = encode_pairs(pairs, vae, text_encoder, sd.tokenizer, config.resolution, LatentCache(cache_dir),
+                        batch_size=8 if device.type == "cuda" else 2, workers=config.workers, callback=callback,
+                        condition=config.condition)
+    validation = _Validation.build(config, pairs, vae, text_encoder, sd.tokenizer, sd.scheduler, run_dir)
+    sd.text_encoder = text_encoder.to("cpu")  # not needed any more: give its memory back
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    if not resume:  # written once setup has worked, so a failed start leaves no run behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "run.json", json.dumps({"identity": identity, "config": asdict(config)},
+                                                       indent=2).encode())
+    trainer = AdapterTrainer(sd.unet, controlnet, sd.scheduler, data, config)
+    smooth = _Smoother()
+    metrics_path = run_dir / "metrics.jsonl"
+    resumed_from = 0
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+        smooth.load(checkpoint["smooth"])
+        resumed_from = trainer.step
+    _truncate_metrics(metrics_path, trainer.step)
+
+    loss = float("nan")
+    clock, clock_step = time.perf_counter(), trainer.step
+    with open(metrics_path, "a") as metrics:
+        while trainer.step < config.steps:
+            loss = trainer.train_step()
+            step = trainer.step
+            smoothed = smooth.update(loss)
+            elapsed = time.perf_counter() - clock
+            it_s = (step - clock_step) / elapsed if elapsed > 0 else 0.0
+            memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            info = {"loss": loss, "loss_smooth": smoothed, "it_s": it_s, "images_s": it_s * trainer.samples_per_step,
+                    "eta_s": (config.steps - step) / it_s if it_s else None, "memory_gb": memory}
+            metrics.write(json.dumps({"step": step, "lr": config.lr, **info}) + "\n")
+            metrics.flush()
+            report(callback, "train", step, config.steps, **info)
+            if validation and (step % config.val_every == 0 or step == config.steps):
+                validation.run(trainer, step, vae, callback)
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                _save_checkpoint(checkpoint_path, trainer, smooth, identity)
+
+    _save_checkpoint(checkpoint_path, trainer, smooth, identity)
+    adapter_file = _write_adapter(run_dir / "adapter.safetensors", trainer, controlnet, config, identity, pairs)
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    draw_loss_curve(history, run_dir / "loss.png")
+    adapters.delete_adapter(controlnet, ADAPTER)  # leave the caller's base as it came
+    return FitResult(adapter_file, run_dir, trainer.step, history[-1]["loss_smooth"] if history else loss, pairs.digest,
+                     base_digest, len(pairs.pairs), time.perf_counter() - started, resumed_from)
+
+
+def _open_run(run_dir: Path, checkpoint_path: Path, identity: dict, resume: bool) -> dict | None:
+    settings = run_dir / "run.json"
+    if not resume:
+        if checkpoint_path.exists() or settings.exists():
+            raise UsageError(f"{run_dir} already holds a run; continue it with --resume or pick another --run-dir")
+        return None
+    if not settings.exists():
+        raise UsageError(f"nothing to resume in {run_dir}: no run.json there (start without --resume)")
+    saved = json.loads(settings.read_text())["identity"]
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    if changed:
+        raise UsageError(f"cannot resume {run_dir} with other settings or data ({'; '.join(changed)}); "
+                         "use the original ones or start a new run")
+    if not checkpoint_path.exists():
+        return None  # killed before its first checkpoint: starting over is continuing
+    try:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"checkpoint {checkpoint_path} is unreadable ({type(exc).__name__}); "
+                         "start a new run") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"checkpoint {checkpoint_path} has an unknown format; start a new run")
+    return state
+
+
+def _save_checkpoint(path: Path, trainer: AdapterTrainer, smooth: "_Smoother", identity: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, **trainer.state_dict(), "smooth": smooth.state(),
+                    "identity": json.dumps(identity)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines a killed run logged after its last checkpoint: they are done again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    _write_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _write_adapter(path: Path, trainer: AdapterTrainer, controlnet, config: FitConfig, identity: dict,
+                   pairs: PairSet) -> Path:
+    from engine.adapter_format import save_adapter_file
+    from engine.arch import arch_id
+
+    provenance = {"type": "fit", "steps": trainer.step, "pairs": len(pairs.pairs), **identity}
+    return save_adapter_file(path, trainer.adapter_state(), rank=config.rank, alpha=float(config.rank),
+                             base_arch=arch_id(controlnet.config), condition=config.condition, provenance=provenance)
+
+
+class _Smoother:
+    """An exponential moving average of the loss, bias-corrected so early values mean something."""
+
+    def __init__(self, beta: float = 0.98):
+        self.beta, self.value, self.count = beta, 0.0, 0
+
+    def update(self, x: float) -> float:
+        self.count += 1
+        self.value = self.beta * self.value + (1 - self.beta) * x
+        return self.value / (1 - self.beta ** self.count)
+
+    def state(self) -> dict:
+        return {"value": self.value, "count": self.count}
+
+    def load(self, state: dict) -> None:
+        self.value, self.count = float(state["value"]), int(state["count"])
+
+
+# -- validation --------------------------------------------------------------------------------
+
+class _Validation:
+    """Images from fixed conditions, prompts and noise every N steps, saved as one grid per step.
+
+    A deliberately minimal DDIM loop (eta 0, classifier-free guidance whose unconditional branch
+    keeps the condition, as the reference); ``ctrlora gen`` owns the full pipeline."""
+
+    def __init__(self, config, conds, cond_images, prompts, text, empty, scheduler, folder):
+        self.config, self.conds, self.cond_images = config, conds, cond_images
+        self.prompts, self.text, self.empty = prompts, text, empty
+        self.scheduler, self.folder = scheduler, folder
+
+    @classmethod
+    def build(cls, config: FitConfig, pairs: PairSet, vae, text_encoder, tokenizer, scheduler, run_dir: Path):
+        if not config.val_every:
+            return None
+        from diffusers import DDIMScheduler
+
+        from engine.condition import encode_condition
+
+        cond_paths = [Path(p) for p in config.val_conds] or [p.source for p in pairs.pairs[:2]]
+        for path in cond_paths:
+            if not path.is_file():
+                raise UsageError(f"validation condition {path} does not exist")
+        prompts = list(config.val_prompts) or [pairs.pairs[0].prompt]
+        try:
+            images = torch.stack([load_image(p, config.resolution) for p in cond_paths])
+        except OSError as exc:
+            raise UsageError(f"cannot read a validation condition: {exc}") from None
+        g = torch.Generator(vae.device).manual_seed(config.seed + 1)
+        conds = encode_condition(vae, images, generator=g)
+        text = encode_prompts(text_encoder, tokenizer, prompts)
+        empty = encode_prompts(text_encoder, tokenizer, [""])
+        sampler = DDIMScheduler.from_config(scheduler.config)
+        return cls(config, conds, images, prompts, text, empty, sampler, run_dir / "val")
+
+    @torch.no_grad()
+    def run(self, trainer: AdapterTrainer, step: int, vae, callback) -> Path:
+        rows = []
+        total = len(self.conds) * len(self.prompts)
+        for i, cond in enumerate(self.conds):
+            row = [self.cond_images[i]]
+            for j in range(len(self.prompts)):
+                latent = self._sample(trainer, cond[None], self.text[j:j + 1])
+                image = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample
+                row.append(((image[0].float().cpu() + 1) / 2).clamp(0, 1))
+                report(callback, "validate", i * len(self.prompts) + j + 1, total, step=step)
+            rows.append(row)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step:06d}.png"
+        _grid(rows).save(path)
+        return path
+
+    def _sample(self, trainer: AdapterTrainer, cond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        device = trainer.device
+        g = torch.Generator(device).manual_seed(c.seed + 2)  # the same noise at every validation
+        shape = (1, trainer.unet.config.in_channels, *cond.shape[-2:])
+        latent = torch.randn(shape, generator=g, device=device)
+        self.scheduler.set_timesteps(c.val_steps, device=device)
+        cond2, text2 = torch.cat([cond, cond]).to(device), torch.cat([self.empty, text]).to(device)
+        for t in self.scheduler.timesteps:
+            with trainer.autocast(), trainer.controlnet.routing.use(ADAPTER):
+                eps = controlled_eps(trainer.unet, trainer.controlnet, torch.cat([latent, latent]), t.expand(2),
+                                     text2, cond2).float()
+            uncond, conditioned = eps.chunk(2)
+            eps = uncond + c.val_guidance * (conditioned - uncond)
+            latent = self.scheduler.step(eps, t, latent).prev_sample
+        return latent
+
+
+def _grid(rows: list[list[torch.Tensor]]):
+    from PIL import Image
+
+    h, w = rows[0][0].shape[-2:]
+    columns = max(len(r) for r in rows)
+    grid = Image.new("RGB", (columns * w, len(rows) * h), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            grid.paste(Image.fromarray(array), (j * w, i * h))
+    return grid
+
+
+# -- the loss curve ----------------------------------------------------------------------------
+
+def draw_loss_curve(history: list[dict], path: Path, size: tuple[int, int] = (800, 400)) -> Path:
+    """Raw loss (light) and its moving average (dark) against steps, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 60, 20, 20, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    points = [(h["step"], h["loss"], h.get("loss_smooth", h["loss"])) for h in history
+              if math.isfinite(h.get("loss", float("nan")))]
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    if points:
+        steps = [p[0] for p in points]
+        values = [v for p in points for v in p[1:]]
+        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+        v0, v1 = min(values), max(values)
+        if v1 - v0 < 1e-12:
+            v0, v1 = v0 - 0.5, v1 + 0.5
+
+        def xy(step, value):
+            x = left + (step - s0) / (s1 - s0) * (width - left - right)
+            y = height - bottom - (value - v0) / (v1 - v0) * (height - top - bottom)
+            return x, y
+
+        for column, colour in ((1, (170, 190, 230)), (2, (20, 60, 160))):
+            line = [xy(p[0], p[column]) for p in points]
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=1 if column == 1 else 2)
+            else:
+                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=colour)
+        for value in (v0, (v0 + v1) / 2, v1):
+            draw.text((4, xy(s0, value)[1] - 6), f"{value:.4g}", fill="black")
+        draw.text((left, height - bottom + 8), f"step {s0}", fill="black")
+        draw.text((width - right - 80, height - bottom + 8), f"step {s1}", fill="black")
+    draw.text((left + 8, top + 4), "loss (light) and moving average (dark)", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

@@ -1,0 +1,221 @@
+"""``fit`` on the tiny preset: it learns, leaves the base untouched, resumes exactly, lands in the store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from ctrlora_cli.resolve import adapter_file, base_folders
+from engine import adapters
+from engine.adapter_format import load_adapter_file
+from engine.data import LatentCache, encode_pairs, scan_folder
+from engine.diffusion import diffusion_loss
+from engine.errors import UsageError
+from engine.fit import FitConfig, fit
+from engine.models import load_base, load_sd
+from pairs import make_pairs
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny ops: threads only contend
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fixed_batch_loss(sd, controlnet, data, plan, seeds=(0, 1, 2)) -> float:
+    """The loss on every pair with fixed posterior draws, noise and timesteps."""
+    losses = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        latents, cond, text = data.sample_batch(torch.arange(len(data)), g)
+        with torch.no_grad(), controlnet.routing.use(plan):
+            losses.append(diffusion_loss(sd.unet, controlnet, sd.scheduler, latents, cond, text, generator=g).item())
+    return sum(losses) / len(losses)
+
+
+def test_short_fit_lowers_the_loss_and_leaves_the_base_alone(tiny_store, tmp_path, one_thread):
+    _, controlnet_dir, sd_dir = base_folders(tiny_store, "tiny")
+    sd, controlnet = load_sd(sd_dir), load_base(controlnet_dir)
+    base_before = {k: v.clone() for k, v in controlnet.state_dict().items()}
+    assert adapters.base_state_dict(controlnet).keys() == base_before.keys()
+    pairs = scan_folder(make_pairs(tmp_path / "data", n=4))
+    events = []
+    # A high learning rate: the test wants a clear change in a few steps, not the paper's recipe.
+    config = FitConfig(condition="circles", rank=4, steps=12, batch=2, lr=5e-2, resolution=64, drop_prompt=0.3,
+                       val_every=12, val_steps=3, save_every=4, seed=0)
+    result = fit(pairs, sd=sd, controlnet=controlnet, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache",
+                 config=config, base_digest="sha256:test", callback=events.append)
+
+    # The base is bit-identical, and the model carries no adapter afterwards.
+    assert adapters.adapter_names(controlnet) == []
+    base_after = adapters.base_state_dict(controlnet)
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(v, base_before[k]) for k, v in base_after.items())
+
+    state, meta = load_adapter_file(result.adapter_file)
+    assert meta["condition"] == "circles" and meta["rank"] == 4 and meta["base_arch"] == "tiny"
+    assert meta["provenance"]["steps"] == 12 and meta["provenance"]["data_digest"] == pairs.digest
+    assert meta["provenance"]["base_digest"] == "sha256:test"
+
+    data = encode_pairs(pairs, sd.vae, sd.text_encoder, sd.tokenizer, 64, LatentCache(tmp_path / "cache"))
+    before = _fixed_batch_loss(sd, controlnet, data, None)  # the fresh adapter equals the bare base
+    adapters.load_adapter(controlnet, "fitted", state)
+    after = _fixed_batch_loss(sd, controlnet, data, "fitted")
+    # A random tiny UNet caps what control can explain; 12 steps take about 0.1 of about 1.1.
+    assert after < before - 0.05, (before, after)
+
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 13))
+    assert {"loss", "loss_smooth", "it_s", "images_s", "eta_s"} <= lines[0].keys()
+    assert sorted(p.name for p in (run / "val").iterdir()) == ["step-000012.png"]
+    from PIL import Image
+
+    grid = Image.open(run / "val" / "step-000012.png")
+    assert grid.size == (2 * 64, 2 * 64)  # two conditions x (condition + one prompt)
+    assert Image.open(run / "loss.png").size == (800, 400)
+    train = [e for e in events if e.task == "train"]
+    assert train[-1].completed == 12 and train[-1].total == 12 and train[-1].info["images_s"] > 0
+    assert {e.task for e in events} >= {"encode", "train", "validate"}
+    # The run folder is not reused by accident.
+    with pytest.raises(UsageError, match="already holds a run"):
+        fit(pairs, sd=sd, controlnet=controlnet, run_dir=run, cache_dir=tmp_path / "cache", config=config)
+
+
+def _check_store_entry(store, name, data):
+    """The CLI's result: an adapter entry that gen resolves against the base it was fitted on."""
+    manifest = store.get(name)
+    assert (manifest.kind, manifest.arch, manifest.condition, manifest.rank) == ("adapter", "tiny", name, 4)
+    assert [f.path for f in manifest.files] == ["adapter.safetensors"]
+    base = store.get("tiny")
+    assert manifest.extra["steps"] == 12 and manifest.extra["pairs"] == 3
+    assert manifest.extra["base_digest"] == next(f.digest for f in base.files if f.path.endswith(".safetensors"))
+    assert manifest.extra["data_digest"] == scan_folder(data).digest
+    _, meta = adapter_file(store, name, base)
+    assert meta["condition"] == name and meta["base_arch"] == "tiny"
+
+
+_RESUME_SETTINGS = dict(rank=4, steps=12, batch=2, lr=1e-3, resolution=64, save_every=4, seed=7)
+
+
+def _fit_args(data, name, run_dir):
+    s = _RESUME_SETTINGS
+    return ["fit", str(data), "--name", name, "--base", "tiny", "--run-dir", str(run_dir),
+            *[x for k in ("rank", "steps", "batch", "lr", "resolution", "save_every", "seed")
+              for x in (f"--{k.replace('_', '-')}", str(s[k]))]]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_store, tmp_path, one_thread):
+    data = make_pairs(tmp_path / "data", n=3)
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CTRLORA_HOME": str(tiny_store.root), **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, "-m", "ctrlora_cli", *_fit_args(data, "resumed", run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill between checkpoints (4 and 8), mid-way through
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert not (run / "adapter.safetensors").exists() and not tiny_store.exists("resumed")
+
+    resumed = run_cli(*_fit_args(data, "resumed", run), "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "fitted resumed: 12 steps on 3 pairs" in resumed.stdout
+    assert "ctrlora gen --base tiny --cond resumed=" in resumed.stdout
+    _check_store_entry(tiny_store, "resumed", data)
+
+    # The same fit, never interrupted (in this process, also on one thread).
+    _, controlnet_dir, sd_dir = base_folders(tiny_store, "tiny")
+    sd, controlnet = load_sd(sd_dir), load_base(controlnet_dir)
+    config = FitConfig(condition="whole", **_RESUME_SETTINGS)
+    whole = fit(scan_folder(data), sd=sd, controlnet=controlnet, run_dir=tmp_path / "whole",
+                cache_dir=tmp_path / "cache", config=config)
+    a, _ = load_adapter_file(whole.adapter_file)
+    b, _ = load_adapter_file(tiny_store.folder("resumed") / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+    # The metrics of the redone steps replace the killed run's, line for line.
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    whole_lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 13))
+    assert [x["loss"] for x in lines] == [x["loss"] for x in whole_lines]
+
+    # Resuming with other settings is refused, naming what changed.
+    with pytest.raises(UsageError, match=r"lr 0\.001 -> 0\.0001"):
+        fit(scan_folder(data), sd=sd, controlnet=controlnet, run_dir=tmp_path / "whole", cache_dir=tmp_path / "cache",
+            config=FitConfig(**{**_RESUME_SETTINGS, "lr": 1e-4}), resume=True)
+
+
+def test_cli_refuses_bad_requests_before_any_work(tiny_store, tmp_path):
+    data = make_pairs(tmp_path / "data", n=1)
+    env = {"CTRLORA_HOME": str(tiny_store.root)}
+    for args, code, message in [
+        (["--name", "tiny"], 2, "'tiny' is already in the store"),
+        ([], 2, "missing --name"),
+        (["--name", "x", "--precision", "fp8"], 2, "Invalid value for '--precision'"),
+        (["--name", "Bad/Name"], 2, "invalid name"),
+        (["--name", "x", "--base", "nope"], 1, "'nope' is not in the store"),
+    ]:
+        result = run_cli("fit", str(data), "--base", "tiny", *args, env=env)
+        assert result.returncode == code, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _trainer(**settings):
+    from engine.controlnet import BaseControlNetModel
+    from engine.data import EncodedPairs
+    from engine.fit import AdapterTrainer
+    from engine.presets import build_sd
+
+    g = torch.Generator().manual_seed(0)
+    moments = torch.cat([torch.randn(2, 4, 8, 8, generator=g), torch.full((2, 4, 8, 8), -6.0)], 1)
+    data = EncodedPairs(target=moments, cond=moments.flip(0), text=torch.randn(2, 77, 32, generator=g),
+                        text_index=torch.arange(2), empty=torch.zeros(77, 32), scaling_factor=0.18215)
+    sd = build_sd("tiny", seed=0)
+    return AdapterTrainer(sd.unet, BaseControlNetModel.from_unet(sd.unet), sd.scheduler, data,
+                          FitConfig(rank=4, lr=1e-2, drop_prompt=0.0, resolution=64, **settings))
+
+
+def test_gradient_checkpointing_gives_the_same_step(one_thread):
+    def one_step(**settings):
+        trainer = _trainer(**settings)
+        trainer.train_step()
+        return trainer.adapter_state()
+
+    plain = one_step(batch=2)
+    # Checkpointing reruns forward pieces during backward, routed to the same adapter.
+    other = one_step(batch=2, grad_checkpointing=True)
+    assert other.keys() == plain.keys()
+    assert max((other[k] - plain[k]).abs().max().item() for k in plain) < 1e-6
+    assert any(not torch.equal(v, one_step(batch=2, seed=1)[k]) for k, v in plain.items())
+
+
+def test_bf16_keeps_fp32_master_weights_for_the_adapter_only(one_thread):
+    trainer = _trainer(batch=2, precision="bf16")  # the GPU default, here under CPU autocast
+    before = trainer.adapter_state()
+    loss = trainer.train_step()
+    assert loss == loss and 0 < loss < 100
+    assert all(p.dtype == torch.float32 for p in trainer.params.values())
+    adapter_ids = {id(p) for p in trainer.params.values()}
+    frozen = [p for p in trainer.controlnet.parameters() if id(p) not in adapter_ids]
+    assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.unet.parameters())
+    after = trainer.adapter_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
