@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.
-COMMAND_MODULES: tuple[str, ...] = ("pull",)
+COMMAND_MODULES: tuple[str, ...] = ("pull", "gen")
 
 
 def _version(value: bool) -> None:

@@ -31,7 +31,7 @@ class CondSpec:
     end: float = 1.0
     prep: str | None = None
     digest: str | None = None  # from a recipe: the adapter the image was made with
-    loaded: object = field(default=None, repr=False)  # the PIL image, once read
+    loaded: object = field(default=None, repr=False)  # from a recipe: the image exactly as used
 
 
 def parse_cond(spec: str) -> CondSpec:
@@ -80,15 +80,15 @@ def gen(
     negative: str | None = typer.Option(None, "--negative", "-n", help="What to avoid (default: empty)."),
     base: str | None = typer.Option(None, "--base", help="Base in the store (default: the only one, or 'base')."),
     sd: str | None = typer.Option(None, "--sd", help="Stable Diffusion in the store (default: the base's)."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: 20]."),
-    guidance: float | None = typer.Option(None, "--guidance", min=0.0, help="Classifier-free guidance [default: 7.5]."),
-    scheduler: str | None = typer.Option(None, "--scheduler", help=f"{' | '.join(SCHEDULER_NAMES)} [default: ddim]."),
-    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of the first image (image k: seed + k) [default: random]."),
-    width: int | None = typer.Option(None, "--width", min=8, help="Width, a multiple of 8 [default: the first condition image's]."),
-    height: int | None = typer.Option(None, "--height", min=8, help="Height, a multiple of 8 [default: the first condition image's]."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: 20)."),
+    guidance: float | None = typer.Option(None, "--guidance", min=0.0, help="Classifier-free guidance (default: 7.5)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help=f"{' | '.join(SCHEDULER_NAMES)} (default: ddim)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of the first image (image k: seed + k) (default: random)."),
+    width: int | None = typer.Option(None, "--width", min=8, help="Width, a multiple of 8 (default: the first condition image's)."),
+    height: int | None = typer.Option(None, "--height", min=8, help="Height, a multiple of 8 (default: the first condition image's)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images to make."),
-    strength: float | None = typer.Option(None, "--strength", help="Global control scale [default: 1.0]."),
-    out_path: Path | None = typer.Option(None, "--out", "-o", help="A .png file, or a folder [default: the current folder]."),
+    strength: float | None = typer.Option(None, "--strength", help="Global control scale (default: 1.0)."),
+    out_path: Path | None = typer.Option(None, "--out", "-o", help="A .png file, or a folder (default: the current folder)."),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | fp16 | bf16 (auto: fp16 on GPU, fp32 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet and ControlNet (slow first step)."),
@@ -129,6 +129,12 @@ def gen(
     if recipe and width is None and height is None:
         width, height = recipe.get("width"), recipe.get("height")
 
+    # Cheap checks first (no torch import): images, size, outputs, then the store.
+    images = [_read_image(spec) for spec in specs]
+    width, height = _size(images[0], width, height)
+    targets = _output_paths(out_path, [seed + k for k in range(batch)])
+    _check_prep(specs)
+
     from ctrlora_cli.store import NotInStore, Store
 
     store = Store()
@@ -139,10 +145,7 @@ def gen(
         adapters = [_adapter(store, spec, base_manifest) for spec in specs]
     except NotInStore as exc:
         raise UsageError(str(exc)) from None
-    images = [_read_image(spec) for spec in specs]
-    width, height = _size(images[0], width, height)
     cond_images = [_prepare(spec, image, width, height) for spec, image in zip(specs, images)]
-    targets = _output_paths(out_path, [seed + k for k in range(batch)])
 
     import torch
 
@@ -224,7 +227,7 @@ def _recipe_specs(recipe: dict, images) -> list[CondSpec]:
     specs = []
     for entry, image in zip(recipe.get("conditions", []), images):
         spec = CondSpec(entry["adapter"], entry.get("image", "(from recipe)"), float(entry["weight"]),
-                        float(entry["start"]), float(entry["end"]), digest=entry.get("digest"))
+                        float(entry["start"]), float(entry["end"]), prep=entry.get("prep"), digest=entry.get("digest"))
         spec.loaded = image  # the exact condition image used (already prepared and sized)
         specs.append(spec)
     return specs
@@ -241,6 +244,14 @@ def _apply_prep(specs: list[CondSpec], preps: list[str]) -> None:
         for spec in chosen:
             if spec.prep is None or sep:
                 spec.prep = kind
+
+
+def _check_prep(specs: list[CondSpec]) -> None:
+    from engine.extractors import EXTRACTORS, extract
+
+    for spec in specs:
+        if spec.prep and spec.loaded is None and spec.prep not in EXTRACTORS:
+            extract(spec.prep, None)  # raises the registry's one-line explanation
 
 
 def _read_image(spec: CondSpec):
@@ -282,7 +293,7 @@ def _prepare(spec: CondSpec, image, width: int, height: int):
 
     if image.size != (width, height):
         image = resize_center_crop(image, (width, height))
-    if spec.prep:
+    if spec.prep and spec.loaded is None:  # a recipe's image is stored already prepared
         from engine.extractors import extract
 
         image = extract(spec.prep, image).convert("RGB")
@@ -354,10 +365,11 @@ def _adapter(store, spec: CondSpec, base_manifest):
         raise UsageError(f"unknown adapter {spec.name!r}: not in the store and not an adapter file "
                          "(list adapters with: ctrlora list)")
     path, meta = adapter_file(store, spec.name, base_manifest)
-    record = None
-    if not Path(spec.name).is_file():
-        record = next(f for f in store.get(spec.name).files if f.path == "adapter.safetensors")
-    return path, meta, record.digest if record else sha256_file(Path(path))
+    if Path(spec.name).is_file():
+        return path, meta, sha256_file(Path(path))
+    record = next(f for f in store.get(spec.name).files if f.path == "adapter.safetensors")
+    # The entry's view: the blob itself has no .safetensors suffix, which the loader goes by.
+    return store.folder(spec.name) / "adapter.safetensors", meta, record.digest
 
 
 def _exists(store, name: str) -> bool:

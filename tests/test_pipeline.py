@@ -64,7 +64,7 @@ def assert_same(ours, plain, rel=2e-5):
 
 
 def _both(pipe, conds, **kw):
-    kw = {**dict(steps=4, seed=11, batch=2, condition_encoding="mode", output_type="latent"), **kw}
+    kw = {**dict(steps=3, seed=11, batch=2, condition_encoding="mode", output_type="latent"), **kw}
     fast = pipe(conds, PROMPT, NEGATIVE, **kw).latents
     _, plain, _ = reference_sample(pipe.sd, pipe.controlnet, conds, PROMPT, NEGATIVE, **kw)
     return fast, plain
@@ -74,33 +74,37 @@ def _both(pipe, conds, **kw):
 def test_fast_path_equals_plain_reference(pipe, conditions, n):
     fast, plain = _both(pipe, conditions[:n], strength=0.9)
     assert_same(fast, plain)
-    # The conditions matter (so equality above says something) ...
-    bare = pipe([], PROMPT, NEGATIVE, steps=4, seed=11, batch=2, width=SIZE, height=SIZE, output_type="latent")
-    assert (fast - bare.latents).abs().max() > 0.1
-    # ... and so do their windows: the same conditions acting at every step give another result.
-    if n > 1:
+    if n == 3:
+        # The conditions matter (so the equality says something) ...
+        bare = pipe([], PROMPT, NEGATIVE, steps=3, seed=11, batch=2, width=SIZE, height=SIZE, output_type="latent")
+        assert (fast - bare.latents).abs().max() > 0.1
+        # ... and so do their windows: the same conditions acting at every step give another result.
         always = [Condition(c.adapter, c.image, c.weight) for c in conditions[:n]]
-        assert (pipe(always, PROMPT, NEGATIVE, steps=4, seed=11, batch=2, condition_encoding="mode",
+        assert (pipe(always, PROMPT, NEGATIVE, steps=3, seed=11, batch=2, strength=0.9, condition_encoding="mode",
                      output_type="latent").latents - fast).abs().max() > 1e-2
 
 
 def test_fused_single_condition_matches(model, conditions):
     fused = CtrLoraPipeline(*model, fuse_single=True)
-    fast, plain = _both(fused, conditions[:1], guidance=3.0)
+    fast, plain = _both(fused, conditions[:1], guidance=3.0, steps=3)
     assert_same(fast, plain, rel=1e-4)  # merging B @ A into W rounds differently
     # Fusion is undone afterwards: the model computes with the unfused adapter again.
     assert not any(layer.merged for layer in adapters.lora_layers(model[1]).values())
 
 
-@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
-def test_schedulers_and_per_image_seeds(pipe, conditions, scheduler):
-    kw = dict(steps=3, scheduler=scheduler, output_type="latent")
-    fast, plain = _both(pipe, conditions[:2], **kw)
+@pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - {"ddim"}))  # ddim: the tests above
+def test_other_schedulers(pipe, conditions, scheduler):
+    fast, plain = _both(pipe, conditions[1:2], steps=3, scheduler=scheduler, guidance=1.0)  # (no guidance: faster)
     assert_same(fast, plain)
-    # Image k of a batch is the image of seed + k made alone (euler-a draws noise at every step).
-    alone = pipe(conditions[:2], PROMPT, NEGATIVE, seed=12, condition_seed=11, condition_encoding="mode", **kw)
-    assert_same(alone.latents[0], fast[1])
-    assert (alone.latents[0] - fast[0]).abs().max() > 0.1
+
+
+def test_image_k_of_a_batch_is_seed_plus_k_alone(pipe, conditions):
+    # euler-a draws fresh noise at every step: each image draws from its own generator.
+    kw = dict(steps=3, scheduler="euler-a", condition_seed=11, condition_encoding="mode", output_type="latent")
+    batch = pipe(conditions[:2], PROMPT, NEGATIVE, seed=11, batch=2, **kw).latents
+    alone = pipe(conditions[:2], PROMPT, NEGATIVE, seed=12, **kw).latents
+    assert_same(alone[0], batch[1])
+    assert (alone[0] - batch[0]).abs().max() > 0.1
 
 
 def test_sampled_condition_latents_are_seeded(pipe, conditions):
