@@ -12,12 +12,14 @@ drawn from a seeded generator, or the posterior's mode). Per denoising step:
 3. one UNet pass covers both guidance branches (the unconditional branch keeps the conditions;
    only its text differs).
 
-With a single condition its LoRA can be fused into the base weights. This computes what the
+With a single condition its LoRA is fused into the base weights; with several, the layers where
+LoRA costs most use per-condition merged weights (``engine.premerge``). This computes what the
 reference does (``engine.reference_sampler``, the plain baseline) up to float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ import torch
 from engine import adapters as adapters_lib
 from engine.condition import encode_condition
 from engine.errors import UsageError
+from engine.premerge import premerged
 from engine.progress import ProgressCallback, report
 from engine.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
                              make_scheduler, step_kwargs, to_pil, vae_scale_factor)
@@ -46,14 +49,16 @@ class CtrLoraPipeline:
     """SD components + a Base ControlNet with adapters loaded, on one device and dtype."""
 
     def __init__(self, sd, controlnet, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 channels_last: bool | None = None, compile: bool = False, fuse_single: bool = True):
+                 channels_last: bool | None = None, compile: bool = False, fuse_single: bool = True,
+                 premerge: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
         self.sd = sd
         self.controlnet = controlnet
         # channels_last helps convolutions on GPUs; on CPUs it is measured slower for these shapes.
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
-        self.fuse_single = fuse_single
+        self.fuse_single = fuse_single  # one adapter: fuse its LoRA into the base weights
+        self.premerge = premerge  # several: merged weights per adapter where LoRA costs most (engine.premerge)
         for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
             _move(module, self.device, dtype)
         if self.channels_last:
@@ -113,14 +118,17 @@ class CtrLoraPipeline:
         if self.channels_last:
             cond_latents = [x.contiguous(memory_format=torch.channels_last) for x in cond_latents]
         extra = step_kwargs(sched, gens)
-        used = {c.adapter for c in conditions}
+        used = sorted({c.adapter for c in conditions})
         fused = self.fuse_single and len(used) == 1
-        if fused:
-            adapters_lib.fuse_adapter(self.controlnet, next(iter(used)))
         t_encode = time.perf_counter() - t0
 
         step_times = []
-        try:
+        with contextlib.ExitStack() as stack:
+            if fused:
+                adapters_lib.fuse_adapter(self.controlnet, used[0])
+                stack.callback(adapters_lib.unfuse_adapters, self.controlnet)
+            elif self.premerge:
+                stack.enter_context(premerged(self.controlnet, used))
             for i, t in enumerate(sched.timesteps):
                 start = time.perf_counter()
                 active = [k for k, c in enumerate(conditions) if c.acts_at(i, len(sched.timesteps))]
@@ -137,9 +145,6 @@ class CtrLoraPipeline:
                 step_times.append(time.perf_counter() - start)
                 report(callback, "denoise", i + 1, len(sched.timesteps), step_s=step_times[-1],
                        conditions=len(active))
-        finally:
-            if fused:
-                adapters_lib.unfuse_adapters(self.controlnet)
 
         t1 = time.perf_counter()
         images = None

@@ -12,6 +12,7 @@ from engine import adapters
 from engine.controlnet import BaseControlNetModel
 from engine.errors import UsageError
 from engine.pipeline import CtrLoraPipeline
+from engine.premerge import premerged
 from engine.presets import build_sd
 from engine.reference_sampler import reference_sample
 from engine.sampling import SCHEDULERS, Condition
@@ -90,6 +91,22 @@ def test_fused_single_condition_matches(model, conditions):
     assert_same(fast, plain, rel=1e-4)  # merging B @ A into W rounds differently
     # Fusion is undone afterwards: the model computes with the unfused adapter again.
     assert not any(layer.merged for layer in adapters.lora_layers(model[1]).values())
+
+
+def test_premerged_weights_equal_routed_lora(model):
+    _, controlnet = model
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(4, 4, 8, 8, generator=g), torch.tensor(500), torch.randn(4, 77, 32, generator=g))
+    plan = [("edge", 2), ("depth", 1), (None, 1)]
+    with torch.no_grad(), controlnet.routing.use(plan):
+        routed = controlnet(*args, return_dict=False)
+        with premerged(controlnet, ["edge", "depth"]):
+            patched = [n for n, layer in adapters.lora_layers(controlnet).items() if "forward" in vars(layer)]
+            merged = controlnet(*args, return_dict=False)
+    assert patched and all(n.startswith(("down_blocks.0.", "down_blocks.1.")) for n in patched)
+    assert not any("forward" in vars(layer) for layer in adapters.lora_layers(controlnet).values())
+    for a, b in zip([*routed[0], routed[1]], [*merged[0], merged[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - {"ddim"}))  # ddim: the tests above
