@@ -369,11 +369,13 @@ def encode_pairs(pairs: PairSet, vae, text_encoder, tokenizer, resolution: int, 
     prompts = sorted({p.prompt for p in pairs.pairs} | {""})
     prompt_keys = {p: cache_key("text", p, text_id) for p in prompts}
 
-    missing_images = [(k, *v) for k, v in jobs.items() if not cache.path(k).is_file()]
-    missing_prompts = [p for p in prompts if not cache.path(prompt_keys[p]).is_file()]
+    # Read what the cache holds (each entry once); a missing or damaged entry is computed afresh.
+    values = {k: cache.get(k) for k in [*jobs, *prompt_keys.values()]}
+    missing_images = [(k, *v) for k, v in jobs.items() if values[k] is None]
+    missing_prompts = [p for p in prompts if values[prompt_keys[p]] is None]
     total = len(missing_images) + len(missing_prompts)
     done = 0
-    report(callback, "encode", done, total, cached=len(jobs) + len(prompts) - total)
+    report(callback, "encode", done, total, cached=len(values) - total)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for start in range(0, len(missing_images), batch_size):
             chunk = missing_images[start:start + batch_size]
@@ -384,22 +386,21 @@ def encode_pairs(pairs: PairSet, vae, text_encoder, tokenizer, resolution: int, 
                     continue
                 pixels = torch.stack([images[i] for i in picked])
                 moments = posterior_moments(vae, pixels * 2 - 1 if role == "target" else pixels)
-                for i, m in zip(picked, moments):
+                for i, m in zip(picked, moments.cpu()):
                     cache.put(chunk[i][0], m)
+                    values[chunk[i][0]] = m
             done += len(chunk)
             report(callback, "encode", done, total)
     for start in range(0, len(missing_prompts), batch_size * 4):
         chunk = missing_prompts[start:start + batch_size * 4]
-        for prompt, embedding in zip(chunk, encode_prompts(text_encoder, tokenizer, chunk)):
+        for prompt, embedding in zip(chunk, encode_prompts(text_encoder, tokenizer, chunk).cpu()):
             cache.put(prompt_keys[prompt], embedding)
+            values[prompt_keys[prompt]] = embedding
         done += len(chunk)
         report(callback, "encode", done, total)
 
     def gather(keys):
-        values = [cache.get(k) for k in keys]
-        if any(v is None for v in values):
-            raise UsageError(f"latent cache at {cache.root} could not be read back; delete it and run again")
-        return torch.stack(values)
+        return torch.stack([values[k] for k in keys])
 
     text_rows = {p: i for i, p in enumerate(prompts)}
     return EncodedPairs(

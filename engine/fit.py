@@ -245,14 +245,15 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
     _truncate_metrics(metrics_path, trainer.step)
 
     loss = float("nan")
-    clock, clock_step = time.perf_counter(), trainer.step
+    train_seconds, first_step = 0.0, trainer.step  # throughput counts training, not validation or saving
     with open(metrics_path, "a") as metrics:
         while trainer.step < config.steps:
+            clock = time.perf_counter()
             loss = trainer.train_step()
+            train_seconds += time.perf_counter() - clock
             step = trainer.step
             smoothed = smooth.update(loss)
-            elapsed = time.perf_counter() - clock
-            it_s = (step - clock_step) / elapsed if elapsed > 0 else 0.0
+            it_s = (step - first_step) / train_seconds if train_seconds > 0 else 0.0
             memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             info = {"loss": loss, "loss_smooth": smoothed, "it_s": it_s, "images_s": it_s * trainer.samples_per_step,
                     "eta_s": (config.steps - step) / it_s if it_s else None, "memory_gb": memory}

@@ -127,6 +127,13 @@ def test_encoders_run_once_and_the_cache_serves_later_runs(tmp_path, sd):
     for name in ("target", "cond", "text", "text_index", "empty"):
         assert torch.equal(getattr(first, name), getattr(again, name))
     assert first.text.shape[0] == 3 and first.text_index[0] == first.text_index[1]
+    # A damaged entry is computed afresh, never trusted.
+    entry = sorted((tmp_path / "cache").rglob("*.safetensors"))[0]
+    entry.write_bytes(entry.read_bytes()[:40])
+    repaired = encode_pairs(pairs, sd.vae, sd.text_encoder, sd.tokenizer, 64, cache)
+    assert torch.equal(repaired.target, first.target) and torch.equal(repaired.text, first.text)
+    assert len(vae_calls) + len(text_calls) == 1
+    vae_calls.clear(), text_calls.clear()
     # Another resolution is another entry: the encoder runs again.
     encode_pairs(pairs, sd.vae, sd.text_encoder, sd.tokenizer, 32, cache)
     assert vae_calls and not text_calls
