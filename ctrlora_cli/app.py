@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.
-COMMAND_MODULES: tuple[str, ...] = ("pull", "fit")
+COMMAND_MODULES: tuple[str, ...] = ("pull", "list", "show", "rm", "verify", "gen", "fit", "train_base", "prep", "world")
 
 
 def _version(value: bool) -> None:
@@ -43,6 +43,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ.get("CTRLORA_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true"):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # every library that reaches the hub stays offline too
 
 
 _quiet_libraries()
@@ -58,7 +60,9 @@ def main() -> None:
     except CtrloraError as exc:
         from ctrlora_cli.console import err
 
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

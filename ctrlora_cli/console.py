@@ -15,5 +15,10 @@ def interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
+def say(message: str) -> None:
+    """One line of plain text on stdout: no markup, no wrapping (logs keep one line per event)."""
+    out.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)

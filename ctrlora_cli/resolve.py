@@ -20,6 +20,9 @@ def base_folders(store: Store, base: str, sd: str | None = None) -> tuple[Manife
     sd_manifest = store.get(sd_name)
     if sd_manifest.kind != "sd":
         raise UsageError(f"{sd_name!r} is a {sd_manifest.kind}, not a Stable Diffusion model")
+    if sd_manifest.arch and manifest.arch and sd_manifest.arch != manifest.arch:
+        raise UsageError(f"{sd_name!r} is a {sd_manifest.arch} Stable Diffusion model, but base {base!r} is "
+                         f"{manifest.arch}; pick an SD model of that architecture with --sd")
     folder = store.folder(base)
     return manifest, folder / "controlnet", store.folder(sd_name)
 

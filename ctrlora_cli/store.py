@@ -4,6 +4,7 @@
         blobs/sha256-<hex>        every file, named by its digest, written to a temp file and renamed
         manifests/<name>.json     written LAST and atomically: an entry exists once its manifest does
         partial/                  bytes of downloads in progress (resumed by the next pull)
+        locks/                    lock files of pulls and downloads in progress
         views/<name>/...          folders of links to blobs by relative path (derived, rebuilt at will)
         .lock                     a file lock taken by every writer
 
@@ -42,6 +43,19 @@ def validate_name(name: str) -> str:
     if not _NAME.match(name or "") or name in (".", "..") or ".." in name:
         raise UsageError(f"invalid name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-' (no '..')")
     return name
+
+
+def pull_hint(name: str) -> str:
+    """The command that would bring ``name`` into the store."""
+    try:
+        from ctrlora_cli.catalog import load
+
+        known = name == "tiny" or name in load()
+    except CtrloraError:
+        known = False
+    if known:
+        return f"fetch it with: ctrlora pull {name}"
+    return f"fetch or import it with: ctrlora pull hf://OWNER/REPO/FILE --name {name} (or a local file)"
 
 
 def default_root() -> Path:
@@ -92,12 +106,34 @@ class Manifest:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, on_bytes=None) -> str:
+    """``sha256:<hex>`` of a file; ``on_bytes(n)`` is called after each chunk read (for progress)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
     return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class Staged:
+    """A file already hashed and verified by the caller (a finished download), moved into the
+    blobs as it is instead of being copied."""
+
+    path: Path
+    digest: str
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Store:
@@ -109,16 +145,23 @@ class Store:
         self.views = self.root / "views"
 
     # -- locking and blobs ------------------------------------------------------------------
-    def lock(self) -> FileLock:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / ".lock"))
+    def lock(self, key: str | None = None) -> FileLock:
+        """The store's lock (taken to add or remove entries), or with ``key`` a lock of its own
+        (one pull of an entry or one download of a file at a time); lock files live in locks/."""
+        if key is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return FileLock(str(self.root / ".lock"))
+        folder = self.root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / f"{key}.lock"))
 
     def blob_path(self, digest: str) -> Path:
         algo, _, hexdigest = digest.partition(":")
         return self.blobs / f"{algo}-{hexdigest}"
 
-    def put_file(self, src: str | Path) -> FileRecord:
-        """Copy a file into the blobs (hashing as it goes); returns its record (path = name)."""
+    def put_file(self, src: str | Path, replace: bool = False) -> FileRecord:
+        """Copy a file into the blobs (hashing as it goes); returns its record (path = name).
+        ``replace`` overwrites a blob of the same digest (repairing a damaged one)."""
         src = Path(src)
         self.blobs.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
@@ -130,7 +173,7 @@ class Store:
                     out.write(chunk)
             digest = "sha256:" + h.hexdigest()
             final = self.blob_path(digest)
-            if final.exists():
+            if final.exists() and not replace:
                 os.unlink(tmp)
             else:
                 os.replace(tmp, final)
@@ -139,11 +182,13 @@ class Store:
             raise
         return FileRecord(path=src.name, digest=digest, size=final.stat().st_size)
 
-    def adopt_blob(self, tmp: str | Path, digest: str) -> Path:
+    def adopt_blob(self, tmp: str | Path, digest: str, replace: bool = False) -> Path:
         """Move an already-verified temp file (inside the store's filesystem) into the blobs."""
         self.blobs.mkdir(parents=True, exist_ok=True)
         final = self.blob_path(digest)
-        if final.exists():
+        if Path(tmp) == final:
+            return final
+        if final.exists() and not replace:
             Path(tmp).unlink(missing_ok=True)
         else:
             os.replace(tmp, final)
@@ -173,14 +218,21 @@ class Store:
         shutil.rmtree(self.views / manifest.name, ignore_errors=True)  # stale view of an older entry
         return manifest
 
-    def add(self, name: str, kind: str, files: dict[str, str | Path], **meta) -> Manifest:
-        """Store ``files`` ({relative path in the entry: source file}) as entry ``name``."""
+    def add(self, name: str, kind: str, files: dict[str, str | Path | Staged], replace: bool = False,
+            **meta) -> Manifest:
+        """Store ``files`` ({relative path in the entry: source file}) as entry ``name``. A
+        ``Staged`` source is moved in (it must lie inside the store's root); others are copied.
+        ``replace`` overwrites existing blobs of the same digest (repairing damaged ones)."""
         validate_name(name)
         with self.lock():
             records = []
             for rel, src in sorted(files.items()):
-                record = self.put_file(src)
-                record.path = rel
+                if isinstance(src, Staged):
+                    blob = self.adopt_blob(src.path, src.digest, replace=replace)
+                    record = FileRecord(path=rel, digest=src.digest, size=blob.stat().st_size)
+                else:
+                    record = self.put_file(src, replace=replace)
+                    record.path = rel
                 records.append(record)
             return self.write_manifest(Manifest(name=name, kind=kind, files=records, **meta))
 
@@ -195,21 +247,52 @@ class Store:
     def get(self, name: str) -> Manifest:
         path = self.manifest_path(name)
         if not path.is_file():
-            raise NotInStore(f"{name!r} is not in the store ({self.root}); fetch it with: ctrlora pull {name}")
+            raise NotInStore(f"{name!r} is not in the store ({self.root}); {pull_hint(name)}")
         return Manifest.from_json(json.loads(path.read_text()))
 
     def list(self) -> list[Manifest]:
         if not self.manifests.is_dir():
             return []
-        return [Manifest.from_json(json.loads(p.read_text())) for p in sorted(self.manifests.glob("*.json"))]
+        paths = sorted(self.manifests.glob("*.json"), key=lambda p: p.stem)
+        return [Manifest.from_json(json.loads(p.read_text())) for p in paths]
+
+    def intact(self, manifest: Manifest) -> bool:
+        """Every blob present with its recorded size (cheap; ``check`` re-hashes)."""
+        for record in manifest.files:
+            blob = self.blob_path(record.digest)
+            if not blob.is_file() or blob.stat().st_size != record.size:
+                return False
+        return True
+
+    def check(self, manifest: Manifest, on_bytes=None) -> list[str]:
+        """Re-hash an entry's blobs; one line per damaged file (empty when all is well)."""
+        problems = []
+        for record in manifest.files:
+            blob = self.blob_path(record.digest)
+            if not blob.is_file():
+                problems.append(f"{record.path}: blob missing")
+                continue
+            digest = sha256_file(blob, on_bytes)
+            if digest != record.digest:
+                problems.append(f"{record.path}: content changed ({digest[:19]}... != {record.digest[:19]}...)")
+            elif blob.stat().st_size != record.size:
+                problems.append(f"{record.path}: size {blob.stat().st_size} != {record.size}")
+        return problems
+
+    def partials(self) -> list[Path]:
+        """Bytes of unfinished downloads (resumed by the next pull of the same file)."""
+        if not self.partial.is_dir():
+            return []
+        return sorted(p for p in self.partial.iterdir() if p.suffix == ".part")
 
     # -- reading entries --------------------------------------------------------------------
     def file(self, name: str, rel: str) -> Path:
+        """One file of an entry, under its own name (loaders such as ``load_tensor_file`` go by
+        the suffix, which blobs lack): a link in the entry's view."""
         manifest = self.get(name)
-        for record in manifest.files:
-            if record.path == rel:
-                return self.blob_path(record.digest)
-        raise NotInStore(f"{name!r} has no file {rel!r}")
+        if not any(record.path == rel for record in manifest.files):
+            raise NotInStore(f"{name!r} has no file {rel!r}")
+        return self.folder(name) / rel
 
     def folder(self, name: str) -> Path:
         """A folder with the entry's files at their relative paths (links to the blobs), for
@@ -232,23 +315,45 @@ class Store:
         (tmp / ".manifest-digest").write_text(want)
         self.views.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(view, ignore_errors=True)
-        os.replace(tmp, view)
+        try:
+            os.replace(tmp, view)
+        except OSError:  # another process built the same view in between
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (stamp.is_file() and stamp.read_text() == want):
+                raise
         return view
 
     # -- removal ----------------------------------------------------------------------------
     def remove(self, names: Iterable[str]) -> int:
         """Remove entries (manifest first), then collect unreferenced blobs; returns bytes freed."""
+        names = list(names)
         with self.lock():
+            for name in names:  # all or nothing
+                if not self.manifest_path(name).is_file():
+                    raise NotInStore(f"{name!r} is not in the store; see what is with: ctrlora list")
             for name in names:
                 path = self.manifest_path(name)
-                if not path.is_file():
-                    raise NotInStore(f"{name!r} is not in the store")
-                path.unlink()
+                path.unlink(missing_ok=True)
                 shutil.rmtree(self.views / name, ignore_errors=True)
             return self.gc()
 
+    def scratch(self) -> Path:
+        """Scratch folders of running pulls (``<pid>-...``), inside the store's filesystem."""
+        folder = self.root / "tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _clear_dead_scratch(self) -> None:
+        folder = self.root / "tmp"
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            pid = entry.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
     def gc(self) -> int:
-        """Delete blobs that no manifest references (call with the lock held)."""
+        """Delete blobs that no manifest references, and scratch left by killed pulls (call with
+        the lock held)."""
+        self._clear_dead_scratch()
         referenced = {self.blob_path(f.digest).name for m in self.list() for f in m.files}
         freed = 0
         if self.blobs.is_dir():

@@ -199,19 +199,25 @@ def convert_official_base(state: dict[str, torch.Tensor], controlnet_config: dic
 
 def convert_official_adapter(state: dict[str, torch.Tensor], controlnet_config: dict, what: str = "adapter"):
     """An official adapter file -> our adapter state dict, checked against the architecture."""
+    mapped = map_official_keys(state, controlnet_config["layers_per_block"], what)
+    check_adapter_state(mapped, controlnet_config, what)
+    return mapped
+
+
+def check_adapter_state(state: dict[str, torch.Tensor], controlnet_config: dict, what: str = "adapter") -> int:
+    """Check an adapter state dict (our keys) against a base architecture; returns its rank."""
     from engine.adapters import adapter_parameters, adapter_rank, add_adapter
     from engine.controlnet import BaseControlNetModel
 
-    mapped = map_official_keys(state, controlnet_config["layers_per_block"], what)
     try:
-        rank = adapter_rank(mapped)
+        rank = adapter_rank(state)
     except ValueError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     with torch.device("meta"):
         model = BaseControlNetModel(**controlnet_config)
         add_adapter(model, "check", rank=rank)
-    check_keys(mapped, {k: tuple(p.shape) for k, p in adapter_parameters(model, "check").items()}, what)
-    return mapped
+    check_keys(state, {k: tuple(p.shape) for k, p in adapter_parameters(model, "check").items()}, what)
+    return rank
 
 
 def convert_ldm_unet(state: dict[str, torch.Tensor], unet_config: dict, what: str = "unet"):

@@ -66,3 +66,17 @@ def make_random_model(preset: str, sd_folder: str | Path, base_folder: str | Pat
     base = BaseControlNetModel.from_unet(sd.unet)
     save_base(base, base_folder)
     return dict(base.config)
+
+
+def make_random_adapter(base_folder: str | Path, path: str | Path, condition: str, rank: int = 4) -> Path:
+    """A fresh adapter for a base (LoRA up = 0, zero convs and norms copied from the base), so the
+    model with it equals the base: for trying ``gen`` offline, not for real conditions."""
+    from engine import adapters
+    from engine.adapter_format import save_adapter_file
+    from engine.arch import arch_id
+
+    base = load_base(base_folder)
+    adapters.add_adapter(base, condition, rank=rank)
+    return save_adapter_file(path, adapters.adapter_state_dict(base, condition), rank=rank, alpha=rank,
+                             base_arch=arch_id(base.config), condition=condition,
+                             provenance={"source": "random", "note": "untrained: equals the base"})

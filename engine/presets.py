@@ -73,6 +73,15 @@ def vae_config(preset: str) -> dict:
     return dict(_preset(preset, _SD15_VAE, _TINY_VAE))
 
 
+def text_encoder_config(preset: str) -> dict:
+    """``CLIPTextConfig`` arguments of a preset's text encoder (tiny: sized to its offline tokenizer)."""
+    if preset == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return dict(_TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return dict(_preset(preset, _SD15_TEXT, _TINY_TEXT))
+
+
 def _preset(preset: str, sd15: dict, tiny: dict) -> dict:
     if preset == "sd15":
         return sd15
@@ -104,9 +113,30 @@ def build_tiny_tokenizer():
                 merges.append(pair)
                 vocab.setdefault(pair[0] + pair[1], len(vocab))
             pieces = [pair[0] + pair[1]] + pieces[2:]
+    # BPE applies the earliest merge first, so another word's merge can cut a word built above
+    # ("cyan" -> "cy" + "an"). Join what is left with merges appended last: they only act where no
+    # earlier merge does, and every piece they make is a prefix already in the vocabulary.
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    for word in _TINY_WORDS:
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the lowest rank."""
+    while len(pieces) > 1:
+        pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        i = next(i for i in range(len(pieces) - 1) if (pieces[i], pieces[i + 1]) == pair)
+        pieces = pieces[:i] + [pair[0] + pair[1]] + pieces[i + 2:]
+    return pieces
 
 
 @dataclass

@@ -1,0 +1,320 @@
+"""Seconds per denoising step and peak memory of multi-condition generation at the SD1.5 shape
+(random weights), for 1, 2 and 4 conditions:
+
+  (a) ours: engine.pipeline.CtrLoraPipeline (one batched ControlNet forward for all conditions
+      and both guidance branches, conditions encoded once, one UNet pass);
+  (b) reference: engine.reference_sampler (the reference algorithm written plainly: each branch,
+      each condition one after another, the condition re-encoded through the VAE every time);
+  (c) diffusers: StableDiffusionControlNetPipeline with a MultiControlNetModel of as many
+      random-weight ControlNetModels (SD1.5 configuration).
+
+CPU: 256 x 256 fp32, 2 timed steps (a CPU step at this shape takes tens of seconds). CUDA: 512 x 512 fp16, 20 steps, and the fraction of the GPU's
+measured bf16 matmul peak that a step achieves. Each (method, conditions) runs in its own process
+(peak memory is per process: CUDA max allocated, or the CPU's peak RSS after loading); the weights
+are made once and cached. The first step of each run warms up and is not counted. Prints JSON.
+
+    python bench/gen.py [--conditions 1,2,4] [--methods ours,reference,diffusers] [--steps N]
+                        [--size S] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHODS = ("ours", "reference", "diffusers")
+RANK = 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conditions", default="1,2,4")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
+    parser.add_argument("--size", type=int, default=None, help="default: 256 on CPU, 512 on CUDA")
+    parser.add_argument("--cache", default=os.environ.get("CTRLORA_BENCH_CACHE", "/tmp/ctrlora-bench-sd15"))
+    parser.add_argument("--flops", action="store_true", help="also count FLOPs per step (always on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours (CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    args.steps = args.steps or (20 if cuda else 2)
+    args.size = args.size or (512 if cuda else 256)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args, cuda)))
+        return
+
+    cache = Path(args.cache)
+    started = time.perf_counter()
+    make_weights(cache)
+    results = []
+    for n in [int(c) for c in args.conditions.split(",")]:
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--worker", method, str(n), "--steps", str(args.steps), "--size",
+                   str(args.size), "--cache", str(cache)] + (["--flops"] if args.flops else []) + \
+                  (["--compile"] if args.compile else []) + (["--threads", str(args.threads)] if args.threads else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                results.append({"method": method, "conditions": n, "error": proc.stderr.strip().splitlines()[-1:]})
+            else:
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    report = {"bench": "gen", "device": "cuda" if cuda else "cpu", "gpu": torch.cuda.get_device_name() if cuda else None,
+              "dtype": "float16" if cuda else "float32", "size": args.size, "timed_steps": args.steps,
+              "threads": torch.get_num_threads(), "results": results, "ratios": ratios(results),
+              "bench_seconds": round(time.perf_counter() - started, 1)}
+    if cuda:
+        report["bf16_matmul_peak_tflops"] = round(matmul_peak() / 1e12, 1)
+        for r in results:
+            if "flops_per_step" in r:
+                r["fraction_of_bf16_peak"] = round(r["flops_per_step"] / r["seconds_per_step"] /
+                                                   (report["bf16_matmul_peak_tflops"] * 1e12), 3)
+    print(json.dumps(report, indent=2))
+
+
+def ratios(results: list[dict]) -> dict:
+    """ours / reference and ours / diffusers per number of conditions (seconds per step)."""
+    out = {}
+    for key in ("seconds_per_step", "cpu_seconds_per_step"):
+        by = {(r["method"], r["conditions"]): r.get(key) for r in results}
+        for n in sorted({r["conditions"] for r in results}):
+            ours = by.get(("ours", n))
+            for other in ("reference", "diffusers"):
+                if ours and by.get((other, n)):
+                    out.setdefault(str(n), {})[f"ours/{other} ({key})"] = round(ours / by[(other, n)], 3)
+    return out
+
+
+def make_weights(cache: Path) -> None:
+    """Random SD1.5-shape weights, saved once: UNet, VAE, text encoder, our Base ControlNet and a
+    diffusers ControlNetModel (both initialised from the UNet, as their authors do)."""
+    if (cache / "done").is_file():
+        return
+    from diffusers import ControlNetModel
+
+    from engine.controlnet import BaseControlNetModel
+    from engine.models import save_base
+    from engine.presets import build_sd
+
+    sd = build_sd("sd15", seed=0)
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(sd, name).save_pretrained(cache / name)
+    save_base(BaseControlNetModel.from_unet(sd.unet), cache / "base")
+    ControlNetModel.from_unet(sd.unet).save_pretrained(cache / "controlnet")
+    (cache / "done").write_text("ok")
+
+
+def worker(method: str, n: int, args, cuda: bool) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from engine.presets import SCHEDULER_CONFIG, SDComponents, build_tiny_tokenizer
+
+    cache = Path(args.cache)
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    load = dict(torch_dtype=dtype)
+    sd = SDComponents(UNet2DConditionModel.from_pretrained(cache / "unet", **load),
+                      AutoencoderKL.from_pretrained(cache / "vae", **load),
+                      CLIPTextModel.from_pretrained(cache / "text_encoder", dtype=dtype),
+                      build_tiny_tokenizer(),  # any CLIP tokenizer: ids only index the random embedding
+                      DDIMScheduler(**SCHEDULER_CONFIG))
+    for m in (sd.unet, sd.vae, sd.text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, args.size, args.size, generator=g) for _ in range(n)]
+    prompt, steps = "a red circle above a blue square", args.steps + 1  # + the warm-up step
+
+    if method == "diffusers":
+        run = _diffusers(sd, images, cache, n, device, dtype, prompt)
+    elif method in ("ours", "reference"):
+        run = _ours(sd, images, cache, n, device, dtype, prompt, method, args.compile)
+    else:
+        raise SystemExit(f"unknown method {method}")
+
+    if cuda:
+        run(1)  # lazily-initialised kernels (and compilation); not timed
+    memory = _reset_peak(cuda)
+    step_times = run(steps)[1:]  # the first step warms up
+    result = {"method": method, "conditions": n,
+              "seconds_per_step": round(statistics.mean(wall for wall, _ in step_times), 4),
+              "cpu_seconds_per_step": round(statistics.mean(cpu for _, cpu in step_times), 4),
+              "step_seconds": [round(wall, 4) for wall, _ in step_times], "peak_memory_mb": round(memory(), 1),
+              "memory_kind": "cuda max allocated" if cuda else "process peak RSS (weights included)"}
+    if cuda or args.flops:
+        result["flops_per_step"] = _flops_per_step(run)
+    if cuda:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(20, decode=True)
+        torch.cuda.synchronize()
+        result["one_image_20_steps_seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _ours(sd, images, cache, n, device, dtype, prompt, method, compile_):
+    import torch
+
+    from engine import adapters
+    from engine.models import load_base
+    from engine.pipeline import CtrLoraPipeline
+    from engine.reference_sampler import reference_sample
+    from engine.sampling import Condition
+
+    controlnet = load_base(cache / "base")
+    g = torch.Generator().manual_seed(1)
+    for i in range(n):
+        adapters.add_adapter(controlnet, f"c{i}", rank=RANK)
+        with torch.no_grad():  # a trained adapter's values, roughly: LoRA up and zero convs non-zero
+            for key, p in adapters.adapter_parameters(controlnet, f"c{i}").items():
+                p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    pipe = CtrLoraPipeline(sd, controlnet, device=device, dtype=dtype, compile=compile_)
+    conditions = [Condition(f"c{i}", image) for i, image in enumerate(images)]
+
+    def run(steps: int, decode: bool = False) -> list[tuple[float, float]]:
+        clock = StepClock(device)
+        kw = dict(steps=steps, seed=0, output_type="pil" if decode else "latent")
+        clock.start()
+        if method == "ours":
+            pipe(conditions, prompt, callback=clock.tick, **kw)
+        else:
+            reference_sample(pipe.sd, pipe.controlnet, conditions, prompt, callback=clock.tick, **kw)
+        return clock.times
+
+    return run
+
+
+def _diffusers(sd, images, cache, n, device, dtype, prompt):
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers.models.controlnets import MultiControlNetModel
+
+    from engine.sampling import encode_text
+
+    nets = [ControlNetModel.from_pretrained(cache / "controlnet", torch_dtype=dtype).to(device).eval()
+            for _ in range(n)]
+    controlnet = nets[0] if n == 1 else MultiControlNetModel(nets)
+    pipe = StableDiffusionControlNetPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                                             unet=sd.unet, controlnet=controlnet, scheduler=sd.scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    text = encode_text(sd.text_encoder, sd.tokenizer, ["", prompt])
+    hint = [image[None] for image in images]
+
+    def run(steps: int, decode: bool = False) -> list[tuple[float, float]]:
+        clock = StepClock(device)
+
+        def tick(pipeline, i, t, kwargs):
+            clock.tick()
+            return {}
+
+        clock.start()
+        with torch.no_grad():
+            pipe(prompt_embeds=text[1:], negative_prompt_embeds=text[:1], image=hint[0] if n == 1 else hint,
+                 num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+                 output_type="pil" if decode else "latent", callback_on_step_end=tick,
+                 height=images[0].shape[-2], width=images[0].shape[-1])
+        return clock.times
+
+    return run
+
+
+class StepClock:
+    """(wall seconds, process CPU seconds) of each step, from the samplers' step callbacks. CPU
+    seconds say what a step costs on a machine that other work shares."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def _now(self) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    def start(self) -> None:
+        self.last = self._now()
+
+    def tick(self, *_) -> None:
+        now = self._now()
+        self.times.append((now[0] - self.last[0], now[1] - self.last[1]))
+        self.last = now
+
+
+def _reset_peak(cuda: bool):
+    """Start measuring peak memory from now (weights loaded); returns a reader in MiB."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return lambda: torch.cuda.max_memory_allocated() / 2**20
+    try:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+    def peak_rss() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    return peak_rss
+
+
+def _flops_per_step(run) -> float:
+    """FLOPs of a 2-step run minus a 1-step run (what is done once per generation cancels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for steps in (1, 2):
+        with FlopCounterMode(display=False) as counter:
+            run(steps)
+        counts.append(counter.get_total_flops())
+    return float(counts[1] - counts[0])
+
+
+def matmul_peak(n: int = 8192, repeats: int = 20) -> float:
+    """Measured bf16 matmul FLOP/s of this GPU (the best of a few large square products)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""``ctrlora prep``: make a condition image from a picture with a built-in extractor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ctrlora_cli.console import interactive, out
+from engine.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prep")(prep)
+
+
+def prep(
+    kind: str | None = typer.Argument(None, help="Condition kind: canny, grayscale, blur, mosaic, palette, "
+                                                 "outpainting, inpainting, bbox, sketch (see --list)."),
+    image: Path | None = typer.Argument(None, help="The picture to make the condition from."),
+    output: Path | None = typer.Option(None, "-o", "--out",
+                                       help="Where to write it (.png, .jpg, .webp; default: IMAGE-KIND.png "
+                                            "in the current folder)."),
+    param: list[str] = typer.Option([], "-p", "--param", metavar="KEY=VALUE",
+                                    help="An extractor parameter, e.g. -p low=50 -p high=150; repeatable."),
+    list_kinds: bool = typer.Option(False, "--list", help="List the built-in kinds and their parameters."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Make a condition image (edges, masks, mosaic, ...) from a picture, with no network."""
+    from engine import extractors
+
+    if list_kinds:
+        _list(as_json)
+        return
+    if kind is None or image is None:
+        if not interactive() or as_json:
+            raise UsageError("give KIND and IMAGE, e.g. ctrlora prep canny photo.png -o edges.png "
+                             "(ctrlora prep --list shows the kinds)")
+        kind = kind or typer.prompt(f"Condition kind ({', '.join(extractors.SPECS)})")
+        image = image or Path(typer.prompt("Image file"))
+
+    from engine.images import check_writable_image_path, load_image, save_image
+
+    name = extractors.resolve_kind(kind)
+    params = extractors.SPECS[name].check(_parse_params(param))
+    output = check_writable_image_path(output or Path(f"{image.stem}-{name}.png"))
+    picture = load_image(image)
+    condition = extractors.extract(name, picture, **params)
+    save_image(condition, output)
+    if as_json:
+        print(json.dumps({"kind": name, "image": str(image), "output": str(output),
+                          "size": list(condition.size), "params": _jsonable(params)}))
+    else:
+        out.print(f"wrote {output} ({name}, {condition.width}x{condition.height})", highlight=False)
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param expects KEY=VALUE, not {item!r}")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def _jsonable(params: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
+def _list(as_json: bool) -> None:
+    from engine.extractors import ALIASES, NEEDS_ANNOTATOR, SPECS
+
+    if as_json:
+        kinds = [{"kind": spec.name, "help": spec.help,
+                  "aliases": sorted(a for a, n in ALIASES.items() if n == spec.name),
+                  "params": [{"name": p.name, "type": p.type, "default": _jsonable({"d": p.default})["d"],
+                              "help": p.help, "min": p.min, "max": p.max, "choices": list(p.choices) or None}
+                             for p in spec.params]}
+                 for spec in SPECS.values()]
+        print(json.dumps({"kinds": kinds, "needs_annotator": list(NEEDS_ANNOTATOR)}, indent=2))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    for spec in SPECS.values():
+        aliases = sorted(a for a, n in ALIASES.items() if n == spec.name)
+        also = f" [dim](also: {', '.join(aliases)})[/dim]" if aliases else ""
+        out.print(f"[bold]{spec.name}[/bold]: {escape(spec.help)}{also}", highlight=False)
+        if spec.params:
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(no_wrap=True)
+            grid.add_column()
+            for p in spec.params:
+                grid.add_row(f"  -p {escape(p.describe())}", escape(p.help))
+            out.print(grid, highlight=False)
+    out.print(f"Need an annotator network (give a ready condition image instead): {', '.join(NEEDS_ANNOTATOR)}",
+              highlight=False)

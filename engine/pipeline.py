@@ -1,0 +1,188 @@
+"""Multi-condition CtrLoRA generation, the fast path.
+
+Per generation: the text is encoded once and each condition image once (a VAE posterior sample
+drawn from a seeded generator, or the posterior's mode). Per denoising step:
+
+1. every condition acting at this step, for both guidance branches, goes through ONE batched
+   ControlNet forward; ``controlnet.routing`` gives each condition's adapter (LoRA, zero convs,
+   transformer norms) its own slice of the batch. Conditions outside their window are left out.
+   The ControlNet never sees the noisy latent, so its residuals are the same for every image of
+   the batch: it runs on one sample per (condition, branch) whatever the batch size;
+2. each branch's residuals are weighted and summed over the conditions;
+3. one UNet pass covers both guidance branches (the unconditional branch keeps the conditions;
+   only its text differs).
+
+With a single condition its LoRA is fused into the base weights; with several, the layers where
+LoRA costs most use per-condition merged weights (``engine.premerge``). This computes what the
+reference does (``engine.reference_sampler``, the plain baseline) up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import adapters as adapters_lib
+from engine.condition import encode_condition
+from engine.errors import UsageError
+from engine.premerge import premerged
+from engine.progress import ProgressCallback, report
+from engine.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
+                             make_scheduler, step_kwargs, to_pil, vae_scale_factor)
+
+
+@dataclass
+class GenerationResult:
+    images: list | torch.Tensor  # PIL images ("pil"), (B, 3, H, W) in [0, 1] ("pt"), or None ("latent")
+    latents: torch.Tensor  # final latents, float32, on the CPU
+    seeds: list[int]  # the noise seed of each image
+    condition_seed: int  # the seed of the condition latents' posterior sample
+    width: int
+    height: int
+    timings: dict = field(default_factory=dict)  # seconds: encode, denoise, decode, steps (list)
+
+
+class CtrLoraPipeline:
+    """SD components + a Base ControlNet with adapters loaded, on one device and dtype."""
+
+    def __init__(self, sd, controlnet, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 channels_last: bool | None = None, compile: bool = False, fuse_single: bool = True,
+                 premerge: bool = True):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.sd = sd
+        self.controlnet = controlnet
+        # channels_last helps convolutions on GPUs; on CPUs it is measured slower for these shapes.
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.fuse_single = fuse_single  # one adapter: fuse its LoRA into the base weights
+        self.premerge = premerge  # several: merged weights per adapter where LoRA costs most (engine.premerge)
+        for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
+            _move(module, self.device, dtype)
+        if self.channels_last:
+            for module in (sd.unet, controlnet, sd.vae):
+                module.to(memory_format=torch.channels_last)
+        self._unet, self._controlnet = sd.unet, controlnet
+        if compile:
+            self._unet = torch.compile(sd.unet)
+            self._controlnet = torch.compile(controlnet)
+
+    def load_adapter(self, name: str, state_dict: dict[str, torch.Tensor], alpha: float | None = None) -> None:
+        adapters_lib.load_adapter(self.controlnet, name, state_dict, alpha=alpha)
+        _move(self.controlnet, self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_conditions(self, conditions: list[Condition], generator: torch.Generator | None,
+                          mode: str = "sample") -> list[torch.Tensor]:
+        """One (1, 4, h, w) latent per condition, in order, drawn from ``generator``."""
+        latents = []
+        for c in conditions:
+            latent = encode_condition(self.sd.vae, c.image[None], generator=generator, mode=mode)
+            latents.append(latent.to(self.dtype))
+        return latents
+
+    @torch.no_grad()
+    def __call__(self, conditions: list[Condition], prompt: str, negative_prompt: str = "", *, steps: int = 20,
+                 guidance: float = 7.5, scheduler: str = "ddim", seed: int = 0, condition_seed: int | None = None,
+                 width: int | None = None, height: int | None = None, batch: int = 1, strength: float = 1.0,
+                 condition_encoding: str = "sample", output_type: str = "pil",
+                 callback: ProgressCallback | None = None) -> GenerationResult:
+        if steps < 1 or batch < 1:
+            raise UsageError("steps and batch must be at least 1")
+        for c in conditions:
+            c.validate()
+        loaded = set(adapters_lib.adapter_names(self.controlnet))
+        for c in conditions:
+            if c.adapter not in loaded:
+                raise UsageError(f"adapter {c.adapter!r} is not loaded")
+        width, height = generation_size(conditions, width, height, self.sd.unet, self.sd.vae)
+        condition_seed = seed if condition_seed is None else condition_seed
+        t0 = time.perf_counter()
+
+        sched = make_scheduler(scheduler, self.sd.scheduler.config)
+        sched.set_timesteps(steps, device=self.device)
+        gens = generators(seed, batch)
+        factor = vae_scale_factor(self.sd.vae)
+        shape = (self.sd.unet.config.in_channels, height // factor, width // factor)
+        latents = initial_latents(gens, shape, self.device, sched.init_noise_sigma)
+
+        cfg = guidance > 1.0
+        texts = [negative_prompt, prompt] if cfg else [prompt]
+        text = encode_text(self.sd.text_encoder, self.sd.tokenizer, texts).to(self.dtype)  # (branches, 77, D)
+        branches = text.shape[0]
+        unet_text = text.repeat_interleave(batch, dim=0)  # [uncond x batch, cond x batch]
+        cond_latents = self.encode_conditions(conditions, torch.Generator("cpu").manual_seed(condition_seed),
+                                              condition_encoding)
+        if self.channels_last:
+            cond_latents = [x.contiguous(memory_format=torch.channels_last) for x in cond_latents]
+        extra = step_kwargs(sched, gens)
+        used = sorted({c.adapter for c in conditions})
+        fused = self.fuse_single and len(used) == 1
+        t_encode = time.perf_counter() - t0
+
+        step_times = []
+        with contextlib.ExitStack() as stack:
+            if fused:
+                adapters_lib.fuse_adapter(self.controlnet, used[0])
+                stack.callback(adapters_lib.unfuse_adapters, self.controlnet)
+            elif self.premerge:
+                stack.enter_context(premerged(self.controlnet, used))
+            for i, t in enumerate(sched.timesteps):
+                start = time.perf_counter()
+                active = [k for k, c in enumerate(conditions) if c.acts_at(i, len(sched.timesteps))]
+                down, mid = self._residuals(conditions, active, cond_latents, text, t, strength, branches, batch)
+                model_in = sched.scale_model_input(torch.cat([latents] * branches), t).to(self.dtype)
+                if self.channels_last:
+                    model_in = model_in.contiguous(memory_format=torch.channels_last)
+                eps = self._unet(model_in, t, encoder_hidden_states=unet_text, down_block_additional_residuals=down,
+                                 mid_block_additional_residual=mid, return_dict=False)[0].float()
+                if cfg:
+                    uncond, cond = eps.chunk(2)
+                    eps = uncond + guidance * (cond - uncond)
+                latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
+                step_times.append(time.perf_counter() - start)
+                report(callback, "denoise", i + 1, len(sched.timesteps), step_s=step_times[-1],
+                       conditions=len(active))
+
+        t1 = time.perf_counter()
+        images = None
+        if output_type != "latent":
+            images = decode(self.sd.vae, latents)
+            if output_type == "pil":
+                images = to_pil(images)
+        timings = {"encode": t_encode, "denoise": sum(step_times), "decode": time.perf_counter() - t1,
+                   "steps": step_times}
+        return GenerationResult(images, latents.float().cpu(), [seed + k for k in range(batch)], condition_seed,
+                                width, height, timings)
+
+    def _residuals(self, conditions, active, cond_latents, text, t, strength, branches, batch):
+        """The weighted sum over the active conditions of their ControlNet residuals, for each
+        guidance branch, repeated for the images of the batch: (down list, mid), or (None, None)."""
+        if not active:
+            return None, None
+        k = len(active)
+        cn_in = torch.cat([cond_latents[j].expand(branches, -1, -1, -1) for j in active])  # [c0: u, c; c1: u, c ...]
+        cn_text = text.repeat(k, 1, 1)
+        plan = [(conditions[j].adapter, branches) for j in active]
+        with self.controlnet.routing.use(plan):
+            down, mid = self._controlnet(cn_in, t, cn_text, return_dict=False)
+        weights = [conditions[j].weight * strength for j in active]
+
+        def combine(r: torch.Tensor) -> torch.Tensor:
+            if k == 1:
+                r = r * weights[0] if weights[0] != 1.0 else r
+            else:
+                w = torch.tensor(weights, device=r.device, dtype=r.dtype).view(k, 1, 1, 1, 1)
+                r = (r.view(k, branches, *r.shape[1:]) * w).sum(0)
+            return r.repeat_interleave(batch, dim=0) if batch > 1 else r
+
+        return [combine(r) for r in down], combine(mid)
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Every parameter (adapters' too) to the device and dtype; frozen, eval mode. Plain
+    # nn.Module.to: diffusers' ModelMixin.to warns about dtype casts that do not apply here.
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+    module.eval().requires_grad_(False)

@@ -1,0 +1,352 @@
+"""Distributed pretraining of a Base ControlNet: the worker that torchrun starts on every GPU.
+
+    python -m torch.distributed.run ... -m engine.train_base --sd SD --data canny=DIR ... --out RUN
+
+The reference schedule: every micro-batch holds ONE condition and switches that condition's
+adapter in; all ranks draw the same condition at each micro-step from a seeded schedule (each
+round of micro-steps visits every condition once, in random order). The base and every
+condition's adapter are trained together with the one loss.
+
+Gradients: DDP reduces the base's. Each condition's adapter is idle on the steps that drew
+another, so DDP is told to ignore adapter parameters, and the adapters used in an optimizer step
+are all-reduced explicitly once per step, in the schedule's order (identical on every rank). No
+unused-parameter search, and idle adapters keep ``grad=None`` so AdamW leaves them untouched.
+
+Randomness is a pure function of (seed, micro-step, rank), and data positions are counters per
+condition, so a checkpoint holds everything needed to continue exactly, also with another number
+of processes (positions are counted globally; each rank takes its own slice).
+
+Rank 0 writes checkpoints and the result atomically; ``<run>/metrics.jsonl`` carries progress for
+the CLI to render.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine import adapters
+from engine.diffusion import diffusion_loss
+
+RENDEZVOUS_MARKER = "rendezvous.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+RESULT = "result"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="engine.train_base", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sd", required=True, help="SD folder (diffusers layout): frozen UNet, VAE, text encoder")
+    p.add_argument("--init-base", help="an existing Base ControlNet folder to continue (default: copy the UNet)")
+    p.add_argument("--data", action="append", default=[], metavar="COND=DIR", help="a condition's fit-layout folder")
+    p.add_argument("--shards", action="append", default=[], metavar="GLOB", help="WebDataset-style tar shards")
+    p.add_argument("--conditions", help="comma-separated subset/order of conditions")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, result")
+    p.add_argument("--cache", help="latent cache folder (default: <out>/cache)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=1, help="per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--rank", type=int, default=128, help="LoRA rank of each condition")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--drop-prompt", type=float, default=0.3)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate preemption
+    return p.parse_args(argv)
+
+
+# -- the schedule and the data positions -------------------------------------------------------
+
+def condition_at(micro_step: int, conditions: list[str], seed: int) -> str:
+    """The condition of a global micro-step: each round of len(conditions) micro-steps is a
+    seeded random permutation, so every condition is visited equally often, in random order."""
+    n = len(conditions)
+    order = np.random.default_rng([seed, micro_step // n]).permutation(n)
+    return conditions[int(order[micro_step % n])]
+
+
+def sample_indices(cursor: int, rank: int, batch: int, size: int, seed: int, condition: str) -> torch.Tensor:
+    """This rank's samples for the global positions [cursor + rank*batch, +batch) of a condition's
+    stream: epoch e is a seeded permutation of its ``size`` samples, so within an epoch no sample
+    is read twice, whatever the number of ranks."""
+    positions = range(cursor + rank * batch, cursor + (rank + 1) * batch)
+    out = []
+    for pos in positions:
+        epoch, offset = divmod(pos, size)
+        out.append(int(_permutation(seed, condition, epoch, size)[offset]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+_PERMS: dict = {}
+
+
+def _permutation(seed: int, condition: str, epoch: int, size: int) -> np.ndarray:
+    key = (seed, condition, epoch, size)
+    if key not in _PERMS:
+        tag = int.from_bytes(hashlib.sha256(condition.encode()).digest()[:4], "little")
+        _PERMS.clear()  # one epoch per condition at a time is all a run needs
+        _PERMS[key] = np.random.default_rng([seed, tag, epoch]).permutation(size)
+    return _PERMS[key]
+
+
+def step_generator(seed: int, micro_step: int, rank: int, device, stream: int = 0) -> torch.Generator:
+    """Noise, timesteps and prompt dropout of one micro-step on one rank (``stream`` 1: evaluation)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.default_rng([seed, stream, micro_step, rank]).integers(2**62)))
+    return g
+
+
+# -- distributed helpers -----------------------------------------------------------------------
+
+def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
+    """Average gradients across ranks in one flat buffer (one collective, not one per tensor)."""
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast_from_rank0(tensors: list[torch.Tensor], world: int) -> None:
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    cuda = torch.cuda.is_available()
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _write_json_atomic(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
+    try:
+        _train(args, out, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args, out: Path, rank: int, world: int, device: torch.device) -> None:
+    from engine.models import load_base, load_sd, save_base
+    from engine.train_data import load_condition_data
+
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    sd = load_sd(args.sd, device=device)
+    data = load_condition_data(args, sd, device, rank, world)
+    conditions = list(data)
+    if args.conditions:
+        wanted = [c.strip() for c in args.conditions.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - set(conditions))
+        if unknown:
+            raise SystemExit(f"--conditions names {unknown} with no data (have: {conditions})")
+        conditions = wanted
+
+    from engine.controlnet import BaseControlNetModel
+
+    controlnet = load_base(args.init_base, device=device) if args.init_base else BaseControlNetModel.from_unet(sd.unet)
+    torch.manual_seed(args.seed)
+    for condition in conditions:
+        adapters.add_adapter(controlnet, condition, rank=args.rank)
+    controlnet.to(device).train()
+    # The base's own zero convs and norms never act while a condition is routed: freeze them.
+    own = {f"{n}.{p}" for n in adapters.routed_layers(controlnet) for p in ("weight", "bias")}
+    for name, param in controlnet.named_parameters():
+        param.requires_grad_(name not in own)
+    if args.grad_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    adapter_params = {c: list(adapters.adapter_parameters(controlnet, c).values()) for c in conditions}
+    adapter_ids = {id(p) for ps in adapter_params.values() for p in ps}
+    ignore = [n for n, p in controlnet.named_parameters() if id(p) in adapter_ids or n in own]
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(controlnet, ignore)
+    # DDP broadcasts rank 0's weights except the ignored ones: send those too, so every rank
+    # starts from the same adapters whatever its random state.
+    ignored = dict(controlnet.named_parameters())
+    broadcast_from_rank0([ignored[n].data for n in ignore], world)
+    ddp = DDP(controlnet, device_ids=[device.index] if device.type == "cuda" else None)
+    trainable = [p for p in controlnet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+
+    step, cursors, eval_start = 0, {c: 0 for c in conditions}, None
+    checkpoint_path = out / CHECKPOINT
+    if args.resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state["conditions"] != conditions:
+            raise SystemExit(f"checkpoint conditions {state['conditions']} differ from {conditions}")
+        controlnet.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, cursors = int(state["step"]), {c: int(v) for c, v in state["cursors"].items()}
+        eval_start = state.get("eval_start")
+    metrics = out / METRICS
+    if rank == 0 and not args.resume:
+        metrics.unlink(missing_ok=True)
+
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else nullcontext())
+    if step == 0:
+        eval_start = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
+    drawn: list[str] = []
+    t0, samples_since = time.perf_counter(), 0
+    stop_at = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
+    while step < stop_at:
+        used: list[str] = []
+        loss_sum = 0.0
+        for micro in range(args.grad_accum):
+            micro_step = step * args.grad_accum + micro
+            condition = condition_at(micro_step, conditions, args.seed)
+            source = data[condition]
+            indices = sample_indices(cursors[condition], rank, args.batch, len(source), args.seed, condition)
+            cursors[condition] += world * args.batch
+            generator = step_generator(args.seed, micro_step, rank, device)
+            latents, cond, text = source.sample_batch(indices, generator, args.drop_prompt)
+            sync = micro == args.grad_accum - 1
+            with controlnet.routing.use(condition), autocast, (nullcontext() if sync else ddp.no_sync()):
+                loss = diffusion_loss(sd.unet, ddp, sd.scheduler, latents, cond, text, generator)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.item() / args.grad_accum
+            if condition not in used:
+                used.append(condition)
+            drawn.append(condition)
+        for condition in used:  # same order on every rank: the schedule is shared
+            all_reduce_mean([p.grad for p in adapter_params[condition] if p.grad is not None], world)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        samples_since += args.batch * args.grad_accum
+        if step % args.log_every == 0 or step == stop_at:
+            elapsed = time.perf_counter() - t0
+            rate = torch.tensor([samples_since / max(elapsed, 1e-9), loss_sum], device=device)
+            gathered = [torch.zeros_like(rate) for _ in range(world)]
+            dist.all_gather(gathered, rate)
+            if rank == 0:
+                per_rank = [float(g[0]) for g in gathered]
+                record = {"step": step, "steps": args.steps, "loss": sum(float(g[1]) for g in gathered) / world,
+                          "conditions": used, "samples_per_s": sum(per_rank), "per_rank_samples_per_s": per_rank,
+                          "world_size": world}
+                if device.type == "cuda":
+                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            t0, samples_since = time.perf_counter(), 0
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
+    _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
+
+    # Evidence for tests and logs: each rank's schedule and weights.
+    (out / "ranks").mkdir(exist_ok=True)
+    _write_json_atomic(out / "ranks" / f"rank{rank}.json",
+                       {"drawn": drawn, "weights": weights_digest(controlnet), "start_step": step - len(drawn) // args.grad_accum})
+    if step >= args.steps:
+        eval_end = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
+        if rank == 0:
+            _write_result(controlnet, conditions, args, out, save_base, eval_start, eval_end)
+    dist.barrier()
+
+
+def _checkpoint(controlnet, optimizer, step, cursors, conditions, args, path: Path, rank: int, eval_start) -> None:
+    if rank == 0:
+        _save_atomic({"model": controlnet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                      "cursors": cursors, "conditions": conditions, "seed": args.seed, "eval_start": eval_start},
+                     path)
+    dist.barrier()
+
+
+@torch.no_grad()
+def _eval_loss(sd, controlnet, data, conditions, args, device, autocast) -> float:
+    """Loss on a fixed set (first samples of each condition, fixed noise): comparable across a run."""
+    total = 0.0
+    for i, condition in enumerate(conditions):
+        source = data[condition]
+        indices = torch.arange(min(4, len(source)))
+        generator = step_generator(args.seed, i, 0, device, stream=1)
+        latents, cond, text = source.sample_batch(indices, generator, 0.0)
+        with controlnet.routing.use(condition), autocast:
+            total += diffusion_loss(sd.unet, controlnet, sd.scheduler, latents, cond, text, generator).item()
+    return total / len(conditions)
+
+
+def _write_result(controlnet, conditions, args, out: Path, save_base, eval_start, eval_end) -> None:
+    """The official split: a base folder plus one adapter file per condition. The base's own
+    zero convs and norms (the starting point of future conditions) are the first condition's."""
+    from engine.adapter_format import save_adapter_file
+    from engine.arch import arch_id
+
+    result = out / RESULT
+    tmp = out / f".{RESULT}.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.no_grad():
+        for layer in adapters.routed_layers(controlnet).values():
+            weight, bias = layer.params_for(conditions[0])
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+    save_base(controlnet, tmp / "controlnet")
+    arch = arch_id(controlnet.config)
+    for condition in conditions:
+        save_adapter_file(tmp / "adapters" / f"{condition}.safetensors",
+                          adapters.adapter_state_dict(controlnet, condition), rank=args.rank, alpha=args.rank,
+                          base_arch=arch, condition=condition,
+                          provenance={"source": "train-base", "steps": args.steps, "seed": args.seed})
+    _write_json_atomic(tmp / "summary.json", {"conditions": conditions, "steps": args.steps, "arch": arch,
+                                              "eval_loss_start": eval_start, "eval_loss_end": eval_end,
+                                              "base_zero_convs_from": conditions[0]})
+    shutil.rmtree(result, ignore_errors=True)
+    os.replace(tmp, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The fast generation path against the plain reference algorithm, on the tiny preset.
+
+The condition latents are the VAE posterior's mode in both, so re-encoding at every step (the
+reference) and encoding once (the fast path) see the same latents: what remains is batching
+versus one-by-one, which changes float rounding only.
+"""
+
+import pytest
+import torch
+
+from engine import adapters
+from engine.controlnet import BaseControlNetModel
+from engine.errors import UsageError
+from engine.pipeline import CtrLoraPipeline
+from engine.premerge import premerged
+from engine.presets import build_sd
+from engine.reference_sampler import reference_sample
+from engine.sampling import SCHEDULERS, Condition
+
+SIZE = 64
+PROMPT, NEGATIVE = "a red circle above a blue square", "green"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: a second thread only adds synchronisation, and on a loaded 2-core machine
+    # spinning OpenMP workers make these tests many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    sd = build_sd("tiny", seed=0)
+    controlnet = BaseControlNetModel.from_unet(sd.unet)
+    for i, name in enumerate(("edge", "depth", "blur")):
+        adapters.add_adapter(controlnet, name, rank=4)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():  # every part of each adapter (zero convs included) non-zero and distinct
+            for param in adapters.adapter_parameters(controlnet, name).values():
+                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+    return sd, controlnet
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return CtrLoraPipeline(*model, fuse_single=False)
+
+
+@pytest.fixture(scope="module")
+def conditions():
+    g = torch.Generator().manual_seed(7)
+    images = [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(3)]
+    return [Condition("edge", images[0], 1.0), Condition("depth", images[1], 0.6, 0.25, 1.0),
+            Condition("blur", images[2], 1.3, 0.0, 0.5)]
+
+
+def assert_same(ours, plain, rel=2e-5):
+    """Equal up to fp32 rounding: the largest difference is a tiny fraction of the largest value
+    (random tiny models push latents to magnitudes of 10-50, so an absolute bound says little)."""
+    scale = plain.abs().max().item()
+    assert (ours - plain).abs().max().item() <= rel * scale, ((ours - plain).abs().max().item(), scale)
+
+
+def _both(pipe, conds, **kw):
+    kw = {**dict(steps=3, seed=11, batch=2, condition_encoding="mode", output_type="latent"), **kw}
+    fast = pipe(conds, PROMPT, NEGATIVE, **kw).latents
+    _, plain, _ = reference_sample(pipe.sd, pipe.controlnet, conds, PROMPT, NEGATIVE, **kw)
+    return fast, plain
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_fast_path_equals_plain_reference(pipe, conditions, n):
+    fast, plain = _both(pipe, conditions[:n], strength=0.9)
+    assert_same(fast, plain)
+    if n == 3:
+        # The conditions matter (so the equality says something) ...
+        bare = pipe([], PROMPT, NEGATIVE, steps=3, seed=11, batch=2, width=SIZE, height=SIZE, output_type="latent")
+        assert (fast - bare.latents).abs().max() > 0.1
+        # ... and so do their windows: the same conditions acting at every step give another result.
+        always = [Condition(c.adapter, c.image, c.weight) for c in conditions[:n]]
+        assert (pipe(always, PROMPT, NEGATIVE, steps=3, seed=11, batch=2, strength=0.9, condition_encoding="mode",
+                     output_type="latent").latents - fast).abs().max() > 1e-2
+
+
+def test_fused_single_condition_matches(model, conditions):
+    fused = CtrLoraPipeline(*model, fuse_single=True)
+    fast, plain = _both(fused, conditions[:1], guidance=3.0, steps=3)
+    assert_same(fast, plain, rel=1e-4)  # merging B @ A into W rounds differently
+    # Fusion is undone afterwards: the model computes with the unfused adapter again.
+    assert not any(layer.merged for layer in adapters.lora_layers(model[1]).values())
+
+
+def test_premerged_weights_equal_routed_lora(model):
+    _, controlnet = model
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(4, 4, 8, 8, generator=g), torch.tensor(500), torch.randn(4, 77, 32, generator=g))
+    plan = [("edge", 2), ("depth", 1), (None, 1)]
+    with torch.no_grad(), controlnet.routing.use(plan):
+        routed = controlnet(*args, return_dict=False)
+        with premerged(controlnet, ["edge", "depth"]):
+            patched = [n for n, layer in adapters.lora_layers(controlnet).items() if "forward" in vars(layer)]
+            merged = controlnet(*args, return_dict=False)
+    assert patched and all(n.startswith(("down_blocks.0.", "down_blocks.1.")) for n in patched)
+    assert not any("forward" in vars(layer) for layer in adapters.lora_layers(controlnet).values())
+    for a, b in zip([*routed[0], routed[1]], [*merged[0], merged[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - {"ddim"}))  # ddim: the tests above
+def test_other_schedulers(pipe, conditions, scheduler):
+    fast, plain = _both(pipe, conditions[1:2], steps=3, scheduler=scheduler, guidance=1.0)  # (no guidance: faster)
+    assert_same(fast, plain)
+
+
+def test_image_k_of_a_batch_is_seed_plus_k_alone(pipe, conditions):
+    # euler-a draws fresh noise at every step: each image draws from its own generator.
+    kw = dict(steps=3, scheduler="euler-a", condition_seed=11, condition_encoding="mode", output_type="latent")
+    batch = pipe(conditions[:2], PROMPT, NEGATIVE, seed=11, batch=2, **kw).latents
+    alone = pipe(conditions[:2], PROMPT, NEGATIVE, seed=12, **kw).latents
+    assert_same(alone[0], batch[1])
+    assert (alone[0] - batch[0]).abs().max() > 0.1
+
+
+def test_sampled_condition_latents_are_seeded(pipe, conditions):
+    kw = dict(steps=2, seed=3, output_type="latent")
+    a = pipe(conditions[:1], PROMPT, **kw).latents
+    b = pipe(conditions[:1], PROMPT, **kw).latents
+    c = pipe(conditions[:1], PROMPT, condition_seed=4, **kw).latents
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_windows_follow_diffusers():
+    c = Condition("x", torch.zeros(3, 8, 8), start=0.25, end=0.75)
+    assert [c.acts_at(i, 4) for i in range(4)] == [False, True, True, False]
+    assert [Condition("x", torch.zeros(3, 8, 8)).acts_at(i, 3) for i in range(3)] == [True] * 3
+    assert not Condition("x", torch.zeros(3, 8, 8), weight=0.0).acts_at(0, 1)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(start=0.5, end=0.5), "window"),
+    (dict(end=1.5), "window"),
+    (dict(weight=float("nan")), "not a finite number"),
+    (dict(adapter="missing"), "not loaded"),
+])
+def test_bad_conditions_are_refused(pipe, bad, message):
+    cond = Condition(**{"adapter": "edge", "image": torch.zeros(3, SIZE, SIZE), **bad})
+    with pytest.raises(UsageError, match=message):
+        pipe([cond], PROMPT, steps=1, output_type="latent")
+
+
+def test_size_must_fit(pipe):
+    cond = Condition("edge", torch.zeros(3, SIZE, SIZE))
+    with pytest.raises(UsageError, match="multiple of 8"):
+        pipe([cond], PROMPT, steps=1, width=60, height=64)
+    with pytest.raises(UsageError, match="resize it first"):
+        pipe([cond], PROMPT, steps=1, width=72, height=64)
+
+
+def test_images_out(pipe, conditions):
+    result = pipe(conditions[:2], PROMPT, steps=2, seed=1, batch=2)
+    assert len(result.images) == 2 and result.images[0].size == (SIZE, SIZE)
+    assert result.seeds == [1, 2] and len(result.timings["steps"]) == 2

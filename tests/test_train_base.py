@@ -1,0 +1,137 @@
+"""train-base: torchrun command lines, SLURM, and real two-process runs (CPU, gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import REPO, run_cli
+from engine.launch import Topology, expand_nodelist, topology_from_slurm
+from engine.train_base import condition_at, sample_indices
+
+
+def make_pairs(folder, count=6, kind="edges", seed=0):
+    """A fit-layout folder of tiny pairs: a red disc (target) and its outline or mask (source)."""
+    (folder / "source").mkdir(parents=True)
+    (folder / "target").mkdir()
+    lines = []
+    for i in range(count):
+        x = 8 + (i * 7 + seed * 3) % 30
+        target = Image.new("RGB", (64, 64), (40 * (i % 5), 90, 160))
+        ImageDraw.Draw(target).ellipse([x, x, x + 20, x + 20], fill=(230, 20, 20))
+        source = Image.new("RGB", (64, 64))
+        box = [x, x, x + 20, x + 20]
+        if kind == "edges":
+            ImageDraw.Draw(source).ellipse(box, outline=(255, 255, 255), width=2)
+        else:
+            ImageDraw.Draw(source).ellipse(box, fill=(255, 255, 255))
+        target.save(folder / "target" / f"{i}.png")
+        source.save(folder / "source" / f"{i}.png")
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": "a red circle"}))
+    (folder / "prompt.json").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_print_command_for_four_nodes(tiny_store, tmp_path):
+    data = make_pairs(tmp_path / "edges")
+    result = run_cli("train-base", str(data), "--out", "big", "--init", "tiny", "--nodes", "4", "--nproc-per-node", "8",
+                     "--rdzv-endpoint", "node0:29400", "--print-command")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4
+    for rank, line in enumerate(lines):
+        assert " -m torch.distributed.run --nnodes 4 --nproc-per-node 8 " in line
+        assert f"--node-rank {rank} --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id ctrlora-big" in line
+        assert " -m engine.train_base " in line and f"--data {data}" in line
+    assert len({line.replace(f"--node-rank {r}", "") for r, line in enumerate(lines)}) == 1  # only the rank differs
+
+
+def test_several_nodes_need_an_endpoint(tiny_store, tmp_path):
+    result = run_cli("train-base", str(make_pairs(tmp_path / "edges")), "--out", "x", "--init", "tiny", "--nodes", "2",
+                     "--print-command")
+    assert result.returncode == 2
+    assert "--rdzv-endpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_slurm_environment():
+    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    topo = topology_from_slurm({"SLURM_JOB_ID": "42", "SLURM_NNODES": "3", "SLURM_NODEID": "1",
+                                "SLURM_JOB_NODELIST": "n[8-10]", "SLURM_GPUS_ON_NODE": "4"})
+    assert topo == Topology(nodes=3, nproc_per_node=4, node_rank=1, rdzv_endpoint="n8:29500", rdzv_id="slurm-42")
+    assert topology_from_slurm({}) is None
+
+
+def test_schedule_visits_every_condition_and_positions_do_not_repeat():
+    conditions = ["a", "b", "c"]
+    drawn = [condition_at(i, conditions, seed=3) for i in range(30)]
+    for r in range(10):
+        assert sorted(drawn[3 * r:3 * r + 3]) == conditions
+    assert drawn != [condition_at(i, conditions, seed=4) for i in range(30)]
+    # 2 ranks x batch 2 over one epoch of 8 samples: every sample exactly once
+    seen = [int(i) for cursor in (0, 4) for rank in (0, 1) for i in sample_indices(cursor, rank, 2, 8, 0, "a")]
+    assert sorted(seen) == list(range(8))
+    # another number of ranks continues the same stream
+    assert sorted(int(i) for i in sample_indices(0, 0, 8, 8, 0, "a")) == list(range(8))
+
+
+def _torchrun(*args, nproc=2):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc-per-node", str(nproc), "-m", "engine.train_base", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_land_in_the_store(tiny_store, tmp_path):
+    edges, masks = make_pairs(tmp_path / "edges"), make_pairs(tmp_path / "mask", kind="mask", seed=1)
+    common = ["--steps", "8", "--rank", "4", "--lr", "3e-3", "--resolution", "64", "--grad-accum", "2",
+              "--save-every", "4", "--seed", "5"]
+    result = run_cli("train-base", str(edges), f"mask={masks}", "--out", "toybase", "--init", "tiny",
+                     "--nproc-per-node", "2", "--run-dir", str(tmp_path / "run"), "--json", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    ranks = [json.loads((tmp_path / "run" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP + the explicit adapter all-reduce
+    assert ranks[0]["drawn"] == ranks[1]["drawn"] and set(ranks[0]["drawn"]) == {"edges", "mask"}
+    assert summary["eval_loss_end"] < summary["eval_loss_start"] - 1e-3
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 9)) and all(len(m["per_rank_samples_per_s"]) == 2 for m in metrics)
+    assert tiny_store.get("toybase").kind == "base" and tiny_store.get("toybase").sd == "tiny-sd"
+    assert tiny_store.get("toybase-mask").condition == "mask"
+
+    # Preempted after 4 steps, then resumed: the same weights as the uninterrupted run.
+    sd = str(tiny_store.folder("tiny-sd"))
+    base = str(tiny_store.folder("tiny") / "controlnet")
+    worker = ["--sd", sd, "--init-base", base, "--data", f"edges={edges}", "--data", f"mask={masks}",
+              "--out", str(tmp_path / "run2"), *common]
+    first = _torchrun(*worker, "--stop-after", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((tmp_path / "run2" / "ranks" / "rank0.json").read_text())["weights"] != ranks[0]["weights"]
+    second = _torchrun(*worker, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((tmp_path / "run2" / "ranks" / "rank0.json").read_text())["weights"] == ranks[0]["weights"]
+
+
+def test_shards_are_indexed_by_condition(tmp_path):
+    from engine.train_data import index_shards
+
+    folder = make_pairs(tmp_path / "edges", count=3)
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            tar.add(folder / "target" / f"{i}.png", arcname=f"{i:06d}.png")
+            tar.add(folder / "source" / f"{i}.png", arcname=f"{i:06d}.cond.png")
+            for suffix, text in (("txt", "a red circle"), ("json", json.dumps({"condition": "edges" if i < 2 else "seg"}))):
+                path = tmp_path / f"{i}.{suffix}"
+                path.write_text(text)
+                tar.add(path, arcname=f"{i:06d}.{suffix}")
+    index = index_shards([str(tmp_path / "shard-*.tar")])
+    assert {c: len(v) for c, v in index.items()} == {"edges": 2, "seg": 1}
+    sample = index["edges"][1]
+    assert sample.prompt == "a red circle"
+    assert sample.target.read() == (folder / "target" / "1.png").read_bytes()
+    assert sample.cond.read() == (folder / "source" / "1.png").read_bytes()
