@@ -140,8 +140,11 @@ def gen(
     store = Store()
     try:
         base_name = base or recipe.get("base", {}).get("name") or _default_base(store)
-        base_manifest, cn_dir, sd_dir = _base(store, base_name, sd or (recipe.get("sd", {}).get("name") if
-                                                                       not base else None), recipe)
+        recipe_sd = recipe.get("sd", {}) if not base else {}  # another base: its own SD
+        sd = sd or _find(store, "sd", recipe_sd)
+        if recipe_sd and not sd:
+            warn(f"sd {recipe_sd.get('name')!r} that made the image is not in the store; using the base's")
+        base_manifest, cn_dir, sd_dir = _base(store, base_name, sd, recipe)
         adapters = [_adapter(store, spec, base_manifest) for spec in specs]
     except NotInStore as exc:
         raise UsageError(str(exc)) from None
@@ -190,7 +193,7 @@ def gen(
         "prompt": prompt, **settings, "condition_seed": condition_seed, "width": width, "height": height,
         "precision": precision, "device": str(dev), "condition_encoding": "sample",
         "base": {"name": base_manifest.name, "digest": entry_digest(base_manifest)},
-        "sd": {"name": _sd_name(base_manifest, sd, recipe, base), "digest": _sd_digest(store, sd_dir)},
+        "sd": {"name": Path(sd_dir).name, "digest": entry_digest(store.get(Path(sd_dir).name))},
         "conditions": [{"adapter": spec.name, "digest": digest, "condition": meta.get("condition"),
                         "weight": spec.weight, "start": spec.start, "end": spec.end, "image": spec.image,
                         "prep": spec.prep} for spec, (_, meta, digest) in zip(specs, adapters)],
@@ -333,17 +336,30 @@ def _default_base(store) -> str:
 
 
 def _base(store, name: str, sd: str | None, recipe: dict):
-    """The base (by name; from a recipe, by digest when the name is gone or differs)."""
+    """(manifest, ControlNet folder, SD folder) of the base; for a recipe, the very base that
+    made the image when the store still holds it (found by digest)."""
     from ctrlora_cli.resolve import base_folders
 
-    want = recipe.get("base", {}).get("digest")
-    if want and (not store.exists(name) or entry_digest(store.get(name)) != want):
-        same = [m.name for m in store.list() if m.kind == "base" and entry_digest(m) == want]
-        if same:
-            name = same[0]
-        elif store.exists(name):
-            warn(f"base {name!r} differs from the one that made the image; the result will differ")
+    if recipe.get("base", {}).get("name") == name:
+        name = _find(store, "base", recipe["base"]) or name
     return base_folders(store, name, sd)
+
+
+def _find(store, kind: str, wanted: dict) -> str | None:
+    """A recipe's entry ({"name", "digest"}): the named entry if its digest matches, else any
+    entry of that kind with the digest, else the named one with a warning, else None."""
+    name, digest = wanted.get("name"), wanted.get("digest")
+    if not name:
+        return None
+    if store.exists(name) and entry_digest(store.get(name)) == digest:
+        return name
+    same = [m.name for m in store.list() if m.kind == kind and entry_digest(m) == digest]
+    if same:
+        return same[0]
+    if store.exists(name):
+        warn(f"{kind} {name!r} differs from the one that made the image; the result will differ")
+        return name
+    return None
 
 
 def _adapter(store, spec: CondSpec, base_manifest):
@@ -388,14 +404,6 @@ def entry_digest(manifest) -> str:
 
     lines = "\n".join(f"{f.path} {f.digest}" for f in sorted(manifest.files, key=lambda f: f.path))
     return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _sd_name(base_manifest, sd: str | None, recipe: dict, base: str | None) -> str:
-    return sd or (recipe.get("sd", {}).get("name") if not base and recipe else None) or base_manifest.sd
-
-
-def _sd_digest(store, sd_dir: Path) -> str:
-    return entry_digest(store.get(Path(sd_dir).name))
 
 
 # -- outputs ----------------------------------------------------------------------------------
