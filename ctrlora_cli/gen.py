@@ -140,36 +140,21 @@ def gen(
     store = Store()
     try:
         base_name = base or recipe.get("base", {}).get("name") or _default_base(store)
-        base_manifest, cn_dir, sd_dir = _base(store, base_name, sd or (recipe.get("sd", {}).get("name") if
-                                                                       not base else None), recipe)
+        recipe_sd = recipe.get("sd", {}) if not base else {}  # another base: its own SD
+        sd = sd or _find(store, "sd", recipe_sd)
+        if recipe_sd and not sd:
+            warn(f"sd {recipe_sd.get('name')!r} that made the image is not in the store; using the base's")
+        base_manifest, cn_dir, sd_dir = _base(store, base_name, sd, recipe)
         adapters = [_adapter(store, spec, base_manifest) for spec in specs]
     except NotInStore as exc:
         raise UsageError(str(exc)) from None
     cond_images = [_prepare(spec, image, width, height) for spec, image in zip(specs, images)]
 
-    import torch
-
-    from engine.adapter_format import load_adapter_file
+    pipe, names, dev, precision = _load_pipeline(sd_dir, cn_dir, adapters, device, precision, compile_)
+    _warn_long_prompts(pipe.sd.tokenizer, prompt, settings["negative_prompt"])
     from engine.condition import image_to_tensor
-    from engine.models import load_base, load_sd
-    from engine.pipeline import CtrLoraPipeline
-    from engine.sampling import Condition, prompt_overflow
+    from engine.sampling import Condition
 
-    dev, dtype, precision = _device_dtype(device, precision, torch)
-    components = load_sd(sd_dir, device=dev, dtype=dtype)
-    controlnet = load_base(cn_dir, device=dev, dtype=dtype)
-    pipe = CtrLoraPipeline(components, controlnet, device=dev, dtype=dtype, compile=compile_)
-    names: dict[str, str] = {}  # adapter digest -> name in the model (an adapter used twice loads once)
-    for path, meta, digest in adapters:
-        if digest not in names:
-            names[digest] = f"c{len(names)}"
-            state, _ = load_adapter_file(path)
-            pipe.load_adapter(names[digest], state, alpha=meta["alpha"])
-    for label, text in (("prompt", prompt), ("negative prompt", settings["negative_prompt"])):
-        extra = prompt_overflow(components.tokenizer, text)
-        if extra:
-            warn(f"the {label} is {extra} tokens longer than the text encoder reads "
-                 f"({components.tokenizer.model_max_length}); its end is cut off")
     conditions = [Condition(names[digest], image_to_tensor(image), spec.weight, spec.start, spec.end)
                   for spec, (_, _, digest), image in zip(specs, adapters, cond_images)]
     load_s = time.perf_counter() - started
@@ -183,42 +168,76 @@ def gen(
                       condition_seed=condition_seed, width=width, height=height, batch=batch,
                       strength=settings["strength"], callback=callback)
 
-    from engine.gen_metadata import grid as make_grid
-    from engine.gen_metadata import save_png
-
-    base_recipe = {
+    made = {
         "prompt": prompt, **settings, "condition_seed": condition_seed, "width": width, "height": height,
         "precision": precision, "device": str(dev), "condition_encoding": "sample",
         "base": {"name": base_manifest.name, "digest": entry_digest(base_manifest)},
-        "sd": {"name": _sd_name(base_manifest, sd, recipe, base), "digest": _sd_digest(store, sd_dir)},
+        "sd": {"name": Path(sd_dir).name, "digest": entry_digest(store.get(Path(sd_dir).name))},
         "conditions": [{"adapter": spec.name, "digest": digest, "condition": meta.get("condition"),
                         "weight": spec.weight, "start": spec.start, "end": spec.end, "image": spec.image,
                         "prep": spec.prep} for spec, (_, meta, digest) in zip(specs, adapters)],
     }
-    written = []
-    try:
-        for target, image, image_seed in zip(targets, result.images, result.seeds):
-            written.append(str(save_png(target, image, {**base_recipe, "seed": image_seed}, cond_images)))
-        grid_path = None
-        if grid:
-            grid_path = targets[0].with_name(targets[0].stem + "-grid.png")
-            save_png(grid_path, make_grid(cond_images + list(result.images)))
-    except OSError as exc:
-        raise UsageError(f"cannot write the output: {exc}") from None
+    written, grid_path = _write_outputs(targets, result, made, cond_images, grid)
     if json_output:
-        summary = {"images": written, "grid": str(grid_path) if grid_path else None, "seeds": result.seeds,
-                   "condition_seed": condition_seed, "width": width, "height": height, **settings,
-                   "device": str(dev), "precision": precision,
-                   "seconds": {"load": load_s, "encode": result.timings["encode"],
-                               "denoise": result.timings["denoise"], "decode": result.timings["decode"],
-                               "per_step": result.timings["denoise"] / settings["steps"]}}
+        timings = result.timings
+        summary = {"images": written, "grid": grid_path, "seeds": result.seeds, "condition_seed": condition_seed,
+                   "width": width, "height": height, **settings, "device": str(dev), "precision": precision,
+                   "seconds": {"load": load_s, "encode": timings["encode"], "denoise": timings["denoise"],
+                               "decode": timings["decode"], "per_step": timings["denoise"] / settings["steps"]}}
         typer.echo(json.dumps(summary, indent=2))
         return
-    for path in written + ([str(grid_path)] if grid_path else []):
+    for path in written + ([grid_path] if grid_path else []):
         out.print(path, highlight=False, soft_wrap=True)
     if interactive():
         err.print(f"{settings['steps']} steps in {result.timings['denoise']:.1f} s "
                   f"({result.timings['denoise'] / settings['steps']:.2f} s/step)", highlight=False)
+
+
+def _load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str, compile_: bool):
+    """(pipeline, {adapter digest: name in the model}, device, precision name)."""
+    import torch
+
+    from engine.adapter_format import load_adapter_file
+    from engine.models import load_base, load_sd
+    from engine.pipeline import CtrLoraPipeline
+
+    dev, dtype, precision = _device_dtype(device, precision, torch)
+    pipe = CtrLoraPipeline(load_sd(sd_dir, device=dev, dtype=dtype), load_base(cn_dir, device=dev, dtype=dtype),
+                           device=dev, dtype=dtype, compile=compile_)
+    names: dict[str, str] = {}  # an adapter given twice (two images, say) is loaded once
+    for path, meta, digest in adapters:
+        if digest not in names:
+            names[digest] = f"c{len(names)}"
+            state, _ = load_adapter_file(path)
+            pipe.load_adapter(names[digest], state, alpha=meta["alpha"])
+    return pipe, names, dev, precision
+
+
+def _warn_long_prompts(tokenizer, prompt: str, negative: str) -> None:
+    from engine.sampling import prompt_overflow
+
+    for label, text in (("prompt", prompt), ("negative prompt", negative)):
+        extra = prompt_overflow(tokenizer, text)
+        if extra:
+            warn(f"the {label} is {extra} tokens longer than the text encoder reads "
+                 f"({tokenizer.model_max_length}); its end is cut off")
+
+
+def _write_outputs(targets: list[Path], result, made: dict, cond_images, grid: bool) -> tuple[list[str], str | None]:
+    """Each image with its recipe (its own seed), and the grid; atomically, file by file."""
+    from engine.gen_metadata import grid as make_grid
+    from engine.gen_metadata import save_png
+
+    written, grid_path = [], None
+    try:
+        for target, image, image_seed in zip(targets, result.images, result.seeds):
+            written.append(str(save_png(target, image, {**made, "seed": image_seed}, cond_images)))
+        if grid:
+            grid_path = str(save_png(targets[0].with_name(targets[0].stem + "-grid.png"),
+                                     make_grid(cond_images + list(result.images))))
+    except OSError as exc:
+        raise UsageError(f"cannot write the output: {exc}") from None
+    return written, grid_path
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -241,6 +260,7 @@ def _apply_prep(specs: list[CondSpec], preps: list[str]) -> None:
             raise UsageError(f"--prep {item!r}: no --cond names adapter {name!r}")
         if not kind:
             raise UsageError(f"--prep {item!r}: expected [NAME=]KIND, e.g. canny")
+        chosen = [s for s in chosen if s.loaded is None]  # a recipe's images are stored prepared
         for spec in chosen:
             if spec.prep is None or sep:
                 spec.prep = kind
@@ -333,17 +353,30 @@ def _default_base(store) -> str:
 
 
 def _base(store, name: str, sd: str | None, recipe: dict):
-    """The base (by name; from a recipe, by digest when the name is gone or differs)."""
+    """(manifest, ControlNet folder, SD folder) of the base; for a recipe, the very base that
+    made the image when the store still holds it (found by digest)."""
     from ctrlora_cli.resolve import base_folders
 
-    want = recipe.get("base", {}).get("digest")
-    if want and (not store.exists(name) or entry_digest(store.get(name)) != want):
-        same = [m.name for m in store.list() if m.kind == "base" and entry_digest(m) == want]
-        if same:
-            name = same[0]
-        elif store.exists(name):
-            warn(f"base {name!r} differs from the one that made the image; the result will differ")
+    if recipe.get("base", {}).get("name") == name:
+        name = _find(store, "base", recipe["base"]) or name
     return base_folders(store, name, sd)
+
+
+def _find(store, kind: str, wanted: dict) -> str | None:
+    """A recipe's entry ({"name", "digest"}): the named entry if its digest matches, else any
+    entry of that kind with the digest, else the named one with a warning, else None."""
+    name, digest = wanted.get("name"), wanted.get("digest")
+    if not name:
+        return None
+    if store.exists(name) and entry_digest(store.get(name)) == digest:
+        return name
+    same = [m.name for m in store.list() if m.kind == kind and entry_digest(m) == digest]
+    if same:
+        return same[0]
+    if store.exists(name):
+        warn(f"{kind} {name!r} differs from the one that made the image; the result will differ")
+        return name
+    return None
 
 
 def _adapter(store, spec: CondSpec, base_manifest):
@@ -388,14 +421,6 @@ def entry_digest(manifest) -> str:
 
     lines = "\n".join(f"{f.path} {f.digest}" for f in sorted(manifest.files, key=lambda f: f.path))
     return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _sd_name(base_manifest, sd: str | None, recipe: dict, base: str | None) -> str:
-    return sd or (recipe.get("sd", {}).get("name") if not base and recipe else None) or base_manifest.sd
-
-
-def _sd_digest(store, sd_dir: Path) -> str:
-    return entry_digest(store.get(Path(sd_dir).name))
 
 
 # -- outputs ----------------------------------------------------------------------------------

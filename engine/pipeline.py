@@ -13,7 +13,8 @@ drawn from a seeded generator, or the posterior's mode). Per denoising step:
    only its text differs).
 
 With a single condition its LoRA is fused into the base weights; with several, the layers where
-LoRA costs most use per-condition merged weights (``engine.premerge``). This computes what the
+LoRA costs most use per-condition merged weights (``engine.premerge``); on the CPU the wide
+low-resolution convolutions reuse weights reordered once (``engine.prepacked_convs``). This computes what the
 reference does (``engine.reference_sampler``, the plain baseline) up to float rounding.
 """
 
@@ -29,6 +30,8 @@ from engine import adapters as adapters_lib
 from engine.condition import encode_condition
 from engine.errors import UsageError
 from engine.premerge import premerged
+from engine.prepacked_convs import available as prepacked_available
+from engine.prepacked_convs import prepacked_convs
 from engine.progress import ProgressCallback, report
 from engine.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
                              make_scheduler, step_kwargs, to_pil, vae_scale_factor)
@@ -50,7 +53,7 @@ class CtrLoraPipeline:
 
     def __init__(self, sd, controlnet, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool | None = None, compile: bool = False, fuse_single: bool = True,
-                 premerge: bool = True):
+                 premerge: bool = True, prepack: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
         self.sd = sd
@@ -58,7 +61,11 @@ class CtrLoraPipeline:
         # channels_last helps convolutions on GPUs; on CPUs it is measured slower for these shapes.
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.fuse_single = fuse_single  # one adapter: fuse its LoRA into the base weights
-        self.premerge = premerge  # several: merged weights per adapter where LoRA costs most (engine.premerge)
+        # Several: merged weights per adapter where LoRA costs most (engine.premerge). Not under
+        # torch.compile, whose graphs would keep the patched layers' closures.
+        self.premerge = premerge and not compile
+        # CPU fp32: wide low-resolution convolutions with weights reordered once (engine.prepacked_convs).
+        self.prepack = prepack and not compile and prepacked_available(self.device, dtype)
         for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
             _move(module, self.device, dtype)
         if self.channels_last:
@@ -129,6 +136,8 @@ class CtrLoraPipeline:
                 stack.callback(adapters_lib.unfuse_adapters, self.controlnet)
             elif self.premerge:
                 stack.enter_context(premerged(self.controlnet, used))
+            if self.prepack:
+                stack.enter_context(prepacked_convs([self.sd.unet, self.controlnet]))
             for i, t in enumerate(sched.timesteps):
                 start = time.perf_counter()
                 active = [k for k, c in enumerate(conditions) if c.acts_at(i, len(sched.timesteps))]
@@ -169,12 +178,12 @@ class CtrLoraPipeline:
         with self.controlnet.routing.use(plan):
             down, mid = self._controlnet(cn_in, t, cn_text, return_dict=False)
         weights = [conditions[j].weight * strength for j in active]
+        w = torch.tensor(weights, dtype=mid.dtype).view(k, 1, 1, 1, 1).to(mid.device, non_blocking=True)
 
         def combine(r: torch.Tensor) -> torch.Tensor:
             if k == 1:
                 r = r * weights[0] if weights[0] != 1.0 else r
             else:
-                w = torch.tensor(weights, device=r.device, dtype=r.dtype).view(k, 1, 1, 1, 1)
                 r = (r.view(k, branches, *r.shape[1:]) * w).sum(0)
             return r.repeat_interleave(batch, dim=0) if batch > 1 else r
 

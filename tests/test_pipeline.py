@@ -13,6 +13,8 @@ from engine.controlnet import BaseControlNetModel
 from engine.errors import UsageError
 from engine.pipeline import CtrLoraPipeline
 from engine.premerge import premerged
+from engine.prepacked_convs import available as prepacked_available
+from engine.prepacked_convs import prepacked_convs
 from engine.presets import build_sd
 from engine.reference_sampler import reference_sample
 from engine.sampling import SCHEDULERS, Condition
@@ -107,6 +109,23 @@ def test_premerged_weights_equal_routed_lora(model):
     assert not any("forward" in vars(layer) for layer in adapters.lora_layers(controlnet).values())
     for a, b in zip([*routed[0], routed[1]], [*merged[0], merged[1]]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not prepacked_available(torch.device("cpu"), torch.float32), reason="needs oneDNN")
+def test_prepacked_convs_compute_the_same_and_restore_exactly(model):
+    unet = model[0].unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor(500), torch.randn(2, 77, 32, generator=g))
+    with torch.no_grad():
+        eager = unet(*args).sample
+        with prepacked_convs([unet]):
+            packed = unet(*args).sample
+            assert unet.conv_in.weight.numel() == 0  # the reordered copy replaced the plain weight
+    torch.testing.assert_close(packed, eager, rtol=1e-5, atol=1e-5)
+    after = unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("forward" in vars(m) for m in unet.modules())
 
 
 @pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - {"ddim"}))  # ddim: the tests above
