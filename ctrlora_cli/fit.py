@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
 def fit(
     data: Path = typer.Argument(..., help=DATA_HELP, show_default=False),
     name: str | None = typer.Option(None, "--name", help="Store name of the new adapter (asked for when interactive)."),
-    base: str = typer.Option("base", "--base", help="Base ControlNet to fit on (a store name)."),
+    base: str | None = typer.Option(None, "--base",
+                                    help="Base ControlNet to fit on (default: the only one, or 'base')."),
     sd: str | None = typer.Option(None, "--sd", help="Stable Diffusion model to use (default: the base's)."),
     rank: int = typer.Option(128, "--rank", help="LoRA rank."),
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
@@ -69,7 +70,10 @@ def fit(
     validate_name(name)
     if store.exists(name):
         raise UsageError(f"{name!r} is already in the store; pick another --name")
-    base_manifest, controlnet_dir, sd_dir = base_folders(store, base, sd)
+    # gen's rule for the default base (it belongs in ctrlora_cli.resolve; shared from gen for now).
+    from ctrlora_cli.gen import _default_base
+
+    base_manifest, controlnet_dir, sd_dir = base_folders(store, base or _default_base(store), sd)
     # The cheap checks are done; now the heavy libraries.
     import torch
 
