@@ -58,7 +58,7 @@ def fit(
                                       show_default=False),
 ) -> None:
     """Fit a new condition's adapter on a Base ControlNet from about 1,000 image pairs."""
-    from ctrlora_cli.resolve import base_folders
+    from ctrlora_cli.resolve import base_folders, default_base
     from ctrlora_cli.store import Store, validate_name
     from engine.errors import UsageError
 
@@ -70,10 +70,7 @@ def fit(
     validate_name(name)
     if store.exists(name):
         raise UsageError(f"{name!r} is already in the store; pick another --name")
-    # gen's rule for the default base (it belongs in ctrlora_cli.resolve; shared from gen for now).
-    from ctrlora_cli.gen import _default_base
-
-    base_manifest, controlnet_dir, sd_dir = base_folders(store, base or _default_base(store), sd)
+    base_manifest, controlnet_dir, sd_dir = base_folders(store, base or default_base(store), sd)
     # The cheap checks are done; now the heavy libraries.
     import torch
 

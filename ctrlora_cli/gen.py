@@ -135,11 +135,12 @@ def gen(
     targets = _output_paths(out_path, [seed + k for k in range(batch)])
     _check_prep(specs)
 
+    from ctrlora_cli.resolve import default_base
     from ctrlora_cli.store import NotInStore, Store
 
     store = Store()
     try:
-        base_name = base or recipe.get("base", {}).get("name") or _default_base(store)
+        base_name = base or recipe.get("base", {}).get("name") or default_base(store)
         recipe_sd = recipe.get("sd", {}) if not base else {}  # another base: its own SD
         sd = sd or _find(store, "sd", recipe_sd)
         if recipe_sd and not sd:
@@ -340,17 +341,6 @@ def _device_dtype(device: str, precision: str, torch):
 
 
 # -- the store --------------------------------------------------------------------------------
-
-def _default_base(store) -> str:
-    bases = [m.name for m in store.list() if m.kind == "base"]
-    if len(bases) == 1:
-        return bases[0]
-    if "base" in bases:
-        return "base"
-    if not bases:
-        raise UsageError("no base in the store; fetch one with: ctrlora pull")
-    raise UsageError(f"the store holds several bases ({', '.join(bases)}); pick one with --base")
-
 
 def _base(store, name: str, sd: str | None, recipe: dict):
     """(manifest, ControlNet folder, SD folder) of the base; for a recipe, the very base that

@@ -8,6 +8,18 @@ from ctrlora_cli.store import Manifest, Store
 from engine.errors import UsageError
 
 
+def default_base(store: Store) -> str:
+    """The base a command uses without --base: the only one in the store, else the one named 'base'."""
+    bases = [m.name for m in store.list() if m.kind == "base"]
+    if len(bases) == 1:
+        return bases[0]
+    if "base" in bases:
+        return "base"
+    if not bases:
+        raise UsageError("no base in the store; fetch one with: ctrlora pull")
+    raise UsageError(f"the store holds several bases ({', '.join(bases)}); pick one with --base")
+
+
 def base_folders(store: Store, base: str, sd: str | None = None) -> tuple[Manifest, Path, Path]:
     """(base manifest, Base ControlNet folder, SD folder) for a base entry, paired with ``sd`` or
     the SD entry the base names."""
