@@ -1,7 +1,8 @@
-"""Model shapes: ``sd15`` (Stable Diffusion 1.5) and ``tiny`` (same block layout, tiny widths).
+"""Model shapes: ``sd15`` (Stable Diffusion 1.5), ``tiny`` (same block layout, tiny widths) and
+``demo`` (same block layout, small widths, for the 64 x 64 demo world; see ``engine.toy_sd``).
 
-``tiny`` needs nothing from the network: its tokenizer is a CLIP-style byte-level BPE built here
-from a short word list, so tests and smoke runs work offline.
+``tiny`` and ``demo`` need nothing from the network: their tokenizer is a CLIP-style byte-level BPE
+built here from a short word list, so tests, smoke runs and the demo work offline.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-PRESETS = ("sd15", "tiny")
+PRESETS = ("sd15", "tiny", "demo")
 
 _SD15_UNET = dict(
     sample_size=64,
@@ -47,10 +48,21 @@ _SD15_VAE = dict(
 )
 _TINY_VAE = dict(_SD15_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=1, sample_size=128)
 
+# The demo world's "toy SD": SD1.5's block types (so the Base ControlNet, adapters and the official
+# key mapping apply unchanged) at widths that train on 2 CPU cores. Its VAE has three blocks, not
+# four (4x downsampling): 64 x 64 scenes give 16 x 16 x 4 latents, the UNet's native size.
+# ``scaling_factor`` is a placeholder until training measures it (engine.toy_sd).
+_DEMO_UNET = dict(_SD15_UNET, sample_size=16, block_out_channels=(32, 64, 64, 64), cross_attention_dim=64,
+                  attention_head_dim=2)
+_DEMO_VAE = dict(_SD15_VAE, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+                 scaling_factor=1.0)
+
 _SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
 _TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
+_DEMO_TEXT = dict(_TINY_TEXT, hidden_size=64, intermediate_size=256, num_hidden_layers=3, projection_dim=64)
 
 # SD1.5's schedule: 1000 steps, scaled_linear betas 0.00085 -> 0.012.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -66,11 +78,11 @@ _TINY_WORDS = (
 
 
 def unet_config(preset: str) -> dict:
-    return dict(_preset(preset, _SD15_UNET, _TINY_UNET))
+    return dict(_DEMO_UNET if preset == "demo" else _preset(preset, _SD15_UNET, _TINY_UNET))
 
 
 def vae_config(preset: str) -> dict:
-    return dict(_preset(preset, _SD15_VAE, _TINY_VAE))
+    return dict(_DEMO_VAE if preset == "demo" else _preset(preset, _SD15_VAE, _TINY_VAE))
 
 
 def text_encoder_config(preset: str) -> dict:
@@ -152,18 +164,18 @@ class SDComponents:
 
 def build_sd(preset: str, seed: int = 0) -> SDComponents:
     """Randomly initialised SD components of a preset (``sd15`` needs a real tokenizer: only the
-    networks are built, and ``tokenizer`` is None)."""
+    networks are built, and ``tokenizer`` is None; ``tiny`` and ``demo`` share the offline one)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(preset))
     vae = AutoencoderKL(**vae_config(preset))
-    if preset == "tiny":
+    if preset in ("tiny", "demo"):
         tokenizer = build_tiny_tokenizer()
         text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  **_TINY_TEXT)
+                                  **(_TINY_TEXT if preset == "tiny" else _DEMO_TEXT))
     else:
         tokenizer = None
         text_cfg = CLIPTextConfig(**_SD15_TEXT)
