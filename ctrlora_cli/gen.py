@@ -135,7 +135,7 @@ def gen(
     targets = _output_paths(out_path, [seed + k for k in range(batch)])
     _check_prep(specs)
 
-    from ctrlora_cli.resolve import default_base
+    from ctrlora_cli.resolve import default_base, load_pipeline
     from ctrlora_cli.store import NotInStore, Store
 
     store = Store()
@@ -151,7 +151,7 @@ def gen(
         raise UsageError(str(exc)) from None
     cond_images = [_prepare(spec, image, width, height) for spec, image in zip(specs, images)]
 
-    pipe, names, dev, precision = _load_pipeline(sd_dir, cn_dir, adapters, device, precision, compile_)
+    pipe, names, dev, precision = load_pipeline(sd_dir, cn_dir, adapters, device, precision, compile_)
     _warn_long_prompts(pipe.sd.tokenizer, prompt, settings["negative_prompt"])
     from engine.condition import image_to_tensor
     from engine.sampling import Condition
@@ -192,26 +192,6 @@ def gen(
     if interactive():
         err.print(f"{settings['steps']} steps in {result.timings['denoise']:.1f} s "
                   f"({result.timings['denoise'] / settings['steps']:.2f} s/step)", highlight=False)
-
-
-def _load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str, compile_: bool):
-    """(pipeline, {adapter digest: name in the model}, device, precision name)."""
-    import torch
-
-    from engine.adapter_format import load_adapter_file
-    from engine.models import load_base, load_sd
-    from engine.pipeline import CtrLoraPipeline
-
-    dev, dtype, precision = _device_dtype(device, precision, torch)
-    pipe = CtrLoraPipeline(load_sd(sd_dir, device=dev, dtype=dtype), load_base(cn_dir, device=dev, dtype=dtype),
-                           device=dev, dtype=dtype, compile=compile_)
-    names: dict[str, str] = {}  # an adapter given twice (two images, say) is loaded once
-    for path, meta, digest in adapters:
-        if digest not in names:
-            names[digest] = f"c{len(names)}"
-            state, _ = load_adapter_file(path)
-            pipe.load_adapter(names[digest], state, alpha=meta["alpha"])
-    return pipe, names, dev, precision
 
 
 def _warn_long_prompts(tokenizer, prompt: str, negative: str) -> None:
@@ -321,23 +301,6 @@ def _prepare(spec: CondSpec, image, width: int, height: int):
         if image.size != (width, height):
             image = resize_center_crop(image, (width, height))
     return image
-
-
-def _device_dtype(device: str, precision: str, torch):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here")
-    if precision == "auto":
-        precision = "fp16" if dev.type == "cuda" else "fp32"
-    if precision == "fp16" and dev.type == "cpu":
-        raise UsageError("fp16 needs a GPU; use --precision fp32 or bf16 on the CPU")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return dev, dtype, precision
 
 
 # -- the store --------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
 
 def pull(
-    source: str | None = typer.Argument(None, show_default=False, help="'base', an adapter ('canny', ...), 'sd15', 'tiny' (random, offline), "
+    source: str | None = typer.Argument(None, show_default=False, help="'base', an adapter ('canny', ...), 'sd15', 'demo' (offline), 'tiny' (random, offline), "
                                            "hf://owner/repo/path, sd:owner/repo, or a local file or folder."),
     name: str | None = typer.Option(None, "--name", help="Store name (default: from the source)."),
     revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit to pin."),
@@ -54,7 +54,7 @@ def pull(
     if source is None:
         if not interactive():
             raise UsageError("what to pull? e.g. ctrlora pull base (see: ctrlora list --catalog)")
-        source = typer.prompt("What to pull (base, canny, ..., tiny, hf://..., a file)")
+        source = typer.prompt("What to pull (base, canny, ..., demo, tiny, hf://..., a file)")
     if name is not None:
         validate_name(name)
     if kind is not None and kind not in KINDS:
@@ -65,6 +65,13 @@ def pull(
     options = dict(kind=kind, sd=sd, base=base, condition=condition)
     if source == "tiny":
         _pull_random(store, "tiny", name or "tiny", replace=force)
+        return
+    if source == "demo":
+        from ctrlora_cli.demo import pull_demo
+
+        made = pull_demo(store, name or "demo", replace=force)
+        say(f"pulled {made['base']} (base, the demo model), {made['sd']} (sd) and adapters "
+            f"{', '.join(made['adapters'])}; offline, from the package")
         return
     try:
         with ByteBars() as ui:

@@ -58,3 +58,41 @@ def adapter_file(store: Store, name_or_path: str, base: Manifest) -> tuple[Path,
         raise UsageError(f"adapter {label!r} was made for a {meta['base_arch']} base, but {base.name!r} is "
                          f"{base.arch}; pick an adapter of that base")
     return path, meta
+
+
+def load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str, compile_: bool):
+    """(pipeline, {adapter digest: name in the model}, device, precision name); ``adapters`` are
+    (path, metadata, digest) as ``adapter_file`` and the store give them."""
+    import torch
+
+    from engine.adapter_format import load_adapter_file
+    from engine.models import load_base, load_sd
+    from engine.pipeline import CtrLoraPipeline
+
+    dev, dtype, precision = device_dtype(device, precision, torch)
+    pipe = CtrLoraPipeline(load_sd(sd_dir, device=dev, dtype=dtype), load_base(cn_dir, device=dev, dtype=dtype),
+                           device=dev, dtype=dtype, compile=compile_)
+    names: dict[str, str] = {}  # an adapter given twice (two images, say) is loaded once
+    for path, meta, digest in adapters:
+        if digest not in names:
+            names[digest] = f"c{len(names)}"
+            state, _ = load_adapter_file(path)
+            pipe.load_adapter(names[digest], state, alpha=meta["alpha"])
+    return pipe, names, dev, precision
+
+
+def device_dtype(device: str, precision: str, torch):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here")
+    if precision == "auto":
+        precision = "fp16" if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise UsageError("fp16 needs a GPU; use --precision fp32 or bf16 on the CPU")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return dev, dtype, precision

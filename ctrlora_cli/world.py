@@ -99,6 +99,8 @@ def train_sd(
     store = Store()
     if store.exists(name) and not force:
         raise UsageError(f"{name!r} is already in the store; pick another --name or add --force")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a folder; pick another --out")
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} is not empty; pick another --out or add --force")
 

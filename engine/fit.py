@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from engine import adapters
 from engine.data import EncodedPairs, LatentCache, PairSet, encode_pairs, encode_prompts, load_image
 from engine.diffusion import controlled_eps, diffusion_loss
 from engine.errors import UsageError
+from engine.images import atomic_path
 from engine.progress import ProgressCallback, report
 
 ADAPTER = "new"  # the adapter's name inside the model (store names may hold '.', adapter names not)
@@ -300,22 +299,14 @@ def _open_run(run_dir: Path, checkpoint_path: Path, identity: dict, resume: bool
 
 
 def _save_checkpoint(path: Path, trainer: AdapterTrainer, smooth: "_Smoother", identity: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **trainer.state_dict(), "smooth": smooth.state(),
                     "identity": json.dumps(identity)}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -54,17 +52,11 @@ def save_png(path: str | Path, image: Image.Image, recipe: dict | None = None,
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from engine.images import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def read_recipe(path: str | Path) -> tuple[dict, list[Image.Image]]:

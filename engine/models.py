@@ -80,3 +80,22 @@ def make_random_adapter(base_folder: str | Path, path: str | Path, condition: st
     return save_adapter_file(path, adapters.adapter_state_dict(base, condition), rank=rank, alpha=rank,
                              base_arch=arch_id(base.config), condition=condition,
                              provenance={"source": "random", "note": "untrained: equals the base"})
+
+
+def save_fp16_copy(src: str | Path, dst: str | Path) -> Path:
+    """A copy of a safetensors file with its floating-point tensors in fp16 (the header metadata
+    kept): how the packaged demo halves its size. Loaders upcast on ``from_pretrained``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from engine.images import atomic_path
+
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {}
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            tensors[key] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+    with atomic_path(dst) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(dst)

@@ -102,7 +102,7 @@ class CtrLoraPipeline:
             c.validate()
         loaded = set(adapters_lib.adapter_names(self.controlnet))
         for c in conditions:
-            if c.adapter not in loaded:
+            if c.adapter is not None and c.adapter not in loaded:
                 raise UsageError(f"adapter {c.adapter!r} is not loaded")
         width, height = generation_size(conditions, width, height, self.sd.unet, self.sd.vae)
         condition_seed = seed if condition_seed is None else condition_seed
@@ -125,8 +125,9 @@ class CtrLoraPipeline:
         if self.channels_last:
             cond_latents = [x.contiguous(memory_format=torch.channels_last) for x in cond_latents]
         extra = step_kwargs(sched, gens)
-        used = sorted({c.adapter for c in conditions})
-        fused = self.fuse_single and len(used) == 1
+        used = sorted({c.adapter for c in conditions if c.adapter is not None})
+        # Fusing changes the base weights, so not when a condition uses the bare base (adapter None).
+        fused = self.fuse_single and len(used) == 1 and all(c.adapter is not None for c in conditions)
         t_encode = time.perf_counter() - t0
 
         step_times = []

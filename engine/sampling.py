@@ -24,12 +24,13 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 
 @dataclass
 class Condition:
-    """One condition of a generation: which loaded adapter, its image, how strongly and when.
+    """One condition of a generation: which loaded adapter (None: the bare Base ControlNet, its
+    own zero convs and norms), its image, how strongly and when.
 
     ``image``: (3, H, W) in [0, 1] at the output size. ``start``/``end``: the fraction of the
     steps during which it acts (diffusers' ``control_guidance_start/end``)."""
 
-    adapter: str
+    adapter: str | None
     image: torch.Tensor
     weight: float = 1.0
     start: float = 0.0

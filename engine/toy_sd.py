@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusers.training_utils import EMAModel
+
 from engine.diffusion import add_noise
 from engine.errors import UsageError
 from engine.presets import SDComponents, build_sd
@@ -53,6 +55,7 @@ class ToySDSettings:
     kl_weight: float = 1e-4  # on the KL per latent element, next to the per-pixel MSE
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
+    snr_gamma: float | None = 5.0  # Min-SNR loss weighting (None: plain MSE)
 
     def check(self) -> "ToySDSettings":
         if self.size % 32 or not 32 <= self.size <= 256:
@@ -193,16 +196,25 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def eps_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """SD's training loss: predict the noise added to ``latents`` at a uniform random timestep."""
+             generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
+    """SD's training loss: predict the noise added to ``latents`` at a uniform random timestep.
+
+    ``snr_gamma``: Min-SNR weighting (Hang et al., 2023), each sample's MSE times
+    min(SNR(t), gamma) / SNR(t). Nearly-clean timesteps then weigh less, which makes a short
+    training spend its steps on the shapes and colours rather than on fine noise."""
     text = text_encoder(ids)[0]
     noisy, noise, timesteps = add_noise(scheduler, latents, generator)
-    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, noise)
+    error = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, noise, reduction="none")
+    if snr_gamma is None:
+        return error.mean()
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return (error.mean(dim=(1, 2, 3)) * snr.clamp(max=snr_gamma) / snr).mean()
 
 
 def train_unet(sd: SDComponents, scene_moments: torch.Tensor, captions: list[str], steps: int, batch: int = 32,
                lr: float = 1e-3, warmup: int = 50, caption_dropout: float = 0.1, ema_decay: float = 0.995,
-               seed: int = 0, progress: ProgressCallback | None = None) -> list[float]:
+               snr_gamma: float | None = 5.0, seed: int = 0, progress: ProgressCallback | None = None) -> list[float]:
     """Train ``sd.text_encoder`` and ``sd.unet`` together in place (their weights end as the EMA
     of the run); returns the loss of each step."""
     generator = torch.Generator().manual_seed(seed)
@@ -210,29 +222,25 @@ def train_unet(sd: SDComponents, scene_moments: torch.Tensor, captions: list[str
     empty = tokenize(sd.tokenizer, [""])
     scaling = sd.vae.config.scaling_factor
     modules = torch.nn.ModuleList([sd.unet, sd.text_encoder]).train().requires_grad_(True)
-    ema = _ema(modules, ema_decay)
-    optimizer, schedule = _optimizer(modules.parameters(), lr, warmup, steps)
+    params = list(modules.parameters())
+    # diffusers' EMA: its decay ramps up as (1 + t) / (10 + t) to ``ema_decay``, so the average
+    # never holds much of the random initialisation, even in a short run.
+    ema = EMAModel(params, decay=ema_decay, foreach=True)
+    optimizer, schedule = _optimizer(params, lr, warmup, steps)
     history = []
     for step in range(steps):
         idx = torch.randint(0, len(scene_moments), (batch,), generator=generator)
         latents = sample_latents(scene_moments[idx], generator) * scaling
         drop = torch.rand(batch, generator=generator) < caption_dropout
         loss = eps_loss(sd.unet, sd.text_encoder, sd.scheduler, latents,
-                        torch.where(drop[:, None], empty, ids[idx]), generator)
+                        torch.where(drop[:, None], empty, ids[idx]), generator, snr_gamma)
         _step(optimizer, schedule, loss)
-        ema.update_parameters(modules)
+        ema.step(params)
         history.append(loss.item())
         report(progress, "unet", step + 1, steps, loss=_recent(history))
-    if steps:
-        modules.load_state_dict(ema.module.state_dict())
+    ema.copy_to(params)
     modules.eval().requires_grad_(False)
     return history
-
-
-def _ema(modules: torch.nn.Module, decay: float):
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(modules, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _optimizer(params, lr: float, warmup: int, steps: int):
@@ -322,7 +330,7 @@ def train_toy_sd(settings: ToySDSettings | None = None, out: str | Path | None =
     moments = encode_moments(sd.vae, data.scenes)
     scaling = set_scaling_factor(sd.vae, moments, s.seed)
     unet_history = train_unet(sd, moments, data.captions, s.unet_steps, batch=s.batch, lr=s.unet_lr,
-                              warmup=s.warmup, caption_dropout=s.caption_dropout, ema_decay=s.ema_decay,
+                              warmup=s.warmup, caption_dropout=s.caption_dropout, ema_decay=s.ema_decay, snr_gamma=s.snr_gamma,
                               seed=s.seed + 1, progress=progress)
     summary = {
         "preset": PRESET,

@@ -1,0 +1,95 @@
+"""The demo model that ships inside the package: ``ctrlora pull demo`` puts it in the store with
+no network; ``export_demo`` (called by the recipe beside the weights) writes it from a store.
+
+Package folder ``ctrlora_cli/data/demo/`` (``CTRLORA_DEMO_DIR`` points elsewhere, e.g. a rebuilt one)::
+
+    demo.json                 names, conditions, architecture, the recipe's settings and fidelity table
+    sd/                       the toy SD in diffusers layout (fp16 safetensors)
+    base/controlnet/          the demo Base ControlNet (fp16)
+    adapters/<condition>.safetensors
+    recipe.py                 how all of it was made
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ctrlora_cli.store import Store, validate_name
+from engine.errors import UsageError
+
+PACKAGED = Path(__file__).resolve().parent / "data" / "demo"
+ABOUT = "demo.json"
+PARTS = ("sd", "base", "adapters")
+
+
+def demo_dir() -> Path:
+    return Path(os.environ.get("CTRLORA_DEMO_DIR") or PACKAGED)
+
+
+def pull_demo(store: Store, name: str = "demo", replace: bool = False) -> dict:
+    """Add ``NAME-sd``, ``NAME`` (base) and ``NAME-<condition>`` adapters from the demo folder."""
+    folder = demo_dir()
+    about_file = folder / ABOUT
+    if not about_file.is_file():
+        raise UsageError(f"no demo model in {folder}; build it with: python {PACKAGED / 'recipe.py'}")
+    about = json.loads(about_file.read_text(encoding="utf-8"))
+    validate_name(name)
+    sd_name = f"{name}-sd"
+    names = {condition: f"{name}-{condition}" for condition in about["adapters"]}
+    for entry in (sd_name, *names.values()):
+        validate_name(entry)
+    arch = about["arch"]
+    source = {"type": "demo", "folder": str(folder), "version": about.get("version")}
+    labels = ["demo"]
+    note = "the demo model: toy SD, base and adapters trained on the demo world (64 x 64)"
+    store.add_folder(sd_name, "sd", folder / "sd", arch=arch, source=source, labels=labels, notes=note,
+                     replace=replace)
+    store.add_folder(name, "base", folder / "base", arch=arch, sd=sd_name, source=source, labels=labels,
+                     notes=note, extra={"conditions": list(names)}, replace=replace)
+    for condition, entry in names.items():
+        info = about["adapters"][condition]
+        store.add(entry, "adapter", {"adapter.safetensors": folder / "adapters" / f"{condition}.safetensors"},
+                  arch=arch, condition=condition, rank=info["rank"], source=source, labels=labels,
+                  notes=f"{info['how']} ({note})", extra={"base": name}, replace=replace)
+    return {"sd": sd_name, "base": name, "adapters": list(names.values())}
+
+
+def export_demo(store: Store, target: Path, *, sd: str, base: str, adapters: dict[str, str], about: dict) -> Path:
+    """Write the demo folder from store entries: weights in fp16, ``demo.json`` last."""
+    from engine.adapter_format import read_adapter_metadata
+    from engine.models import save_fp16_copy
+
+    target.mkdir(parents=True, exist_ok=True)
+    (target / ABOUT).unlink(missing_ok=True)  # first: a half-written folder is never taken for a demo
+    for part in PARTS:
+        shutil.rmtree(target / part, ignore_errors=True)
+    _copy_entry(store, sd, target / "sd", save_fp16_copy)
+    _copy_entry(store, base, target / "base", save_fp16_copy)
+    records = {}
+    for condition, entry in adapters.items():
+        path = store.file(entry, "adapter.safetensors")
+        save_fp16_copy(path, target / "adapters" / f"{condition}.safetensors")
+        meta = read_adapter_metadata(path)
+        how = "fitted on the demo base" if store.get(entry).source.get("type") == "fit" else "trained with the base"
+        records[condition] = {"rank": meta["rank"], "how": how}
+    arch = store.get(base).arch
+    sizes = {part: sum(p.stat().st_size for p in (target / part).rglob("*") if p.is_file()) for part in PARTS}
+    content = {"version": 1, "arch": arch, "adapters": records, "bytes": sizes, **about}
+    tmp = target / f".{ABOUT}.tmp"
+    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, target / ABOUT)
+    return target
+
+
+def _copy_entry(store: Store, name: str, target: Path, convert) -> None:
+    for record in store.get(name).files:
+        src = store.folder(name) / record.path
+        dst = target / record.path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if record.path.endswith(".safetensors"):
+            convert(src, dst)
+        else:
+            shutil.copyfile(src, dst)

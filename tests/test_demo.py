@@ -1,0 +1,106 @@
+"""The demo: `ctrlora eval`, the recipe end to end (tiny settings), `ctrlora pull demo` offline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_cli
+
+RECIPE = REPO / "ctrlora_cli" / "data" / "demo" / "recipe.py"
+
+
+def make_world(folder, condition="canny", count=2, size=64, seed=1):
+    result = run_cli("world", "make", str(folder), "-c", condition, "-n", str(count), "--size", str(size),
+                     "--seed", str(seed))
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_eval_scores_the_bare_base_and_an_adapter(tiny_store, tmp_path):
+    data = make_world(tmp_path / "canny")
+    bare = run_cli("eval", "none", str(data), "--steps", "2", "--json", "--save", str(tmp_path / "images"))
+    assert bare.returncode == 0, bare.stderr
+    scores = json.loads(bare.stdout)
+    assert scores["kind"] == "canny" and scores["metric"] == "f1" and scores["pairs"] == 2  # kind from world.json
+    assert scores["adapter"] is None and scores["base"] == "tiny"
+    assert 0 <= scores["value"] <= 1 and scores["scores"]["count"] == 2
+    assert scores["ceiling"]["f1"] == pytest.approx(1.0)  # the targets are what the edges were drawn from
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["0.png", "1.png"]
+
+    adapter = run_cli("eval", "tiny-canny", str(data), "--steps", "2", "--count", "1", "--json")
+    assert adapter.returncode == 0, adapter.stderr
+    scores = json.loads(adapter.stdout)
+    assert scores["adapter"] == "tiny-canny" and scores["pairs"] == 1 and scores["kind"] == "canny"
+
+    text = run_cli("eval", "tiny-canny", str(data), "--steps", "1", "--count", "1")
+    assert text.returncode == 0 and "f1" in text.stdout and "own targets" in text.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("none", "{data}", "--kind", "depthx"), "no fidelity measure for 'depthx'"),
+    (("none", "{data}", "--count", "0"), "--count must be at least 1"),
+    (("missing-adapter", "{data}"), "not in the store"),
+    (("none", "{empty}"), "cannot tell which fidelity measure"),
+])
+def test_eval_refuses_bad_input_in_one_line(tiny_store, tmp_path, args, message):
+    data = make_world(tmp_path / "canny", count=1)
+    (tmp_path / "empty").mkdir()
+    result = run_cli("eval", *(a.format(data=data, empty=tmp_path / "empty") for a in args))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_pull_demo_without_weights_says_how_to_build_them(tmp_path):
+    env = {"CTRLORA_HOME": str(tmp_path / "home"), "CTRLORA_DEMO_DIR": str(tmp_path / "nothing")}
+    result = run_cli("pull", "demo", env=env)
+    assert result.returncode == 2 and "recipe.py" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_recipe_builds_a_demo_that_pull_and_gen_use(tmp_path):
+    """Every stage of the recipe with tiny settings: toy SD, world data, train-base, the fit and
+    from-scratch curves with eval, the table, the fp16 export; then pull demo and gen with it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    work, export = tmp_path / "work", tmp_path / "demo"
+    done = subprocess.run([sys.executable, str(RECIPE), "--quick", "--work", str(work), "--export", str(export)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    table = json.loads((work / "fidelity.json").read_text())
+    assert table["condition"] == "sketch" and table["metric"] == "f1" and table["steps"] == 2
+    assert set(table["rows"]) == {"bare", "ctrlora", "scratch"}
+    for method in ("ctrlora", "scratch"):
+        assert [n for n, _ in table["rows"][method]["curve"]] == [2]
+        assert all(0 <= v <= 1 for _, v in table["rows"][method]["curve"])
+    assert "| (b) CtrLoRA adapter fitted on the base |" in done.stdout
+
+    about = json.loads((export / "demo.json").read_text())
+    assert set(about["adapters"]) == {"canny", "seg", "sketch"}
+    assert about["adapters"]["sketch"]["how"] == "fitted on the demo base"
+    assert about["fidelity"] == table
+    from safetensors import safe_open
+
+    with safe_open(str(export / "base" / "controlnet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+
+    # A second run finds every stage done and only re-exports.
+    again = subprocess.run([sys.executable, str(RECIPE), "--quick", "--work", str(work), "--export", str(export)],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "$ ctrlora fit" not in again.stdout and "done earlier" in again.stdout
+
+    home = {"CTRLORA_HOME": str(tmp_path / "home"), "CTRLORA_DEMO_DIR": str(export), "CTRLORA_OFFLINE": "1"}
+    pulled = run_cli("pull", "demo", env=home)
+    assert pulled.returncode == 0, pulled.stderr
+    listed = json.loads(run_cli("list", "--json", env=home).stdout)
+    assert {e["name"] for e in listed} == {"demo", "demo-sd", "demo-canny", "demo-seg", "demo-sketch"}
+    condition = make_world(tmp_path / "cond", "sketch", count=1, size=32, seed=3)
+    out = tmp_path / "out.png"
+    made = run_cli("gen", "--cond", f"demo-sketch={condition / 'source' / '0.png'}", "-p", "a red circle",
+                   "--steps", "2", "--out", str(out), env=home)
+    assert made.returncode == 0, made.stderr
+    assert Image.open(out).size == (32, 32)
