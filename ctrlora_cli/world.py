@@ -88,7 +88,7 @@ def train_sd(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
     """Train the demo's toy SD (VAE, text encoder, UNet of the demo preset) on world scenes and add
-    it to the store as an sd entry. About 20 minutes on 2 CPU cores with the defaults."""
+    it to the store as an sd entry. Roughly 50 minutes on 2 CPU cores with the defaults."""
     from ctrlora_cli.store import Store, validate_name
 
     if name is None:

@@ -18,7 +18,7 @@ fidelity table in README: every stage is one of the project's own commands.
 
 Every stage is skipped when its result exists in the work folder, so an interrupted recipe
 continues where it stopped. ``--quick`` runs every stage with tiny settings (the CI test).
-About an hour on 2 CPU cores with the full settings.
+The full settings took about 1.5 h on 2 quiet CPU cores (README: The demo model).
 """
 
 from __future__ import annotations
