@@ -22,3 +22,15 @@ def say(message: str) -> None:
 
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def ask(question: str, refusal: str, *, default=None, type=None, batch: bool = False):
+    """A missing required value: asked for when a person is at a terminal, else (or with
+    ``batch``, e.g. --json output) refused with ``refusal`` as a usage error (exit 2)."""
+    import typer
+
+    from engine.errors import UsageError
+
+    if batch or not interactive():
+        raise UsageError(refusal)
+    return typer.prompt(question, default=default, type=type)

@@ -60,6 +60,7 @@ def pull_demo(store: Store, name: str = "demo", replace: bool = False) -> dict:
 def export_demo(store: Store, target: Path, *, sd: str, base: str, adapters: dict[str, str], about: dict) -> Path:
     """Write the demo folder from store entries: weights in fp16, ``demo.json`` last."""
     from engine.adapter_format import read_adapter_metadata
+    from engine.images import atomic_path
     from engine.models import save_fp16_copy
 
     target.mkdir(parents=True, exist_ok=True)
@@ -78,9 +79,8 @@ def export_demo(store: Store, target: Path, *, sd: str, base: str, adapters: dic
     arch = store.get(base).arch
     sizes = {part: sum(p.stat().st_size for p in (target / part).rglob("*") if p.is_file()) for part in PARTS}
     content = {"version": 1, "arch": arch, "adapters": records, "bytes": sizes, **about}
-    tmp = target / f".{ABOUT}.tmp"
-    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target / ABOUT)
+    with atomic_path(target / ABOUT) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return target
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import err, interactive, out, warn
+from ctrlora_cli.console import ask, err, interactive, out, warn
 
 DATA_HELP = """Folder of training pairs: either prompt.json (JSON lines {"source", "target", "prompt"}) with
 source/ and target/, or source/ and target/ with matching file names and prompts in prompts.jsonl
@@ -64,9 +64,7 @@ def fit(
 
     store = Store()
     if name is None:
-        if not interactive():
-            raise UsageError("missing --name: the store name for the new adapter")
-        name = typer.prompt("Name for the new adapter")
+        name = ask("Name for the new adapter", "missing --name: the store name for the new adapter")
     validate_name(name)
     if store.exists(name):
         raise UsageError(f"{name!r} is already in the store; pick another --name")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import err, interactive, out, warn
+from ctrlora_cli.console import ask, err, interactive, out, warn
 from engine.errors import UsageError
 
 SCHEDULER_NAMES = ("ddim", "unipc", "euler-a", "dpm++")  # engine.sampling.SCHEDULERS (not imported: --help stays fast)
@@ -114,9 +114,7 @@ def gen(
 
     prompt = prompt if prompt is not None else recipe.get("prompt")
     if prompt is None:
-        if not interactive() or json_output:
-            raise UsageError("give a prompt with -p/--prompt")
-        prompt = typer.prompt("Prompt")
+        prompt = ask("Prompt", "give a prompt with -p/--prompt", batch=json_output)
     settings = {k: recipe.get(k, v) for k, v in DEFAULTS.items()}
     given = dict(negative_prompt=negative, steps=steps, guidance=guidance, scheduler=scheduler, strength=strength)
     settings.update({k: v for k, v in given.items() if v is not None})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import interactive, out
+from ctrlora_cli.console import ask, out
 from engine.errors import UsageError
 
 
@@ -34,11 +34,10 @@ def prep(
         _list(as_json)
         return
     if kind is None or image is None:
-        if not interactive() or as_json:
-            raise UsageError("give KIND and IMAGE, e.g. ctrlora prep canny photo.png -o edges.png "
-                             "(ctrlora prep --list shows the kinds)")
-        kind = kind or typer.prompt(f"Condition kind ({', '.join(extractors.SPECS)})")
-        image = image or Path(typer.prompt("Image file"))
+        refusal = ("give KIND and IMAGE, e.g. ctrlora prep canny photo.png -o edges.png "
+                   "(ctrlora prep --list shows the kinds)")
+        kind = kind or ask(f"Condition kind ({', '.join(extractors.SPECS)})", refusal, batch=as_json)
+        image = image or Path(ask("Image file", refusal, batch=as_json))
 
     from engine.images import check_writable_image_path, load_image, save_image
 

@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
-from ctrlora_cli.console import interactive, say, warn
+from ctrlora_cli.console import ask, say, warn
 from ctrlora_cli.store import Manifest, Staged, Store, sha256_file, validate_name
 from engine.errors import CheckpointError, CtrloraError, UsageError
 
@@ -52,9 +52,8 @@ def pull(
     ctrlora pull ./model.safetensors --kind sd --name y
     """
     if source is None:
-        if not interactive():
-            raise UsageError("what to pull? e.g. ctrlora pull base (see: ctrlora list --catalog)")
-        source = typer.prompt("What to pull (base, canny, ..., demo, tiny, hf://..., a file)")
+        source = ask("What to pull (base, canny, ..., demo, tiny, hf://..., a file)",
+                     "what to pull? e.g. ctrlora pull base (see: ctrlora list --catalog)")
     if name is not None:
         validate_name(name)
     if kind is not None and kind not in KINDS:

@@ -8,10 +8,9 @@ import math
 import typer
 from rich.markup import escape
 
-from ctrlora_cli.console import interactive, out
+from ctrlora_cli.console import ask, out
 from ctrlora_cli.list import human_size, print_table, source_label
 from ctrlora_cli.store import Manifest, Store
-from engine.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -25,9 +24,7 @@ def show(
     """Show a model: what it is, where it came from, its parameters and files."""
     store = Store()
     if name is None:
-        if not interactive():
-            raise UsageError("which model? e.g. ctrlora show base (see: ctrlora list)")
-        name = typer.prompt("Model to show")
+        name = ask("Model to show", "which model? e.g. ctrlora show base (see: ctrlora list)")
     manifest = store.get(name)
     params = parameter_counts(store, manifest)
     if as_json:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import err, interactive, out
+from ctrlora_cli.console import ask, err, interactive, out
 from engine.errors import CtrloraError, UsageError
 
 
@@ -50,9 +50,9 @@ def train_base(
     from engine.launch import Topology, all_node_commands, topology_from_slurm, worker_command
 
     store = Store()
-    out_name = out_name or _ask("--out", "Name of the new base")
+    out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME")
     validate_name(out_name)
-    init = init or _ask("--init", "SD model or base to start from (store name)")
+    init = init or ask("SD model or base to start from (store name)", "missing --init; pass --init NAME")
     if not data and not shards:
         raise UsageError("no training data: give condition folders (COND=DIR) and/or --shards GLOB")
     if precision not in (None, "fp32", "bf16", "fp16"):
@@ -110,12 +110,6 @@ def train_base(
     else:
         out.print(f"base [bold]{out_name}[/bold] and adapters {', '.join(summary['adapters'])} are in the store "
                   f"(eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f})", highlight=False)
-
-
-def _ask(flag: str, question: str) -> str:
-    if interactive():
-        return typer.prompt(question)
-    raise UsageError(f"missing {flag}; pass {flag} NAME")
 
 
 def _python() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import interactive, out
+from ctrlora_cli.console import ask, out
 from engine.errors import UsageError
 
 world_app = typer.Typer(help="The demo world: drawn scenes of coloured shapes with exact conditions, offline.",
@@ -34,11 +34,10 @@ def make(
     from engine import world
 
     if condition is None or count is None:
-        if not interactive() or as_json:
-            missing = "--condition" if condition is None else "--count"
-            raise UsageError(f"give {missing}, e.g. ctrlora world make data/canny --condition canny --count 1000")
-        condition = condition or typer.prompt(f"Condition ({', '.join(world.CONDITIONS)})")
-        count = count if count is not None else typer.prompt("Number of pairs", type=int)
+        missing = "--condition" if condition is None else "--count"
+        refusal = f"give {missing}, e.g. ctrlora world make data/canny --condition canny --count 1000"
+        condition = condition or ask(f"Condition ({', '.join(world.CONDITIONS)})", refusal, batch=as_json)
+        count = count if count is not None else ask("Number of pairs", refusal, type=int, batch=as_json)
 
     from ctrlora_cli.progress import progress_bars
 
@@ -92,9 +91,8 @@ def train_sd(
     from ctrlora_cli.store import Store, validate_name
 
     if name is None:
-        if not interactive() or as_json:
-            raise UsageError("give --name, e.g. ctrlora world train-sd --name demo-sd")
-        name = typer.prompt("Store name for the toy SD", default="demo-sd")
+        name = ask("Store name for the toy SD", "give --name, e.g. ctrlora world train-sd --name demo-sd",
+                   default="demo-sd", batch=as_json)
     validate_name(name)
     store = Store()
     if store.exists(name) and not force:

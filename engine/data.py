@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,16 +277,10 @@ class LatentCache:
     def put(self, key: str, value: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"value": value.detach().to("cpu").contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from engine.images import atomic_path
+
+        with atomic_path(self.path(key)) as tmp:
+            save_file({"value": value.detach().to("cpu").contiguous()}, str(tmp))
 
 
 # -- encoding ----------------------------------------------------------------------------------

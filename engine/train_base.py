@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from engine import adapters
 from engine.diffusion import diffusion_loss
+from engine.images import atomic_path
 
 RENDEZVOUS_MARKER = "rendezvous.json"
 CHECKPOINT = "checkpoint.pt"
@@ -145,15 +146,13 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # -- the run -----------------------------------------------------------------------------------

@@ -187,11 +187,10 @@ def summarise(results: dict, s: dict) -> dict:
 def markdown_table(table: dict) -> str:
     m, steps = table["metric"], table["steps"]
     r = table["rows"]
-    last = table["steps"]
 
     def reach(row):
         n = row["steps_to_threshold"]
-        return f"{n}" if n is not None else f"> {last}"
+        return f"{n}" if n is not None else f"> {steps}"
 
     lines = [f"| {table['condition']} (held out), {table['pairs']} pairs, {steps} steps | {m} | "
              f"steps to {m} {table['threshold']:.3f} |",
