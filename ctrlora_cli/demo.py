@@ -44,7 +44,8 @@ def pull_demo(store: Store, name: str = "demo", replace: bool = False) -> dict:
     arch = about["arch"]
     source = {"type": "demo", "folder": str(folder), "version": about.get("version")}
     labels = ["demo"]
-    note = "the demo model: toy SD, base and adapters trained on the demo world (64 x 64)"
+    size = about.get("settings", {}).get("size")
+    note = "the demo model: toy SD, base and adapters trained on the demo world" + (f" ({size} x {size})" if size else "")
     store.add_folder(sd_name, "sd", folder / "sd", arch=arch, source=source, labels=labels, notes=note,
                      replace=replace)
     store.add_folder(name, "base", folder / "base", arch=arch, sd=sd_name, source=source, labels=labels,

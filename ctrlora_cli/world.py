@@ -76,18 +76,19 @@ def conditions(as_json: bool = typer.Option(False, "--json", help="Print JSON in
 @world_app.command("train-sd")
 def train_sd(
     name: str | None = typer.Option(None, "--name", help="Store name of the sd entry to make, e.g. demo-sd."),
-    size: int = typer.Option(64, "--size", help="Image side in pixels (a multiple of 32, 32 to 256)."),
+    size: int = typer.Option(32, "--size", help="Image side in pixels (a multiple of 32, 32 to 256)."),
     count: int | None = typer.Option(None, "--count", "-n", help="World scenes to train on (default 4000)."),
-    vae_steps: int | None = typer.Option(None, "--vae-steps", help="VAE training steps (default 600)."),
-    unet_steps: int | None = typer.Option(None, "--unet-steps", help="Text encoder + UNet steps (default 1500)."),
-    batch: int | None = typer.Option(None, "--batch", help="Images per step (default 32)."),
+    vae_steps: int | None = typer.Option(None, "--vae-steps", help="VAE training steps (default 800)."),
+    unet_steps: int | None = typer.Option(None, "--unet-steps", help="Text encoder + UNet steps (default 1000)."),
+    batch: int | None = typer.Option(None, "--batch", help="Scenes per text encoder + UNet step (default 64)."),
+    vae_batch: int | None = typer.Option(None, "--vae-batch", help="Images per VAE step (default 32)."),
     seed: int = typer.Option(0, "--seed", help="World and training seed."),
     out_dir: Path | None = typer.Option(None, "--out", help="Also keep the SD folder (diffusers layout) here."),
     force: bool = typer.Option(False, "--force", help="Replace an entry NAME already in the store."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
     """Train the demo's toy SD (VAE, text encoder, UNet of the demo preset) on world scenes and add
-    it to the store as an sd entry. Roughly 50 minutes on 2 CPU cores with the defaults."""
+    it to the store as an sd entry. About 22 minutes on 2 CPU cores with the defaults."""
     from ctrlora_cli.store import Store, validate_name
 
     if name is None:
@@ -103,7 +104,8 @@ def train_sd(
         raise UsageError(f"{out_dir} is not empty; pick another --out or add --force")
 
     summary = train_sd_entry(store, name, _settings(size=size, count=count, vae_steps=vae_steps,
-                                                     unet_steps=unet_steps, batch=batch, seed=seed),
+                                                     unet_steps=unet_steps, batch=batch, vae_batch=vae_batch,
+                                                     seed=seed),
                              out_dir=out_dir, show_progress=not as_json)
     if as_json:
         print(json.dumps(summary))

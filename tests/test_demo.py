@@ -83,6 +83,8 @@ def test_recipe_builds_a_demo_that_pull_and_gen_use(tmp_path):
     assert set(about["adapters"]) == {"canny", "seg", "sketch"}
     assert about["adapters"]["sketch"]["how"] == "fitted on the demo base"
     assert about["fidelity"] == table
+    # preview.png: a row per adapter, three unseen scenes of condition | generated | scene, 4x zoom
+    assert Image.open(export / "preview.png").size == (9 * 128 + 8 * 4 + 2 * 12, 3 * 128 + 2 * 4)
     from safetensors import safe_open
 
     with safe_open(str(export / "base" / "controlnet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
@@ -104,3 +106,32 @@ def test_recipe_builds_a_demo_that_pull_and_gen_use(tmp_path):
                    "--steps", "2", "--out", str(out), env=home)
     assert made.returncode == 0, made.stderr
     assert Image.open(out).size == (32, 32)
+
+
+def readme_first_command() -> list[str]:
+    """The first line of README's first bash block (Set up), split at ``&&``."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Set up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [part.strip() for part in block.strip().splitlines()[0].split("&&")]
+
+
+@pytest.mark.slow
+def test_readme_first_command_runs_offline_in_an_empty_store(tmp_path):
+    """README's first command as a new user meets it (past its two pip installs): every ctrlora
+    step in an empty store with no network, ending in an image the size of its condition."""
+    import shlex
+
+    steps = readme_first_command()
+    assert steps[0] == "pip install torch==2.13.0" and steps[1] == "pip install -e ."
+    home = {"CTRLORA_HOME": str(tmp_path / "home"), "CTRLORA_OFFLINE": "1", "CTRLORA_DEMO_DIR": ""}
+    ran = []
+    for step in steps[2:]:
+        args = shlex.split(step)
+        assert args[0] == "ctrlora"
+        result = run_cli(*args[1:], env=home, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, f"{step}: {result.stderr}"
+        ran.append(args)
+    gen = next(args for args in ran if args[1] == "gen")
+    condition_path = gen[gen.index("--cond") + 1].split("=", 1)[1]
+    image = Image.open(tmp_path / gen[gen.index("--out") + 1])
+    assert image.size == Image.open(tmp_path / condition_path).size

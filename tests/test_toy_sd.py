@@ -121,7 +121,7 @@ def test_train_toy_sd_saves_a_loadable_sd(tmp_path):
     from engine.models import load_sd
 
     events = []
-    settings = ToySDSettings(size=32, count=9, vae_steps=3, unet_steps=3, batch=4, seed=2)
+    settings = ToySDSettings(size=32, count=9, vae_steps=3, unet_steps=3, batch=4, vae_batch=4, seed=2)
     result = toy_sd.train_toy_sd(settings, out=tmp_path / "sd", progress=events.append)
     assert {e.task for e in events} == {"world", "vae", "unet"}
     assert events[-1].task == "unet" and events[-1].completed == events[-1].total == 3
@@ -147,7 +147,7 @@ def test_train_toy_sd_saves_a_loadable_sd(tmp_path):
 def test_settings_are_checked():
     from engine.errors import UsageError
 
-    for bad in (dict(size=48), dict(size=16), dict(count=0), dict(batch=0), dict(unet_steps=-1)):
+    for bad in (dict(size=48), dict(size=16), dict(count=0), dict(batch=0), dict(vae_batch=0), dict(unet_steps=-1)):
         with pytest.raises(UsageError):
             ToySDSettings(**bad).check()
 
@@ -155,7 +155,7 @@ def test_settings_are_checked():
 @pytest.mark.slow
 def test_cli_train_sd_adds_an_sd_entry(tiny_store, tmp_path):
     args = ("world", "train-sd", "--name", "demo-sd", "--size", "32", "--count", "9", "--vae-steps", "2",
-            "--unet-steps", "2", "--batch", "4", "--seed", "1")
+            "--unet-steps", "2", "--batch", "4", "--vae-batch", "4", "--seed", "1")
     result = run_cli(*args, "--out", str(tmp_path / "out"), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

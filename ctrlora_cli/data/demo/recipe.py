@@ -2,7 +2,7 @@
 fidelity table in README: every stage is one of the project's own commands.
 
 1. ``ctrlora world train-sd``: a toy Stable Diffusion (VAE, text encoder, UNet of the ``demo``
-   preset) trained on 64 x 64 world scenes.
+   preset) trained on 32 x 32 world scenes.
 2. ``ctrlora world make``: 1,000 pairs for each base condition and for the held-out one, and a
    held-out evaluation set drawn from another world seed (scenes never seen in training).
 3. ``ctrlora train-base``: the demo Base ControlNet and one adapter per base condition.
@@ -11,14 +11,15 @@ fidelity table in README: every stage is one of the project's own commands.
    stage of the schedule; (c) ``ctrlora train-base`` on that condition alone from the UNet: a
    ControlNet of the same architecture trained from scratch, scored the same way; (a) the base
    with no adapter (``ctrlora eval none``).
-5. Export: fp16 weights, ``demo.json`` (names, sizes, the table) and ``preview.png`` into the
+5. ``preview.png``: condition | generated | scene, for every adapter on unseen scenes.
+6. Export: fp16 weights, ``demo.json`` (names, sizes, the table) and the preview into the
    package folder beside this file (or ``--export``).
 
     python ctrlora_cli/data/demo/recipe.py [--work build/demo] [--export DIR] [--quick]
 
 Every stage is skipped when its result exists in the work folder, so an interrupted recipe
 continues where it stopped. ``--quick`` runs every stage with tiny settings (the CI test).
-The full settings took about 1.5 h on 2 quiet CPU cores (README: The demo model).
+The full settings take about 70 minutes on 2 quiet CPU cores (README: The demo model).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,16 +36,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 FULL = dict(
-    size=64, sd_count=4000, vae_steps=500, unet_steps=1200, sd_batch=16,
-    pairs=1000, eval_pairs=48, rank=16, batch=16,
-    base_steps=1000, base_lr=3e-4,
+    size=32, sd_count=4000, vae_steps=800, unet_steps=1000, sd_batch=64, vae_batch=32,
+    pairs=1000, eval_pairs=64, rank=16, batch=16,
+    base_steps=1500, base_batch=32, base_lr=3e-4,
     held="sketch", curve=[50, 100, 200, 400], lr=3e-4,
     eval_steps=20, guidance=5.0, threshold=None,
 )
 QUICK = dict(
-    size=32, sd_count=64, vae_steps=3, unet_steps=3, sd_batch=8,
+    size=32, sd_count=64, vae_steps=3, unet_steps=3, sd_batch=8, vae_batch=8,
     pairs=8, eval_pairs=2, rank=4, batch=4,
-    base_steps=2, base_lr=3e-4,
+    base_steps=2, base_batch=4, base_lr=3e-4,
     held="sketch", curve=[2], lr=3e-4,
     eval_steps=2, guidance=5.0, threshold=None,
 )
@@ -65,20 +67,22 @@ def main() -> None:
 
     recipe.stage("toy SD", recipe.has("demo-sd"), "world", "train-sd", "--name", "demo-sd", "--size", s["size"],
                  "--count", s["sd_count"], "--vae-steps", s["vae_steps"], "--unet-steps", s["unet_steps"],
-                 "--batch", s["sd_batch"], "--json")
+                 "--batch", s["sd_batch"], "--vae-batch", s["vae_batch"], "--json")
     for condition in (*conditions, s["held"]):
         recipe.make_data(condition, condition, s["pairs"], seed=0)
     recipe.make_data("eval", s["held"], s["eval_pairs"], seed=1)
     data = [f"{c}={recipe.data(c)}" for c in conditions]
     recipe.stage("base", recipe.has("demo"), "train-base", *data, "--init", "demo-sd", "--out", "demo",
-                 "--steps", s["base_steps"], "--batch", s["batch"], "--lr", s["base_lr"], "--rank", s["rank"],
+                 "--steps", s["base_steps"], "--batch", s["base_batch"], "--lr", s["base_lr"], "--rank", s["rank"],
                  "--resolution", s["size"], "--save-every", 0, "--run-dir", recipe.work / "runs" / "base", "--json")
 
     table = recipe.compare(s)
     (recipe.work / "fidelity.json").write_text(json.dumps(table, indent=2) + "\n")
     print(markdown_table(table))
+    preview = recipe.preview((*conditions, s["held"]))
     if not args.no_export:
         export(recipe, conditions, s, table, args.export.resolve())
+        shutil.copyfile(preview, args.export.resolve() / "preview.png")
     print(f"recipe done in {time.time() - started:.0f} s")
 
 
@@ -165,6 +169,39 @@ class Recipe:
                 save()
                 self.log(key, time.time() - t0)
         return summarise(results, s)
+
+    def preview(self, conditions, scenes: int = 3, zoom: int = 4) -> Path:
+        """``preview.png``: for every adapter, ``scenes`` unseen scenes (world seed 2) as rows of
+        condition | generated | the scene itself, drawn with ``ctrlora eval --save``."""
+        from PIL import Image
+
+        path = self.work / "preview.png"
+        if path.is_file():
+            return path
+        s = self.s
+        rows = []
+        for condition in conditions:
+            data, out = self.work / "preview" / condition, self.work / "preview" / f"{condition}-out"
+            if not (data / "prompt.json").is_file():
+                self.run("world", "make", data, "--condition", condition, "--count", scenes, "--size", s["size"],
+                         "--seed", 2, "--force")
+            self.run("eval", f"demo-{condition}", data, "--base", "demo", "--steps", s["eval_steps"],
+                     "--guidance", s["guidance"], "--save", out, "--json", capture=True)
+            for i in range(scenes):
+                rows.append([Image.open(data / "source" / f"{i}.png"), Image.open(out / f"{i}.png"),
+                             Image.open(data / "target" / f"{i}.png")])
+        side, gap = s["size"] * zoom, 4
+        columns = 3 * scenes  # scene k: condition, generated, target; a wider gap between scenes
+        x = [c * (side + gap) + c // 3 * 3 * gap for c in range(columns)]
+        sheet = Image.new("RGB", (x[-1] + side, len(conditions) * (side + gap) - gap), "white")
+        for r in range(len(conditions)):
+            for c in range(columns):
+                image = rows[r * scenes + c // 3][c % 3].convert("RGB").resize((side, side), Image.NEAREST)
+                sheet.paste(image, (x[c], r * (side + gap)))
+        partial = path.with_name(".preview.partial.png")
+        sheet.save(partial)
+        partial.replace(path)  # whole or absent: the stage is skipped when the file exists
+        return path
 
 
 def summarise(results: dict, s: dict) -> dict:
