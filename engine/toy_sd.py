@@ -331,8 +331,8 @@ def train_toy_sd(settings: ToySDSettings | None = None, out: str | Path | None =
     moments = encode_moments(sd.vae, data.scenes)
     scaling = set_scaling_factor(sd.vae, moments, s.seed)
     unet_history = train_unet(sd, moments, data.captions, s.unet_steps, batch=s.batch, lr=s.unet_lr,
-                              warmup=s.warmup, caption_dropout=s.caption_dropout, ema_decay=s.ema_decay, snr_gamma=s.snr_gamma,
-                              seed=s.seed + 1, progress=progress)
+                              warmup=s.warmup, caption_dropout=s.caption_dropout, ema_decay=s.ema_decay,
+                              snr_gamma=s.snr_gamma, seed=s.seed + 1, progress=progress)
     summary = {
         "preset": PRESET,
         "settings": asdict(s),

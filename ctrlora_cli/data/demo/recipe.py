@@ -34,6 +34,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))  # run as a script from a checkout: the project beside it
+
+from engine.images import atomic_path  # noqa: E402
+
+
+def write_json(path: Path, data) -> None:
+    """Whole or absent: the recipe resumes from these files."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
 
 FULL = dict(
     size=32, sd_count=4000, vae_steps=800, unet_steps=1000, sd_batch=64, vae_batch=32,
@@ -77,7 +87,7 @@ def main() -> None:
                  "--resolution", s["size"], "--save-every", 0, "--run-dir", recipe.work / "runs" / "base", "--json")
 
     table = recipe.compare(s)
-    (recipe.work / "fidelity.json").write_text(json.dumps(table, indent=2) + "\n")
+    write_json(recipe.work / "fidelity.json", table)
     print(markdown_table(table))
     preview = recipe.preview((*conditions, s["held"]))
     if not args.no_export:
@@ -138,7 +148,7 @@ class Recipe:
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
         def save():
-            results_file.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(results_file, results)
 
         held = s["held"]
         if "bare" not in results:
@@ -198,9 +208,8 @@ class Recipe:
             for c in range(columns):
                 image = rows[r * scenes + c // 3][c % 3].convert("RGB").resize((side, side), Image.NEAREST)
                 sheet.paste(image, (x[c], r * (side + gap)))
-        partial = path.with_name(".preview.partial.png")
-        sheet.save(partial)
-        partial.replace(path)  # whole or absent: the stage is skipped when the file exists
+        with atomic_path(path) as tmp:  # whole or absent: the stage is skipped when the file exists
+            sheet.save(tmp, format="PNG")
         return path
 
 
@@ -245,7 +254,6 @@ def markdown_table(table: dict) -> str:
 
 def export(recipe: Recipe, conditions, s: dict, table: dict, target: Path) -> None:
     """fp16 weights of demo-sd, demo and its adapters, plus demo.json, into ``target``."""
-    sys.path.insert(0, str(HERE.parents[2]))
     from ctrlora_cli.demo import export_demo
     from ctrlora_cli.store import Store
 
