@@ -82,6 +82,8 @@ def train_sd(
     unet_steps: int | None = typer.Option(None, "--unet-steps", help="Text encoder + UNet steps (default 1000)."),
     batch: int | None = typer.Option(None, "--batch", help="Scenes per text encoder + UNet step (default 64)."),
     vae_batch: int | None = typer.Option(None, "--vae-batch", help="Images per VAE step (default 32)."),
+    prediction: str | None = typer.Option(None, "--prediction",
+                                          help="What the UNet predicts: v_prediction (default) or epsilon (SD1.5's)."),
     seed: int = typer.Option(0, "--seed", help="World and training seed."),
     out_dir: Path | None = typer.Option(None, "--out", help="Also keep the SD folder (diffusers layout) here."),
     force: bool = typer.Option(False, "--force", help="Replace an entry NAME already in the store."),
@@ -105,7 +107,7 @@ def train_sd(
 
     summary = train_sd_entry(store, name, _settings(size=size, count=count, vae_steps=vae_steps,
                                                      unet_steps=unet_steps, batch=batch, vae_batch=vae_batch,
-                                                     seed=seed),
+                                                     prediction=prediction, seed=seed),
                              out_dir=out_dir, show_progress=not as_json)
     if as_json:
         print(json.dumps(summary))

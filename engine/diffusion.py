@@ -1,5 +1,6 @@
-"""The training objective shared by ``fit`` and ``train-base``: epsilon-prediction MSE on SD1.5's
-schedule, with the Base ControlNet's residuals added to the frozen UNet."""
+"""The training objective shared by ``fit``, ``train-base`` and the demo's toy SD: MSE against what
+the scheduler says the UNet predicts (SD1.5: the noise, epsilon; v-prediction models such as the
+demo's toy SD: the velocity), with the Base ControlNet's residuals added to the frozen UNet."""
 
 from __future__ import annotations
 
@@ -15,9 +16,21 @@ def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator | Non
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, by ``scheduler.config.prediction_type`` (as diffusers'
+    training scripts read it): the noise, or the velocity sqrt(abar) * noise - sqrt(1 - abar) * x0."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction type {kind!r} is not supported (epsilon or v_prediction)")
+
+
 def controlled_eps(unet, controlnet, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
                    cond_latents: torch.Tensor, conditioning_scale: float = 1.0) -> torch.Tensor:
-    """The UNet's noise prediction with the ControlNet's residuals (routing is the caller's)."""
+    """The UNet's prediction (noise or velocity) with the ControlNet's residuals (routing is the
+    caller's)."""
     down, mid = controlnet(cond_latents, timesteps, text, conditioning_scale=conditioning_scale, return_dict=False)
     return unet(noisy, timesteps, encoder_hidden_states=text, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid).sample
@@ -26,5 +39,5 @@ def controlled_eps(unet, controlnet, noisy: torch.Tensor, timesteps: torch.Tenso
 def diffusion_loss(unet, controlnet, scheduler, latents: torch.Tensor, cond_latents: torch.Tensor,
                    text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     noisy, noise, timesteps = add_noise(scheduler, latents, generator)
-    eps = controlled_eps(unet, controlnet, noisy, timesteps, text, cond_latents)
-    return F.mse_loss(eps.float(), noise.float())
+    prediction = controlled_eps(unet, controlnet, noisy, timesteps, text, cond_latents)
+    return F.mse_loss(prediction.float(), prediction_target(scheduler, latents, noise, timesteps).float())

@@ -9,8 +9,11 @@ seed and thread count):
    encoder gives edges and masks a latent too. MSE plus a small KL term. Its ``scaling_factor`` is
    then set to 1 / std of the scenes' latents, the way SD1.5's 0.18215 was chosen, so that the
    UNet sees latents of unit variance.
-2. The text encoder and the UNet learn together with SD's epsilon-prediction loss on the SD1.5
-   schedule; a caption is replaced by "" with probability 0.1 so classifier-free guidance works.
+2. The text encoder and the UNet learn together on the SD1.5 schedule, with v-prediction (as
+   SD2 does) rather than SD1.5's epsilon: a small UNet trained briefly never learns to copy its
+   noisy input exactly, and with epsilon that residual error at the noisiest steps (where the
+   layout is decided) outweighs what it knows about the image, so control and captions barely
+   took hold (build 2); v asks for the image there instead. a caption is replaced by "" with probability 0.1 so classifier-free guidance works.
    Sampling uses an exponential moving average of their weights, which is what gets saved.
 
 ``sample`` is a small DDIM loop with guidance, to check that the result draws world scenes.
@@ -29,13 +32,14 @@ import torch.nn.functional as F
 
 from diffusers.training_utils import EMAModel
 
-from engine.diffusion import add_noise
+from engine.diffusion import add_noise, prediction_target
 from engine.errors import UsageError
 from engine.presets import SDComponents, build_sd
 from engine.progress import ProgressCallback, report
 
 PRESET = "demo"
 VAE_FACTOR = 4  # the demo VAE's downsampling (three blocks)
+PREDICTIONS = ("v_prediction", "epsilon")
 
 
 @dataclass
@@ -57,6 +61,7 @@ class ToySDSettings:
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     snr_gamma: float | None = 5.0  # Min-SNR loss weighting (None: plain MSE)
+    prediction: str = "v_prediction"  # or "epsilon" (SD1.5's); the scheduler config carries it
 
     def check(self) -> "ToySDSettings":
         if self.size % 32 or not 32 <= self.size <= 256:
@@ -64,6 +69,8 @@ class ToySDSettings:
         for name in ("count", "batch", "vae_batch"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, not {getattr(self, name)}")
+        if self.prediction not in PREDICTIONS:
+            raise UsageError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {self.prediction!r}")
         for name in ("vae_steps", "unet_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
@@ -196,21 +203,24 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def eps_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor,
-             generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
-    """SD's training loss: predict the noise added to ``latents`` at a uniform random timestep.
+def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor,
+                   generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
+    """SD's training loss at a uniform random timestep, against the scheduler's prediction type.
 
-    ``snr_gamma``: Min-SNR weighting (Hang et al., 2023), each sample's MSE times
-    min(SNR(t), gamma) / SNR(t). Nearly-clean timesteps then weigh less, which makes a short
-    training spend its steps on the shapes and colours rather than on fine noise."""
+    ``snr_gamma``: Min-SNR weighting (Hang et al., 2023): each sample's MSE times
+    min(SNR(t), gamma) / SNR(t) for epsilon, / (SNR(t) + 1) for v-prediction. Nearly-clean
+    timesteps then weigh less, which makes a short training spend its steps on the shapes and
+    colours rather than on fine noise."""
     text = text_encoder(ids)[0]
     noisy, noise, timesteps = add_noise(scheduler, latents, generator)
-    error = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, noise, reduction="none")
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    error = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, target, reduction="none")
     if snr_gamma is None:
         return error.mean()
     alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
-    return (error.mean(dim=(1, 2, 3)) * snr.clamp(max=snr_gamma) / snr).mean()
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    return (error.mean(dim=(1, 2, 3)) * weight).mean()
 
 
 def train_unet(sd: SDComponents, scene_moments: torch.Tensor, captions: list[str], steps: int, batch: int = 32,
@@ -233,8 +243,8 @@ def train_unet(sd: SDComponents, scene_moments: torch.Tensor, captions: list[str
         idx = torch.randint(0, len(scene_moments), (batch,), generator=generator)
         latents = sample_latents(scene_moments[idx], generator) * scaling
         drop = torch.rand(batch, generator=generator) < caption_dropout
-        loss = eps_loss(sd.unet, sd.text_encoder, sd.scheduler, latents,
-                        torch.where(drop[:, None], empty, ids[idx]), generator, snr_gamma)
+        loss = denoising_loss(sd.unet, sd.text_encoder, sd.scheduler, latents,
+                              torch.where(drop[:, None], empty, ids[idx]), generator, snr_gamma)
         _step(optimizer, schedule, loss)
         ema.step(params)
         history.append(loss.item())
@@ -321,6 +331,7 @@ def train_toy_sd(settings: ToySDSettings | None = None, out: str | Path | None =
     the result in diffusers layout (``engine.models.load_sd`` reads it) when ``out`` is given."""
     s = (settings or ToySDSettings()).check()
     sd = build_sd(PRESET, seed=s.seed)
+    sd.scheduler = type(sd.scheduler).from_config(sd.scheduler.config, prediction_type=s.prediction)
     latent = s.size // VAE_FACTOR
     sd.unet.register_to_config(sample_size=latent)  # the UNet's native size is the world's
     sd.vae.register_to_config(sample_size=s.size)

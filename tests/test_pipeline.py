@@ -182,3 +182,17 @@ def test_images_out(pipe, conditions):
     result = pipe(conditions[:2], PROMPT, steps=2, seed=1, batch=2)
     assert len(result.images) == 2 and result.images[0].size == (SIZE, SIZE)
     assert result.seeds == [1, 2] and len(result.timings["steps"]) == 2
+
+
+def test_v_prediction_models_sample_by_their_scheduler_config(model, conditions):
+    # The demo's toy SD predicts v: every sampler reads that from the SD's scheduler config.
+    import dataclasses
+
+    sd, controlnet = model
+    v_sd = dataclasses.replace(sd, scheduler=type(sd.scheduler).from_config(sd.scheduler.config,
+                                                                           prediction_type="v_prediction"))
+    v_pipe = CtrLoraPipeline(v_sd, controlnet, fuse_single=False)
+    fast, plain = _both(v_pipe, conditions[:2])
+    assert_same(fast, plain)
+    eps, _ = _both(CtrLoraPipeline(sd, controlnet, fuse_single=False), conditions[:2])
+    assert (fast - eps).abs().max() > 0.1

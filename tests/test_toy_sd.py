@@ -106,8 +106,8 @@ def test_unet_steps_lower_the_noise_prediction_loss(world):
 
     def loss():  # the same noise and timesteps each time
         with torch.no_grad():
-            return toy_sd.eps_loss(sd.unet, sd.text_encoder, sd.scheduler, latents, ids,
-                                   torch.Generator().manual_seed(5)).item()
+            return toy_sd.denoising_loss(sd.unet, sd.text_encoder, sd.scheduler, latents, ids,
+                                         torch.Generator().manual_seed(5)).item()
 
     before = loss()
     text_before = sd.text_encoder.get_input_embeddings().weight.clone()
@@ -129,6 +129,7 @@ def test_train_toy_sd_saves_a_loadable_sd(tmp_path):
     assert summary["settings"]["count"] == 9 and summary["scaling_factor"] > 0 and summary["vae_mse_trivial"] > 0
 
     sd = load_sd(tmp_path / "sd")
+    assert sd.scheduler.config.prediction_type == "v_prediction"  # the default, carried by the SD folder
     assert sd.vae.config.scaling_factor == pytest.approx(summary["scaling_factor"])
     assert sd.unet.config.sample_size == 8  # 32 px scenes
     assert arch_id(sd.unet.config) == "demo"
@@ -147,7 +148,8 @@ def test_train_toy_sd_saves_a_loadable_sd(tmp_path):
 def test_settings_are_checked():
     from engine.errors import UsageError
 
-    for bad in (dict(size=48), dict(size=16), dict(count=0), dict(batch=0), dict(vae_batch=0), dict(unet_steps=-1)):
+    for bad in (dict(size=48), dict(size=16), dict(count=0), dict(batch=0), dict(vae_batch=0), dict(unet_steps=-1),
+                dict(prediction="sample")):
         with pytest.raises(UsageError):
             ToySDSettings(**bad).check()
 
