@@ -32,6 +32,7 @@ def evaluate(
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | unipc | euler-a | dpm++"),
     seed: int = typer.Option(0, "--seed", help="Image i uses seed + i."),
+    batch: int = typer.Option(16, "--batch", help="Pairs generated together (memory, not the scores)."),
     save: Path | None = typer.Option(None, "--save", help="Also keep the generated images in this folder."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | fp16 | bf16"),
@@ -50,6 +51,8 @@ def evaluate(
         raise UsageError(f"--count must be at least 1, not {count}")
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, not {steps}")
+    if batch < 1:
+        raise UsageError(f"--batch must be at least 1, not {batch}")
     store = Store()
     bare = adapter.lower() == BARE
     adapters, condition = [], None
@@ -73,7 +76,7 @@ def evaluate(
 
     pipe, names, _, _ = load_pipeline(sd_dir, cn_dir, adapters, device, precision, False)
     name = None if bare else next(iter(names.values()))
-    settings = EvalSettings(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
+    settings = EvalSettings(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch=batch)
     with progress_bars(show) as callback:
         result = run_eval(pipe, name, chosen, kind, settings, save_dir=save, callback=callback)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from engine.condition import image_to_tensor
@@ -27,6 +28,7 @@ class EvalSettings:
     scheduler: str = "ddim"
     seed: int = 0  # image i uses seed + i
     weight: float = 1.0
+    batch: int = 16  # pairs per pipeline call (the scores do not depend on it)
 
 
 @dataclass
@@ -50,21 +52,40 @@ class EvalResult:
 def evaluate(pipe, adapter: str | None, pairs: list[Pair], kind: str, settings: EvalSettings | None = None,
              save_dir: str | Path | None = None, callback: ProgressCallback | None = None) -> EvalResult:
     """Generate one image per pair with ``adapter`` (None: the bare base) loaded in ``pipe``
-    (an ``engine.pipeline.CtrLoraPipeline``) and score it; ``save_dir`` keeps the images."""
+    (an ``engine.pipeline.CtrLoraPipeline``) and score it; ``save_dir`` keeps the images.
+
+    Pair i's image comes from noise seed ``seed + i``, whatever ``settings.batch``: up to that
+    many consecutive pairs of one size go through one pipeline call, each with its own prompt
+    and condition (what the same call for pair i alone gives, up to float rounding)."""
     s = settings or EvalSettings()
     metric, higher = PRIMARY[kind]
     scores, ceiling = [], []
+    for start, chunk in _chunks(pairs, max(1, s.batch)):
+        result = pipe([Condition(adapter, torch.stack([image_to_tensor(c) for c, _ in chunk]), weight=s.weight)],
+                      [pair.prompt or "" for _, pair in chunk], steps=s.steps, guidance=s.guidance,
+                      scheduler=s.scheduler, seed=s.seed + start, batch=len(chunk))
+        for (condition, pair), image in zip(chunk, result.images):
+            if save_dir is not None:
+                Path(save_dir).mkdir(parents=True, exist_ok=True)
+                image.save(Path(save_dir) / f"{Path(pair.source).stem}.png")
+            scores.append(fidelity(kind, image, condition))
+            target = Image.open(pair.target).convert("RGB").crop((0, 0, *condition.size))
+            ceiling.append(fidelity(kind, target, condition))
+        report(callback, "eval", len(scores), len(pairs), **{metric: aggregate(scores)[metric]})
+    return EvalResult(kind, metric, higher, aggregate(scores), aggregate(ceiling), scores)
+
+
+def _chunks(pairs: list[Pair], batch: int):
+    """(index of the first pair, [(condition image cropped to a multiple of 8, pair), ...]):
+    runs of at most ``batch`` consecutive pairs whose conditions share one size."""
+    chunk, start = [], 0
     for i, pair in enumerate(pairs):
         condition = Image.open(pair.source).convert("RGB")
         width, height = (side - side % 8 for side in condition.size)
         condition = condition.crop((0, 0, width, height))
-        result = pipe([Condition(adapter, image_to_tensor(condition), weight=s.weight)], pair.prompt or "",
-                      steps=s.steps, guidance=s.guidance, scheduler=s.scheduler, seed=s.seed + i)
-        image = result.images[0]
-        if save_dir is not None:
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
-            image.save(Path(save_dir) / f"{Path(pair.source).stem}.png")
-        scores.append(fidelity(kind, image, condition))
-        ceiling.append(fidelity(kind, Image.open(pair.target).convert("RGB").crop((0, 0, width, height)), condition))
-        report(callback, "eval", i + 1, len(pairs), **{metric: aggregate(scores)[metric]})
-    return EvalResult(kind, metric, higher, aggregate(scores), aggregate(ceiling), scores)
+        if chunk and (len(chunk) == batch or chunk[0][0].size != condition.size):
+            yield start, chunk
+            chunk, start = [], i
+        chunk.append((condition, pair))
+    if chunk:
+        yield start, chunk

@@ -7,7 +7,8 @@ drawn from a seeded generator, or the posterior's mode). Per denoising step:
    ControlNet forward; ``controlnet.routing`` gives each condition's adapter (LoRA, zero convs,
    transformer norms) its own slice of the batch. Conditions outside their window are left out.
    The ControlNet never sees the noisy latent, so its residuals are the same for every image of
-   the batch: it runs on one sample per (condition, branch) whatever the batch size;
+   the batch: it runs on one sample per (condition, branch) whatever the batch size (unless the
+   images of the batch have their own prompts or condition images, as ``ctrlora eval`` asks);
 2. each branch's residuals are weighted and summed over the conditions;
 3. one UNet pass covers both guidance branches (the unconditional branch keeps the conditions;
    only its text differs).
@@ -81,25 +82,35 @@ class CtrLoraPipeline:
         _move(self.controlnet, self.device, self.dtype)
 
     @torch.no_grad()
-    def encode_conditions(self, conditions: list[Condition], generator: torch.Generator | None,
-                          mode: str = "sample") -> list[torch.Tensor]:
-        """One (1, 4, h, w) latent per condition, in order, drawn from ``generator``."""
+    def encode_conditions(self, conditions: list[Condition], generator: torch.Generator | list[torch.Generator] | None,
+                          mode: str = "sample", count: int = 1) -> list[torch.Tensor]:
+        """One (count, 4, h, w) latent per condition, in order, drawn from ``generator`` (a list:
+        latent k from ``generator[k]``); a single image is encoded ``count`` times."""
         latents = []
         for c in conditions:
-            latent = encode_condition(self.sd.vae, c.image[None], generator=generator, mode=mode)
+            images = c.image if c.image.ndim == 4 else c.image[None].expand(count, -1, -1, -1)
+            latent = encode_condition(self.sd.vae, images, generator=generator, mode=mode)
             latents.append(latent.to(self.dtype))
         return latents
 
     @torch.no_grad()
-    def __call__(self, conditions: list[Condition], prompt: str, negative_prompt: str = "", *, steps: int = 20,
-                 guidance: float = 7.5, scheduler: str = "ddim", seed: int = 0, condition_seed: int | None = None,
-                 width: int | None = None, height: int | None = None, batch: int = 1, strength: float = 1.0,
-                 condition_encoding: str = "sample", output_type: str = "pil",
+    def __call__(self, conditions: list[Condition], prompt: str | list[str], negative_prompt: str = "", *,
+                 steps: int = 20, guidance: float = 7.5, scheduler: str = "ddim", seed: int = 0,
+                 condition_seed: int | None = None, width: int | None = None, height: int | None = None,
+                 batch: int = 1, strength: float = 1.0, condition_encoding: str = "sample", output_type: str = "pil",
                  callback: ProgressCallback | None = None) -> GenerationResult:
+        """``batch`` images, image k from noise seed ``seed + k``. A list of prompts, or condition
+        images with a batch dimension, give each image its own; image k then equals the same call
+        made for it alone with ``seed + k`` and ``condition_seed + k`` (up to float rounding)."""
         if steps < 1 or batch < 1:
             raise UsageError("steps and batch must be at least 1")
         for c in conditions:
             c.validate()
+        per_image = isinstance(prompt, list) or any(c.image.ndim == 4 for c in conditions)
+        per = batch if per_image else 1  # rows per guidance branch that differ in text or conditions
+        prompts = prompt if isinstance(prompt, list) else [prompt] * per
+        if len(prompts) != per or any(c.image.ndim == 4 and len(c.image) != batch for c in conditions):
+            raise UsageError(f"give one prompt and one condition image per image of the batch ({batch})")
         loaded = set(adapters_lib.adapter_names(self.controlnet))
         for c in conditions:
             if c.adapter is not None and c.adapter not in loaded:
@@ -116,12 +127,12 @@ class CtrLoraPipeline:
         latents = initial_latents(gens, shape, self.device, sched.init_noise_sigma)
 
         cfg = guidance > 1.0
-        texts = [negative_prompt, prompt] if cfg else [prompt]
-        text = encode_text(self.sd.text_encoder, self.sd.tokenizer, texts).to(self.dtype)  # (branches, 77, D)
-        branches = text.shape[0]
-        unet_text = text.repeat_interleave(batch, dim=0)  # [uncond x batch, cond x batch]
-        cond_latents = self.encode_conditions(conditions, torch.Generator("cpu").manual_seed(condition_seed),
-                                              condition_encoding)
+        texts = [negative_prompt] * per + prompts if cfg else prompts
+        text = encode_text(self.sd.text_encoder, self.sd.tokenizer, texts).to(self.dtype)  # (branches * per, 77, D)
+        branches = 2 if cfg else 1
+        unet_text = text.repeat_interleave(batch // per, dim=0)  # [uncond x batch, cond x batch]
+        cond_gen = generators(condition_seed, per) if per_image else torch.Generator("cpu").manual_seed(condition_seed)
+        cond_latents = self.encode_conditions(conditions, cond_gen, condition_encoding, count=per)
         if self.channels_last:
             cond_latents = [x.contiguous(memory_format=torch.channels_last) for x in cond_latents]
         extra = step_kwargs(sched, gens)
@@ -142,7 +153,8 @@ class CtrLoraPipeline:
             for i, t in enumerate(sched.timesteps):
                 start = time.perf_counter()
                 active = [k for k, c in enumerate(conditions) if c.acts_at(i, len(sched.timesteps))]
-                down, mid = self._residuals(conditions, active, cond_latents, text, t, strength, branches, batch)
+                down, mid = self._residuals(conditions, active, cond_latents, text, t, strength, branches,
+                                            batch // per)
                 model_in = sched.scale_model_input(torch.cat([latents] * branches), t).to(self.dtype)
                 if self.channels_last:
                     model_in = model_in.contiguous(memory_format=torch.channels_last)
@@ -167,15 +179,16 @@ class CtrLoraPipeline:
         return GenerationResult(images, latents.float().cpu(), [seed + k for k in range(batch)], condition_seed,
                                 width, height, timings)
 
-    def _residuals(self, conditions, active, cond_latents, text, t, strength, branches, batch):
+    def _residuals(self, conditions, active, cond_latents, text, t, strength, branches, repeat):
         """The weighted sum over the active conditions of their ControlNet residuals, for each
-        guidance branch, repeated for the images of the batch: (down list, mid), or (None, None)."""
+        guidance branch and distinct image (``text`` rows), repeated ``repeat`` times for the
+        images of the batch that share them: (down list, mid), or (None, None)."""
         if not active:
             return None, None
-        k = len(active)
-        cn_in = torch.cat([cond_latents[j].expand(branches, -1, -1, -1) for j in active])  # [c0: u, c; c1: u, c ...]
+        k, rows = len(active), len(text)
+        cn_in = torch.cat([cond_latents[j].repeat(branches, 1, 1, 1) for j in active])  # [c0: u, c; c1: u, c ...]
         cn_text = text.repeat(k, 1, 1)
-        plan = [(conditions[j].adapter, branches) for j in active]
+        plan = [(conditions[j].adapter, rows) for j in active]
         with self.controlnet.routing.use(plan):
             down, mid = self._controlnet(cn_in, t, cn_text, return_dict=False)
         weights = [conditions[j].weight * strength for j in active]
@@ -185,8 +198,8 @@ class CtrLoraPipeline:
             if k == 1:
                 r = r * weights[0] if weights[0] != 1.0 else r
             else:
-                r = (r.view(k, branches, *r.shape[1:]) * w).sum(0)
-            return r.repeat_interleave(batch, dim=0) if batch > 1 else r
+                r = (r.view(k, rows, *r.shape[1:]) * w).sum(0)
+            return r.repeat_interleave(repeat, dim=0) if repeat > 1 else r
 
         return [combine(r) for r in down], combine(mid)
 

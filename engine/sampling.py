@@ -27,8 +27,9 @@ class Condition:
     """One condition of a generation: which loaded adapter (None: the bare Base ControlNet, its
     own zero convs and norms), its image, how strongly and when.
 
-    ``image``: (3, H, W) in [0, 1] at the output size. ``start``/``end``: the fraction of the
-    steps during which it acts (diffusers' ``control_guidance_start/end``)."""
+    ``image``: (3, H, W) in [0, 1] at the output size, or (N, 3, H, W): one image per image of
+    the batch (N = batch). ``start``/``end``: the fraction of the steps during which it acts
+    (diffusers' ``control_guidance_start/end``)."""
 
     adapter: str | None
     image: torch.Tensor
@@ -42,8 +43,9 @@ class Condition:
         if not (0.0 <= self.start < self.end <= 1.0):
             raise UsageError(f"condition {self.adapter!r}: window {self.start}-{self.end} must satisfy "
                              "0 <= start < end <= 1")
-        if self.image.ndim != 3 or self.image.shape[0] != 3:
-            raise UsageError(f"condition {self.adapter!r}: image must be (3, H, W), not {tuple(self.image.shape)}")
+        if self.image.ndim not in (3, 4) or self.image.shape[-3] != 3:
+            raise UsageError(f"condition {self.adapter!r}: image must be (3, H, W) or (N, 3, H, W), "
+                             f"not {tuple(self.image.shape)}")
 
     def acts_at(self, step: int, steps: int) -> bool:
         """Whether the condition acts at ``step`` (0-based) of ``steps``: diffusers' rule, so

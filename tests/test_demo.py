@@ -40,9 +40,27 @@ def test_eval_scores_the_bare_base_and_an_adapter(tiny_store, tmp_path):
     assert text.returncode == 0 and "f1" in text.stdout and "own targets" in text.stdout
 
 
+def test_eval_scores_do_not_depend_on_its_batch(tiny_store, tmp_path):
+    import numpy as np
+
+    data = make_world(tmp_path / "seg", condition="seg", count=3, size=32)
+    runs = {}
+    for batch in ("1", "2"):  # 2: a batch of two pairs, then one
+        result = run_cli("eval", "tiny-canny", str(data), "--kind", "seg", "--steps", "2", "--batch", batch, "--json",
+                         "--save", str(tmp_path / batch))
+        assert result.returncode == 0, result.stderr
+        runs[batch] = json.loads(result.stdout)
+        assert runs[batch]["scores"]["count"] == 3
+    for i in range(3):
+        one, two = (np.asarray(Image.open(tmp_path / b / f"{i}.png"), dtype=int) for b in ("1", "2"))
+        assert np.abs(one - two).max() <= 1  # float rounding at most
+    assert runs["2"]["value"] == pytest.approx(runs["1"]["value"], abs=0.02)
+
+
 @pytest.mark.parametrize("args, message", [
     (("none", "{data}", "--kind", "depthx"), "no fidelity measure for 'depthx'"),
     (("none", "{data}", "--count", "0"), "--count must be at least 1"),
+    (("none", "{data}", "--batch", "0"), "--batch must be at least 1"),
     (("missing-adapter", "{data}"), "not in the store"),
     (("none", "{empty}"), "cannot tell which fidelity measure"),
 ])

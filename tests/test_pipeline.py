@@ -196,3 +196,19 @@ def test_v_prediction_models_sample_by_their_scheduler_config(model, conditions)
     assert_same(fast, plain)
     eps, _ = _both(CtrLoraPipeline(sd, controlnet, fuse_single=False), conditions[:2])
     assert (fast - eps).abs().max() > 0.1
+
+
+def test_images_with_their_own_prompts_and_conditions_equal_each_made_alone(pipe, conditions):
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=g)
+    prompts = [PROMPT, "a green star"]
+    kw = dict(steps=3, seed=11, condition_seed=21, output_type="latent")
+    shared = conditions[1]  # one image for the whole batch, next to per-image ones
+    together = pipe([Condition("edge", images, 1.0), shared], prompts, NEGATIVE, batch=2, **kw).latents
+    for k in range(2):
+        alone = pipe([Condition("edge", images[k], 1.0), shared], prompts[k], NEGATIVE,
+                     **{**kw, "seed": 11 + k, "condition_seed": 21 + k}).latents
+        assert_same(together[k:k + 1], alone)
+    assert (together[0] - together[1]).abs().max() > 0.1
+    with pytest.raises(UsageError, match="one prompt and one condition image per image"):
+        pipe([Condition("edge", images, 1.0)], PROMPT, batch=3, steps=1, output_type="latent")
