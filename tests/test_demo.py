@@ -136,7 +136,8 @@ def readme_first_command() -> list[str]:
 @pytest.mark.slow
 def test_readme_first_command_runs_offline_in_an_empty_store(tmp_path):
     """README's first command as a new user meets it (past its two pip installs): every ctrlora
-    step in an empty store with no network, ending in an image the size of its condition."""
+    step in an empty store with no network, with the demo model the package ships, ending in an
+    image the size of its condition that follows it."""
     import shlex
 
     steps = readme_first_command()
@@ -151,5 +152,14 @@ def test_readme_first_command_runs_offline_in_an_empty_store(tmp_path):
         ran.append(args)
     gen = next(args for args in ran if args[1] == "gen")
     condition_path = gen[gen.index("--cond") + 1].split("=", 1)[1]
-    image = Image.open(tmp_path / gen[gen.index("--out") + 1])
-    assert image.size == Image.open(tmp_path / condition_path).size
+    image = Image.open(tmp_path / gen[gen.index("--out") + 1]).convert("RGB")
+    condition = Image.open(tmp_path / condition_path).convert("RGB")
+    assert image.size == condition.size
+    # It follows its condition: the segmentation re-extracted from the image matches the map given
+    # (boundary F1 0.80 when measured), far better than it matches the same map mirrored.
+    from PIL import ImageOps
+
+    from engine.fidelity import fidelity
+
+    given = fidelity("seg", image, condition)["f1"]
+    assert given > 0.65 and given > fidelity("seg", image, ImageOps.mirror(condition))["f1"] + 0.3
