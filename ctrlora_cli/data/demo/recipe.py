@@ -1,8 +1,8 @@
 """The recipe of the demo model that ships with ctrlora (``ctrlora pull demo``), and of the
 fidelity table in README: every stage is one of the project's own commands.
 
-1. ``ctrlora world train-sd``: a toy Stable Diffusion (VAE, text encoder, UNet of the ``demo``
-   preset) trained on 32 x 32 world scenes.
+1. ``ctrlora world train-sd``: a toy Stable Diffusion (VAE, text encoder, v-prediction UNet of
+   the ``demo`` preset) trained on 32 x 32 world scenes.
 2. ``ctrlora world make``: 1,000 pairs for each base condition and for the held-out one, and a
    held-out evaluation set drawn from another world seed (scenes never seen in training).
 3. ``ctrlora train-base``: the demo Base ControlNet and one adapter per base condition.
@@ -19,7 +19,7 @@ fidelity table in README: every stage is one of the project's own commands.
 
 Every stage is skipped when its result exists in the work folder, so an interrupted recipe
 continues where it stopped. ``--quick`` runs every stage with tiny settings (the CI test).
-The full settings take about 70 minutes on 2 quiet CPU cores (README: The demo model).
+The full settings take about an hour on 2 quiet CPU cores (README: The demo model).
 """
 
 from __future__ import annotations
