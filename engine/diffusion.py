@@ -16,6 +16,9 @@ def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator | Non
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what prediction_target can teach
+
+
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet learns to predict, by ``scheduler.config.prediction_type`` (as diffusers'
     training scripts read it): the noise, or the velocity sqrt(abar) * noise - sqrt(1 - abar) * x0."""
@@ -24,7 +27,7 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction type {kind!r} is not supported (epsilon or v_prediction)")
+    raise ValueError(f"prediction type {kind!r} is not supported ({' or '.join(PREDICTION_TYPES)})")
 
 
 def controlled_eps(unet, controlnet, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,

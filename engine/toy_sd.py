@@ -13,8 +13,9 @@ seed and thread count):
    SD2 does) rather than SD1.5's epsilon: a small UNet trained briefly never learns to copy its
    noisy input exactly, and with epsilon that residual error at the noisiest steps (where the
    layout is decided) outweighs what it knows about the image, so control and captions barely
-   took hold (build 2); v asks for the image there instead. a caption is replaced by "" with probability 0.1 so classifier-free guidance works.
-   Sampling uses an exponential moving average of their weights, which is what gets saved.
+   took hold (build 2); v asks for the image there instead. A caption is replaced by "" with
+   probability 0.1 so classifier-free guidance works. Sampling uses an exponential moving
+   average of their weights, which is what gets saved.
 
 ``sample`` is a small DDIM loop with guidance, to check that the result draws world scenes.
 """
@@ -32,14 +33,13 @@ import torch.nn.functional as F
 
 from diffusers.training_utils import EMAModel
 
-from engine.diffusion import add_noise, prediction_target
+from engine.diffusion import PREDICTION_TYPES, add_noise, prediction_target
 from engine.errors import UsageError
 from engine.presets import SDComponents, build_sd
 from engine.progress import ProgressCallback, report
 
 PRESET = "demo"
 VAE_FACTOR = 4  # the demo VAE's downsampling (three blocks)
-PREDICTIONS = ("v_prediction", "epsilon")
 
 
 @dataclass
@@ -69,8 +69,8 @@ class ToySDSettings:
         for name in ("count", "batch", "vae_batch"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, not {getattr(self, name)}")
-        if self.prediction not in PREDICTIONS:
-            raise UsageError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {self.prediction!r}")
+        if self.prediction not in PREDICTION_TYPES:
+            raise UsageError(f"prediction must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction!r}")
         for name in ("vae_steps", "unet_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
