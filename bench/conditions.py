@@ -18,9 +18,9 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.extractors import SPECS, extract  # noqa: E402
-from engine.fidelity import fidelity  # noqa: E402
-from engine.world import CONDITIONS, make_scene, write_dataset  # noqa: E402
+from engine.demo.extractors import SPECS, extract  # noqa: E402
+from engine.demo.fidelity import fidelity  # noqa: E402
+from engine.demo.world import CONDITIONS, make_scene, write_dataset  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:

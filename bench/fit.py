@@ -5,7 +5,7 @@ weights. Prints JSON.
 
 Three ways to train a new condition, each in its own process (clean peak memory):
 
-- ``ours``: ``engine.fit.AdapterTrainer``: latents and text embeddings from the cache (the
+- ``ours``: ``engine.training.fit.AdapterTrainer``: latents and text embeddings from the cache (the
   posterior is sampled per step), gradients for the adapter only, SDPA attention, bf16 autocast
   with fp32 master weights on CUDA (fp32 on CPU).
 - ``reference``: the reference recipe (CtrLoRA's train_ctrlora_finetune.py with its rank-128
@@ -54,9 +54,9 @@ def _sync(device):
 # -- the three step functions ------------------------------------------------------------------
 
 def setup_ours(sd, size, device, precision):
-    from engine.controlnet import BaseControlNetModel
-    from engine.data import EncodedPairs
-    from engine.fit import AdapterTrainer, FitConfig
+    from engine.models.controlnet import BaseControlNetModel
+    from engine.training.pairs import EncodedPairs
+    from engine.training.fit import AdapterTrainer, FitConfig
 
     controlnet = BaseControlNetModel.from_unet(sd.unet)
     n, h = 4, size // 8
@@ -78,9 +78,9 @@ def _pixels(size, device, g):
 def setup_reference(sd, size, device, precision):
     from diffusers.models.attention_processor import AttnProcessor
 
-    from engine import adapters
-    from engine.controlnet import BaseControlNetModel
-    from engine.diffusion import diffusion_loss
+    from engine.models import adapters
+    from engine.models.controlnet import BaseControlNetModel
+    from engine.training.objective import diffusion_loss
 
     unet, vae, text_encoder, scheduler = sd.unet.to(device), sd.vae.to(device), sd.text_encoder.to(device), sd.scheduler
     controlnet = BaseControlNetModel.from_unet(unet)
@@ -171,7 +171,7 @@ def matmul_peak_tflops(device, dtype, n: int) -> float:
 
 
 def run_variant(name: str, size: int, steps: int, device: torch.device, count_flops: bool) -> dict:
-    from engine.presets import build_sd
+    from engine.models.presets import build_sd
 
     # The reference recipe is fp32 everywhere; the other two use bf16 autocast on CUDA.
     precision = "bf16" if device.type == "cuda" and name != "reference" else "fp32"

@@ -1,9 +1,9 @@
 """Seconds per denoising step and peak memory of multi-condition generation at the SD1.5 shape
 (random weights), for 1, 2 and 4 conditions:
 
-  (a) ours: engine.pipeline.CtrLoraPipeline (one batched ControlNet forward for all conditions
+  (a) ours: engine.generation.pipeline.CtrLoraPipeline (one batched ControlNet forward for all conditions
       and both guidance branches, conditions encoded once, one UNet pass);
-  (b) reference: engine.reference_sampler (the reference algorithm written plainly: each branch,
+  (b) reference: engine.generation.reference (the reference algorithm written plainly: each branch,
       each condition one after another, the condition re-encoded through the VAE every time);
   (c) diffusers: StableDiffusionControlNetPipeline with a MultiControlNetModel of as many
       random-weight ControlNetModels (SD1.5 configuration).
@@ -107,9 +107,9 @@ def make_weights(cache: Path) -> None:
         return
     from diffusers import ControlNetModel
 
-    from engine.controlnet import BaseControlNetModel
-    from engine.models import save_base
-    from engine.presets import build_sd
+    from engine.models.controlnet import BaseControlNetModel
+    from engine.models.storage import save_base
+    from engine.models.presets import build_sd
 
     sd = build_sd("sd15", seed=0)
     for name in ("unet", "vae", "text_encoder"):
@@ -124,7 +124,7 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from engine.presets import SCHEDULER_CONFIG, SDComponents, build_tiny_tokenizer
+    from engine.models.presets import SCHEDULER_CONFIG, SDComponents, build_tiny_tokenizer
 
     cache = Path(args.cache)
     device = torch.device("cuda" if cuda else "cpu")
@@ -171,11 +171,11 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
 def _ours(sd, images, cache, n, device, dtype, prompt, method, compile_):
     import torch
 
-    from engine import adapters
-    from engine.models import load_base
-    from engine.pipeline import CtrLoraPipeline
-    from engine.reference_sampler import reference_sample
-    from engine.sampling import Condition
+    from engine.models import adapters
+    from engine.models.storage import load_base
+    from engine.generation.pipeline import CtrLoraPipeline
+    from engine.generation.reference import reference_sample
+    from engine.generation.sampling import Condition
 
     controlnet = load_base(cache / "base")
     g = torch.Generator().manual_seed(1)
@@ -205,7 +205,7 @@ def _diffusers(sd, images, cache, n, device, dtype, prompt):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from diffusers.models.controlnets import MultiControlNetModel
 
-    from engine.sampling import encode_text
+    from engine.generation.sampling import encode_text
 
     nets = [ControlNetModel.from_pretrained(cache / "controlnet", torch_dtype=dtype).to(device).eval()
             for _ in range(n)]

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import adapters  # noqa: E402
-from engine.controlnet import BaseControlNetModel  # noqa: E402
-from engine.presets import unet_config  # noqa: E402
+from engine.models import adapters  # noqa: E402
+from engine.models.controlnet import BaseControlNetModel  # noqa: E402
+from engine.models.presets import unet_config  # noqa: E402
 
 
 def peak_rss_mb() -> float:

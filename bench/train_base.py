@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 
 def make_data(folder: Path, conditions=("edges", "mask"), count=8, size=64) -> list[str]:
-    from engine.world import write_dataset
+    from engine.demo.world import write_dataset
 
     specs = []
     for condition, world_condition in zip(conditions, ("canny", "seg")):
@@ -32,7 +32,7 @@ def make_data(folder: Path, conditions=("edges", "mask"), count=8, size=64) -> l
 def run(nproc: int, args, sd: str, data: list[str], out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-               str(nproc), "-m", "engine.train_base", "--sd", sd, "--out", str(out), "--steps", str(args.steps),
+               str(nproc), "-m", "engine.training.worker", "--sd", sd, "--out", str(out), "--steps", str(args.steps),
                "--rank", str(args.rank), "--resolution", str(args.resolution), "--cache", str(out.parent / "cache")]
     for spec in data:
         command += ["--data", spec]
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
-    from engine.models import make_random_model
+    from engine.models.storage import make_random_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

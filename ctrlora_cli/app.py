@@ -53,16 +53,18 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
-    from engine.errors import CtrloraError
+    from engine.errors import CtrloraError, SettingError
 
     try:
         app(prog_name="ctrlora")
     except CtrloraError as exc:
-        from ctrlora_cli.console import err
-
         from rich.markup import escape
 
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        from ctrlora_cli.console import err
+
+        # The engine names its setting (grad_accum); the user typed a flag (--grad-accum).
+        message = f"--{exc.setting.replace('_', '-')}: {exc}" if isinstance(exc, SettingError) else str(exc)
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

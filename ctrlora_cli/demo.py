@@ -60,9 +60,9 @@ def pull_demo(store: Store, name: str = "demo", replace: bool = False) -> dict:
 
 def export_demo(store: Store, target: Path, *, sd: str, base: str, adapters: dict[str, str], about: dict) -> Path:
     """Write the demo folder from store entries: weights in fp16, ``demo.json`` last."""
-    from engine.adapter_format import read_adapter_metadata
-    from engine.images import atomic_path
-    from engine.models import save_fp16_copy
+    from engine.formats.adapter_file import read_adapter_metadata
+    from engine.files import atomic_path
+    from engine.models.storage import save_fp16_copy
 
     target.mkdir(parents=True, exist_ok=True)
     (target / ABOUT).unlink(missing_ok=True)  # first: a half-written folder is never taken for a demo

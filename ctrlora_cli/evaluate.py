@@ -41,11 +41,12 @@ def evaluate(
     """Score an adapter on held-out pairs: generate from each condition, re-extract, compare."""
     from ctrlora_cli.progress import progress_bars
     from ctrlora_cli.resolve import adapter_file, base_folders, default_base, load_pipeline
-    from ctrlora_cli.store import NotInStore, Store, sha256_file
-    from engine.data import describe_problems, scan_folder
-    from engine.evaluate import EvalSettings
-    from engine.evaluate import evaluate as run_eval
-    from engine.fidelity import KINDS
+    from ctrlora_cli.store import NotInStore, Store
+    from engine.files import sha256_file
+    from engine.training.pairs import describe_problems, scan_folder
+    from engine.demo.evaluate import EvalSettings
+    from engine.demo.evaluate import evaluate as run_eval
+    from engine.demo.fidelity import KINDS
 
     if count is not None and count < 1:
         raise UsageError(f"--count must be at least 1, not {count}")

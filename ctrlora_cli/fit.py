@@ -73,10 +73,10 @@ def fit(
     import torch
 
     from ctrlora_cli.progress import progress_bars
-    from engine.data import describe_problems, scan_folder
-    from engine.fit import FitConfig
-    from engine.fit import fit as run_fit
-    from engine.models import load_base, load_sd
+    from engine.training.pairs import describe_problems, scan_folder
+    from engine.training.fit import FitConfig
+    from engine.training.fit import fit as run_fit
+    from engine.models.storage import load_base, load_sd
 
     config = FitConfig(condition=name, rank=rank, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                        resolution=resolution, precision=precision.value if precision else None,

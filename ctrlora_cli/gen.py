@@ -14,7 +14,7 @@ import typer
 from ctrlora_cli.console import ask, err, interactive, out, warn
 from engine.errors import UsageError
 
-SCHEDULER_NAMES = ("ddim", "unipc", "euler-a", "dpm++")  # engine.sampling.SCHEDULERS (not imported: --help stays fast)
+SCHEDULER_NAMES = ("ddim", "unipc", "euler-a", "dpm++")  # engine.generation.sampling.SCHEDULERS (not imported: --help stays fast)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEFAULTS = dict(negative_prompt="", steps=20, guidance=7.5, scheduler="ddim", strength=1.0)
 _WINDOW = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*-\s*([0-9]*\.?[0-9]+)\s*$")
@@ -102,7 +102,7 @@ def gen(
     started = time.perf_counter()
     recipe, specs = {}, []
     if from_png is not None:
-        from engine.gen_metadata import read_recipe
+        from engine.generation.png_recipe import read_recipe
 
         recipe, recipe_images = read_recipe(from_png)
         if not cond:
@@ -151,8 +151,8 @@ def gen(
 
     pipe, names, dev, precision = load_pipeline(sd_dir, cn_dir, adapters, device, precision, compile_)
     _warn_long_prompts(pipe.sd.tokenizer, prompt, settings["negative_prompt"])
-    from engine.condition import image_to_tensor
-    from engine.sampling import Condition
+    from engine.images import image_to_tensor
+    from engine.generation.sampling import Condition
 
     conditions = [Condition(names[digest], image_to_tensor(image), spec.weight, spec.start, spec.end)
                   for spec, (_, _, digest), image in zip(specs, adapters, cond_images)]
@@ -193,7 +193,7 @@ def gen(
 
 
 def _warn_long_prompts(tokenizer, prompt: str, negative: str) -> None:
-    from engine.sampling import prompt_overflow
+    from engine.generation.sampling import prompt_overflow
 
     for label, text in (("prompt", prompt), ("negative prompt", negative)):
         extra = prompt_overflow(tokenizer, text)
@@ -204,8 +204,8 @@ def _warn_long_prompts(tokenizer, prompt: str, negative: str) -> None:
 
 def _write_outputs(targets: list[Path], result, made: dict, cond_images, grid: bool) -> tuple[list[str], str | None]:
     """Each image with its recipe (its own seed), and the grid; atomically, file by file."""
-    from engine.gen_metadata import grid as make_grid
-    from engine.gen_metadata import save_png
+    from engine.generation.png_recipe import grid as make_grid
+    from engine.generation.png_recipe import save_png
 
     written, grid_path = [], None
     try:
@@ -246,7 +246,7 @@ def _apply_prep(specs: list[CondSpec], preps: list[str]) -> None:
 
 
 def _check_prep(specs: list[CondSpec]) -> None:
-    from engine.extractors import EXTRACTORS, extract
+    from engine.demo.extractors import EXTRACTORS, extract
 
     for spec in specs:
         if spec.prep and spec.loaded is None and spec.prep not in EXTRACTORS:
@@ -288,12 +288,12 @@ def _size(first, width: int | None, height: int | None) -> tuple[int, int]:
 
 
 def _prepare(spec: CondSpec, image, width: int, height: int):
-    from engine.condition import resize_center_crop
+    from engine.images import resize_center_crop
 
     if image.size != (width, height):
         image = resize_center_crop(image, (width, height))
     if spec.prep and spec.loaded is None:  # a recipe's image is stored already prepared
-        from engine.extractors import extract
+        from engine.demo.extractors import extract
 
         image = extract(spec.prep, image).convert("RGB")
         if image.size != (width, height):
@@ -333,7 +333,7 @@ def _find(store, kind: str, wanted: dict) -> str | None:
 def _adapter(store, spec: CondSpec, base_manifest):
     """(path, metadata, digest) of a condition's adapter, checked against the base."""
     from ctrlora_cli.resolve import adapter_file
-    from ctrlora_cli.store import sha256_file
+    from engine.files import sha256_file
 
     if spec.digest:  # from a recipe: the very adapter the image was made with, wherever it is now
         for m in store.list():

@@ -28,7 +28,7 @@ def prep(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Make a condition image (edges, masks, mosaic, ...) from a picture, with no network."""
-    from engine import extractors
+    from engine.demo import extractors
 
     if list_kinds:
         _list(as_json)
@@ -69,7 +69,7 @@ def _jsonable(params: dict) -> dict:
 
 
 def _list(as_json: bool) -> None:
-    from engine.extractors import ALIASES, NEEDS_ANNOTATOR, SPECS
+    from engine.demo.extractors import ALIASES, NEEDS_ANNOTATOR, SPECS
 
     if as_json:
         kinds = [{"kind": spec.name, "help": spec.help,

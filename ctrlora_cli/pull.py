@@ -21,7 +21,8 @@ from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import ask, say, warn
-from ctrlora_cli.store import Manifest, Staged, Store, sha256_file, validate_name
+from ctrlora_cli.store import Manifest, Staged, Store, validate_name
+from engine.files import sha256_file
 from engine.errors import CheckpointError, CtrloraError, UsageError
 
 KINDS = ("base", "adapter", "sd")
@@ -291,7 +292,7 @@ class _Puller:
         files = {}
         for dest, src in chosen.items():
             if src.endswith(".bin"):
-                from engine.importing import bin_to_safetensors
+                from engine.formats.detect import bin_to_safetensors
 
                 out_path = tmp / dest
                 out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +332,7 @@ class _Puller:
             raise UsageError(f"{path}: a Base ControlNet folder, not a {kind}")
         if self._up_to_date(name, lambda m: False, origin_same):
             return
-        from engine.arch import arch_id
+        from engine.models.arch import arch_id
 
         arch = arch_id(config)
         files = {"controlnet/config.json": config_file,
@@ -346,9 +347,9 @@ class _Puller:
         """Detect what a file holds (our adapter, an official base or adapter, a single-file SD),
         convert it and store it. ``configs`` ([(arch, controlnet config)]) or ``archs`` (presets)
         limit the architectures tried; by default every preset is."""
-        from engine.adapter_format import FORMAT, read_adapter_metadata
-        from engine.checkpoints import load_tensor_file
-        from engine.importing import classify, controlnet_config, preset_configs
+        from engine.formats.adapter_file import FORMAT, read_adapter_metadata
+        from engine.formats.tensors import load_tensor_file
+        from engine.formats.detect import classify, controlnet_config, preset_configs
 
         label = source.get("path") if source.get("type") == "local" else f"{source['repo']}/{source['path']}"
         original = {"file": Path(source["path"]).name, "sha256": digest.split(":", 1)[1], "size": path.stat().st_size}
@@ -371,7 +372,7 @@ class _Puller:
         with _scratch(self.store) as tmp:
             tmp = Path(tmp)
             if found_kind == "base":
-                from engine.importing import import_official_base
+                from engine.formats.detect import import_official_base
 
                 arch, _, embedded = import_official_base(state, tmp / "controlnet", configs, what=label)
                 del state
@@ -385,8 +386,8 @@ class _Puller:
                     say("next: pair it with a Stable Diffusion model: pass --sd NAME to gen/fit, or pull it "
                               "again with --sd NAME --force")
             elif found_kind == "adapter":
-                from engine.adapter_format import save_adapter_file
-                from engine.importing import import_official_adapter
+                from engine.formats.adapter_file import save_adapter_file
+                from engine.formats.detect import import_official_adapter
 
                 arch, _, mapped, rank = import_official_adapter(state, configs, what=label)
                 cond = condition or _condition_from(Path(source["path"]).stem) or name
@@ -399,7 +400,7 @@ class _Puller:
                              extra={"alpha": rank})
                 say(f"pulled {name} (adapter {cond}, rank {rank}, for {arch} bases) from {_short(source)}")
             else:
-                from engine.importing import import_ldm_sd
+                from engine.formats.detect import import_ldm_sd
 
                 tokenizer = self._sd15_tokenizer(tmp) if _unet_width(state) == 320 else None
                 arch = import_ldm_sd(state, tmp / "sd", tokenizer_dir=tokenizer, what=label)
@@ -410,10 +411,10 @@ class _Puller:
                 say(f"pulled {name} (sd, {arch}) from {_short(source)}")
 
     def _own_adapter(self, path, meta, name, source, kind, expected_arch, config, condition, label) -> None:
-        from engine.adapter_format import load_adapter_file, save_adapter_file
-        from engine.checkpoints import check_adapter_state
-        from engine.importing import controlnet_config
-        from engine.presets import PRESETS
+        from engine.formats.adapter_file import load_adapter_file, save_adapter_file
+        from engine.formats.official import check_adapter_state
+        from engine.formats.detect import controlnet_config
+        from engine.models.presets import PRESETS
 
         if kind and kind != "adapter":
             raise UsageError(f"{label} holds a ctrlora adapter, not a {kind}")
@@ -571,7 +572,7 @@ def _used_variant(chosen: dict[str, str]) -> str:
 
 
 def _arch_of_unet(config) -> str:
-    from engine.arch import arch_id
+    from engine.models.arch import arch_id
 
     path = config.path if isinstance(config, Staged) else config
     return arch_id(json.loads(Path(path).read_text()))
@@ -616,8 +617,9 @@ def _short(source: dict) -> str:
 
 
 def _pull_random(store: Store, preset: str, name: str, replace: bool = False) -> None:
-    from engine.arch import arch_id
-    from engine.models import make_random_adapter, make_random_model
+    from engine.models.arch import arch_id
+    from engine.formats.adapter_file import make_random_adapter
+    from engine.models.storage import make_random_model
 
     validate_name(name)
     sd_name = f"{name}-sd"

@@ -41,7 +41,7 @@ def base_folders(store: Store, base: str, sd: str | None = None) -> tuple[Manife
 
 def adapter_file(store: Store, name_or_path: str, base: Manifest) -> tuple[Path, dict]:
     """An adapter by store name or file path, checked to fit ``base``'s architecture."""
-    from engine.adapter_format import read_adapter_metadata
+    from engine.formats.adapter_file import read_adapter_metadata
 
     path = Path(name_or_path)
     if path.suffix == ".safetensors" and path.is_file():
@@ -63,13 +63,12 @@ def adapter_file(store: Store, name_or_path: str, base: Manifest) -> tuple[Path,
 def load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str, compile_: bool):
     """(pipeline, {adapter digest: name in the model}, device, precision name); ``adapters`` are
     (path, metadata, digest) as ``adapter_file`` and the store give them."""
-    import torch
+    from engine.formats.adapter_file import load_adapter_file
+    from engine.models.storage import load_base, load_sd
+    from engine.generation.pipeline import CtrLoraPipeline
+    from engine.runtime import device_and_dtype
 
-    from engine.adapter_format import load_adapter_file
-    from engine.models import load_base, load_sd
-    from engine.pipeline import CtrLoraPipeline
-
-    dev, dtype, precision = device_dtype(device, precision, torch)
+    dev, dtype, precision = device_and_dtype(device, precision)
     pipe = CtrLoraPipeline(load_sd(sd_dir, device=dev, dtype=dtype), load_base(cn_dir, device=dev, dtype=dtype),
                            device=dev, dtype=dtype, compile=compile_)
     names: dict[str, str] = {}  # an adapter given twice (two images, say) is loaded once
@@ -79,20 +78,3 @@ def load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str, compile
             state, _ = load_adapter_file(path)
             pipe.load_adapter(names[digest], state, alpha=meta["alpha"])
     return pipe, names, dev, precision
-
-
-def device_dtype(device: str, precision: str, torch):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here")
-    if precision == "auto":
-        precision = "fp16" if dev.type == "cuda" else "fp32"
-    if precision == "fp16" and dev.type == "cpu":
-        raise UsageError("fp16 needs a GPU; use --precision fp32 or bf16 on the CPU")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return dev, dtype, precision

@@ -27,6 +27,8 @@ from typing import Iterable
 
 from filelock import FileLock
 
+from engine.files import sha256_file
+
 from engine.errors import CtrloraError, UsageError
 
 SCHEMA = 1
@@ -79,7 +81,7 @@ class Manifest:
     name: str
     kind: str  # base | adapter | sd
     files: list[FileRecord]
-    arch: str | None = None  # base architecture id (engine.arch) for base and adapter entries
+    arch: str | None = None  # base architecture id (engine.models.arch) for base and adapter entries
     condition: str | None = None
     rank: int | None = None
     sd: str | None = None  # for a base: the SD entry it pairs with by default
@@ -104,17 +106,6 @@ class Manifest:
         data["files"] = [FileRecord(**f) for f in data.get("files", [])]
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def sha256_file(path: Path, on_bytes=None) -> str:
-    """``sha256:<hex>`` of a file; ``on_bytes(n)`` is called after each chunk read (for progress)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
-    return "sha256:" + h.hexdigest()
 
 
 @dataclass

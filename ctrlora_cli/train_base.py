@@ -47,7 +47,7 @@ def train_base(
 ) -> None:
     """Pretrain a Base ControlNet and one adapter per condition (torchrun, DDP; gloo on CPU, NCCL on GPU)."""
     from ctrlora_cli.store import Store, validate_name
-    from engine.launch import Topology, all_node_commands, topology_from_slurm, worker_command
+    from engine.training.launcher import Topology, all_node_commands, topology_from_slurm, worker_command
 
     store = Store()
     out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME")
@@ -180,7 +180,7 @@ def _import_result(store, run: Path, out_name: str, sd_name: str, steps: int) ->
     store.add(out_name, "base", files, arch=summary["arch"], sd=sd_name, source=source,
               extra={"steps": steps, "conditions": summary["conditions"],
                      "zero_convs_and_norms_from": summary["base_zero_convs_from"]})
-    from engine.adapter_format import read_adapter_metadata
+    from engine.formats.adapter_file import read_adapter_metadata
 
     names = []
     for condition in summary["conditions"]:

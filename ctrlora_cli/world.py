@@ -31,7 +31,7 @@ def make(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
     """Write COUNT (condition, scene, caption) pairs in the fit layout: prompt.json, source/, target/."""
-    from engine import world
+    from engine.demo import world
 
     if condition is None or count is None:
         missing = "--condition" if condition is None else "--count"
@@ -56,7 +56,7 @@ def make(
 @world_app.command("conditions")
 def conditions(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the world's conditions: the base set (for the Base ControlNet) and the held-out set."""
-    from engine.world import BASE_CONDITIONS, CONDITION_HELP, CONDITIONS
+    from engine.demo.world import BASE_CONDITIONS, CONDITION_HELP, CONDITIONS
 
     if as_json:
         print(json.dumps([{"condition": c, "set": "base" if c in BASE_CONDITIONS else "held-out",
@@ -119,7 +119,7 @@ def train_sd(
 
 
 def _settings(**given):
-    from engine.toy_sd import ToySDSettings
+    from engine.demo.toy_sd import ToySDSettings
 
     return ToySDSettings(**{k: v for k, v in given.items() if v is not None}).check()
 
@@ -134,7 +134,7 @@ def train_sd_entry(store, name: str, settings, out_dir: Path | None = None, show
     import tempfile
 
     from ctrlora_cli.progress import progress_bars
-    from engine.toy_sd import train_toy_sd
+    from engine.demo.toy_sd import train_toy_sd
 
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.root, prefix=".train-sd-") as tmp:

@@ -13,5 +13,19 @@ class UsageError(CtrloraError):
     exit_code = 2
 
 
+class SettingError(UsageError):
+    """A setting out of its range or not possible here. ``setting`` is the engine's name for it
+    (``precision``, ``grad_accum``); the face words it as the flag the user typed."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 class CheckpointError(UsageError):
     """A weights file that cannot be used."""
+
+
+def first_few(items: list[str], n: int = 3) -> str:
+    """The first ``n`` of ``items`` for a one-line message ("a, b, c, ...")."""
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+import numpy as np
+import torch
 
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import UsageError
+from engine.files import atomic_path
 
 # Extensions we write, and the PIL format each one means.
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
@@ -42,29 +42,6 @@ def check_writable_image_path(path: str | Path) -> Path:
     return path
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temp path in ``path``'s folder to write to; renamed over ``path`` when the block ends
-    without an error, removed otherwise. Readers see the old file or the new, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_image(image: Image.Image, path: str | Path, **save_args) -> Path:
     """Write atomically (see ``atomic_path``); the format follows the extension."""
     path = check_writable_image_path(path)
@@ -76,3 +53,20 @@ def save_image(image: Image.Image, path: str | Path, **save_args) -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> (3, H, W) float tensor in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def resize_center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """The reference preprocessing: resize the short side, then crop the centre.
+    ``size`` is a square side or ``(width, height)``."""
+    width, height = (size, size) if isinstance(size, int) else size
+    scale = max(width / image.width, height / image.height)
+    new = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(new, Image.BICUBIC)
+    left, top = (new[0] - width) // 2, (new[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))

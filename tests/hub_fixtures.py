@@ -39,8 +39,8 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
     """A random tiny SD in diffusers layout, fp32 weights plus an fp16 variant (as SD1.5 publishes)."""
     import torch
 
-    from engine.models import save_sd
-    from engine.presets import build_sd
+    from engine.models.storage import save_sd
+    from engine.models.presets import build_sd
 
     folder = tmp_path_factory.mktemp("tiny-sd")
     sd = build_sd("tiny", seed=3)

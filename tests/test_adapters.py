@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from engine import adapters
-from engine.adapter_format import load_adapter_file, read_adapter_metadata, save_adapter_file
-from engine.arch import arch_id
-from engine.condition import encode_condition
-from engine.controlnet import BaseControlNetModel
+from engine.models import adapters
+from engine.formats.adapter_file import load_adapter_file, read_adapter_metadata, save_adapter_file
+from engine.models.arch import arch_id
+from engine.models.encoders import encode_condition
+from engine.models.controlnet import BaseControlNetModel
 from engine.errors import CheckpointError
-from engine.models import load_base, save_base
-from engine.presets import build_sd, build_tiny_tokenizer
+from engine.models.storage import load_base, save_base
+from engine.models.presets import build_sd, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoints import convert_official_adapter, convert_official_base, load_tensor_file
-from engine.controlnet import BaseControlNetModel
+from engine.formats.official import convert_official_adapter, convert_official_base
+from engine.formats.tensors import load_tensor_file
+from engine.models.controlnet import BaseControlNetModel
 from engine.errors import CheckpointError
-from engine.presets import unet_config
+from engine.models.presets import unet_config
 
 TINY = BaseControlNetModel.config_from_unet(unet_config("tiny"))
 

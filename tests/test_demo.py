@@ -159,7 +159,7 @@ def test_readme_first_command_runs_offline_in_an_empty_store(tmp_path):
     # (boundary F1 0.80 when measured), far better than it matches the same map mirrored.
     from PIL import ImageOps
 
-    from engine.fidelity import fidelity
+    from engine.demo.fidelity import fidelity
 
     given = fidelity("seg", image, condition)["f1"]
     assert given > 0.65 and given > fidelity("seg", image, ImageOps.mirror(condition))["f1"] + 0.3

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from engine.diffusion import diffusion_loss, prediction_target
-from engine.presets import SCHEDULER_CONFIG
+from engine.training.objective import diffusion_loss, prediction_target
+from engine.models.presets import SCHEDULER_CONFIG
 
 
 def scheduler(kind: str) -> DDIMScheduler:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from engine.errors import UsageError
-from engine.extractors import (SPECS, extract, label_components, region_boxes, resolve_kind)
+from engine.demo.extractors import (SPECS, extract, label_components, region_boxes, resolve_kind)
 
 
 def square_image(size=64, box=(16, 16, 47, 47), fg=(30, 60, 200), bg=(200, 200, 40)) -> Image.Image:

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from engine.errors import UsageError
-from engine.fidelity import PRIMARY, aggregate, edge_scores, fidelity, iou
-from engine.world import CONDITIONS, make_scene
+from engine.demo.fidelity import PRIMARY, aggregate, edge_scores, fidelity, iou
+from engine.demo.world import CONDITIONS, make_scene
 
 EXACT = {"canny", "sketch", "outpainting", "inpainting", "mosaic", "palette"}
 

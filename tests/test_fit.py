@@ -12,13 +12,13 @@ import torch
 
 from conftest import REPO, run_cli
 from ctrlora_cli.resolve import adapter_file, base_folders
-from engine import adapters
-from engine.adapter_format import load_adapter_file
-from engine.data import LatentCache, encode_pairs, scan_folder
-from engine.diffusion import diffusion_loss
+from engine.models import adapters
+from engine.formats.adapter_file import load_adapter_file
+from engine.training.pairs import LatentCache, encode_pairs, scan_folder
+from engine.training.objective import diffusion_loss
 from engine.errors import UsageError
-from engine.fit import FitConfig, fit
-from engine.models import load_base, load_sd
+from engine.training.fit import FitConfig, fit
+from engine.models.storage import load_base, load_sd
 from pairs import make_pairs
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny ops: threads only contend
@@ -179,10 +179,10 @@ def test_cli_refuses_bad_requests_before_any_work(tiny_store, tmp_path):
 
 
 def _trainer(**settings):
-    from engine.controlnet import BaseControlNetModel
-    from engine.data import EncodedPairs
-    from engine.fit import AdapterTrainer
-    from engine.presets import build_sd
+    from engine.models.controlnet import BaseControlNetModel
+    from engine.training.pairs import EncodedPairs
+    from engine.training.fit import AdapterTrainer
+    from engine.models.presets import build_sd
 
     g = torch.Generator().manual_seed(0)
     moments = torch.cat([torch.randn(2, 4, 8, 8, generator=g), torch.full((2, 4, 8, 8), -6.0)], 1)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.condition import encode_condition, image_to_tensor, resize_center_crop
-from engine.data import LatentCache, encode_pairs, load_image, sample_posterior, scan_folder
+from engine.images import image_to_tensor, resize_center_crop
+from engine.models.encoders import encode_condition
+from engine.training.pairs import LatentCache, encode_pairs, load_image, sample_posterior, scan_folder
 from engine.errors import UsageError
-from engine.presets import build_sd
+from engine.models.presets import build_sd
 from pairs import make_pairs
 
 
@@ -153,7 +154,7 @@ def test_cached_posteriors_draw_what_the_encoders_would(tmp_path, sd):
     pairs = scan_folder(make_pairs(tmp_path / "d", n=1))
     data = encode_pairs(pairs, sd.vae, sd.text_encoder, sd.tokenizer, 64, LatentCache(tmp_path / "cache"))
     cond = load_image(pairs.pairs[0].source, 64)[None]
-    # Conditions: exactly engine.condition.encode_condition ([0, 1] input, posterior sample, scaled).
+    # Conditions: exactly engine.models.encoders.encode_condition ([0, 1] input, posterior sample, scaled).
     expected = encode_condition(sd.vae, cond, generator=torch.Generator().manual_seed(3))
     drawn = sample_posterior(data.cond[:1], torch.Generator().manual_seed(3)) * data.scaling_factor
     torch.testing.assert_close(drawn, expected, rtol=0, atol=1e-5)

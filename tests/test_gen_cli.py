@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from engine import adapters
-from engine.adapter_format import save_adapter_file
-from engine.gen_metadata import read_recipe
-from engine.models import load_base
+from engine.models import adapters
+from engine.formats.adapter_file import save_adapter_file
+from engine.generation.png_recipe import read_recipe
+from engine.models.storage import load_base
 
 SIZE = 64
 

@@ -8,16 +8,16 @@ versus one-by-one, which changes float rounding only.
 import pytest
 import torch
 
-from engine import adapters
-from engine.controlnet import BaseControlNetModel
+from engine.models import adapters
+from engine.models.controlnet import BaseControlNetModel
 from engine.errors import UsageError
-from engine.pipeline import CtrLoraPipeline
-from engine.premerge import premerged
-from engine.prepacked_convs import available as prepacked_available
-from engine.prepacked_convs import prepacked_convs
-from engine.presets import build_sd
-from engine.reference_sampler import reference_sample
-from engine.sampling import SCHEDULERS, Condition
+from engine.generation.pipeline import CtrLoraPipeline
+from engine.generation.premerge import premerged
+from engine.generation.prepacked import available as prepacked_available
+from engine.generation.prepacked import prepacked_convs
+from engine.models.presets import build_sd
+from engine.generation.reference import reference_sample
+from engine.generation.sampling import SCHEDULERS, Condition
 
 SIZE = 64
 PROMPT, NEGATIVE = "a red circle above a blue square", "green"

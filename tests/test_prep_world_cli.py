@@ -7,8 +7,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import run_cli
-from engine.extractors import SPECS, extract
-from engine.world import BASE_CONDITIONS, CONDITIONS, HELD_OUT_CONDITIONS, make_scene
+from engine.demo.extractors import SPECS, extract
+from engine.demo.world import BASE_CONDITIONS, CONDITIONS, HELD_OUT_CONDITIONS, make_scene
 
 
 @pytest.fixture()

@@ -5,10 +5,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from engine import adapters
-from engine.checkpoints import convert_ldm_unet, convert_official_adapter, convert_official_base, load_tensor_file
-from engine.controlnet import BaseControlNetModel
-from engine.presets import unet_config
+from engine.models import adapters
+from engine.formats.official import convert_ldm_unet, convert_official_adapter, convert_official_base
+from engine.formats.tensors import load_tensor_file
+from engine.models.controlnet import BaseControlNetModel
+from engine.models.presets import unet_config
 
 RESIDUAL_TOL = 2e-4  # SDPA rounds differently from the reference's einsum attention; a wrong eps is ~3e-4
 EPS_TOL = 1e-5

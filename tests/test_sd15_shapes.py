@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import SHARED
-from engine import adapters
-from engine.checkpoints import convert_official_adapter, convert_official_base
-from engine.controlnet import BaseControlNetModel
-from engine.presets import unet_config
+from engine.models import adapters
+from engine.formats.official import convert_official_adapter, convert_official_base
+from engine.models.controlnet import BaseControlNetModel
+from engine.models.presets import unet_config
 
 SD15 = BaseControlNetModel.config_from_unet(unet_config("sd15"))
 

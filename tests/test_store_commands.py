@@ -29,7 +29,7 @@ def test_list_show_rm_and_garbage_collection(store_env, hub):
     params = shown["parameters"]
     assert params["total"] == params["LoRA"] + params["zero convs"] + params["norms"]
     assert params["zero convs"] > 0 and params["norms"] > 0
-    from engine.adapter_format import load_adapter_file
+    from engine.formats.adapter_file import load_adapter_file
 
     state, _ = load_adapter_file(store.folder("tiny-cond0") / "adapter.safetensors")
     assert params["total"] == sum(v.numel() for v in state.values())
@@ -104,7 +104,7 @@ def test_import_local_files_and_folders(store_env, hub, ref_tiny, tiny_sd_folder
     ours = tmp_path / "mine.safetensors"
     shutil.copyfile(store.folder("c1") / "adapter.safetensors", ours)
     assert cli("pull", str(ours), "--name", "mine", "--condition", "lines").code == 0
-    from engine.adapter_format import read_adapter_metadata
+    from engine.formats.adapter_file import read_adapter_metadata
 
     assert read_adapter_metadata(store.folder("mine") / "adapter.safetensors")["condition"] == "lines"
     assert store.get("mine").condition == "lines"
@@ -122,8 +122,8 @@ def test_import_local_files_and_folders(store_env, hub, ref_tiny, tiny_sd_folder
 def test_import_single_file_sd(store_env, ref_tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from engine.models import load_sd
-    from engine.presets import build_sd
+    from engine.models.storage import load_sd
+    from engine.models.presets import build_sd
     from ldm_single_file import single_file
 
     original = build_sd("tiny", seed=7)
@@ -136,8 +136,8 @@ def test_import_single_file_sd(store_env, ref_tiny, tmp_path):
     manifest = store.get("community-finetune")
     assert (manifest.kind, manifest.arch, manifest.converted_from["format"]) == ("sd", "tiny", "ldm-single-file")
     loaded = load_sd(store.folder("community-finetune"))
-    from engine.checkpoints import convert_ldm_unet
-    from engine.presets import unet_config
+    from engine.formats.official import convert_ldm_unet
+    from engine.models.presets import unet_config
 
     pairs = [(loaded.unet.state_dict(), convert_ldm_unet(unet_ldm, unet_config("tiny"))),
              (loaded.vae.state_dict(), original.vae.state_dict()),

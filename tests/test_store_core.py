@@ -6,7 +6,7 @@ import pytest
 
 from ctrlora_cli.store import Store, validate_name
 from engine.errors import UsageError
-from engine.models import load_base, load_sd
+from engine.models.storage import load_base, load_sd
 
 
 def test_tiny_entries_load(tiny_store):

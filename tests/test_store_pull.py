@@ -16,10 +16,11 @@ def _manifest(env, name):
 
 
 def test_pull_official_base_and_adapters(store_env, hub, ref_tiny):
-    from engine.checkpoints import convert_official_adapter, convert_official_base, load_tensor_file
-    from engine.controlnet import BaseControlNetModel
-    from engine.models import load_base, load_sd
-    from engine.presets import unet_config
+    from engine.formats.official import convert_official_adapter, convert_official_base
+from engine.formats.tensors import load_tensor_file
+    from engine.models.controlnet import BaseControlNetModel
+    from engine.models.storage import load_base, load_sd
+    from engine.models.presets import unet_config
     from ctrlora_cli import resolve
 
     result = cli("pull", "tiny-official")
@@ -56,7 +57,7 @@ def test_pull_official_base_and_adapters(store_env, hub, ref_tiny):
     assert adapter.source["path"] == COND0_FILE
     path, meta = resolve.adapter_file(store, "tiny-cond0", base)
     assert meta["base_arch"] == "tiny" and meta["condition"] == "cond0" and meta["rank"] == 4
-    from engine.adapter_format import load_adapter_file
+    from engine.formats.adapter_file import load_adapter_file
 
     state, _ = load_adapter_file(path)
     want = convert_official_adapter(load_tensor_file(ref_tiny / "adapter_cond0.ckpt"), cfg)

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from conftest import run_cli
-from engine import toy_sd
-from engine.adapters import add_adapter, adapter_state_dict, base_state_dict
-from engine.arch import arch_id
-from engine.controlnet import BaseControlNetModel
-from engine.presets import build_sd, unet_config, vae_config
-from engine.toy_sd import ToySDSettings, WorldImages, render_world
+from engine.demo import toy_sd
+from engine.models.adapters import add_adapter, adapter_state_dict, base_state_dict
+from engine.models.arch import arch_id
+from engine.models.controlnet import BaseControlNetModel
+from engine.models.presets import build_sd, unet_config, vae_config
+from engine.demo.toy_sd import ToySDSettings, WorldImages, render_world
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_unet_steps_lower_the_noise_prediction_loss(world):
 
 
 def test_train_toy_sd_saves_a_loadable_sd(tmp_path):
-    from engine.models import load_sd
+    from engine.models.storage import load_sd
 
     events = []
     settings = ToySDSettings(size=32, count=9, vae_steps=3, unet_steps=3, batch=4, vae_batch=4, seed=2)
@@ -172,7 +172,7 @@ def test_cli_train_sd_adds_an_sd_entry(tiny_store, tmp_path):
     assert (tmp_path / "out" / "unet" / "config.json").is_file()
     assert not list(tiny_store.root.glob(".train-sd-*"))  # the temporary folder is gone
 
-    from engine.models import load_sd
+    from engine.models.storage import load_sd
 
     assert arch_id(load_sd(tiny_store.folder("demo-sd")).unet.config) == "demo"
 

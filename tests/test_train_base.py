@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO, run_cli
-from engine.launch import Topology, expand_nodelist, topology_from_slurm
-from engine.train_base import condition_at, sample_indices
+from engine.training.launcher import Topology, expand_nodelist, topology_from_slurm
+from engine.training.worker import condition_at, sample_indices
 
 
 def make_pairs(folder, count=6, kind="edges", seed=0):
@@ -46,7 +46,7 @@ def test_print_command_for_four_nodes(tiny_store, tmp_path):
     for rank, line in enumerate(lines):
         assert " -m torch.distributed.run --nnodes 4 --nproc-per-node 8 " in line
         assert f"--node-rank {rank} --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id ctrlora-big" in line
-        assert " -m engine.train_base " in line and f"--data {data}" in line
+        assert " -m engine.training.worker " in line and f"--data {data}" in line
     assert len({line.replace(f"--node-rank {r}", "") for r, line in enumerate(lines)}) == 1  # only the rank differs
 
 
@@ -81,7 +81,7 @@ def test_schedule_visits_every_condition_and_positions_do_not_repeat():
 def _torchrun(*args, nproc=2):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                           "--nproc-per-node", str(nproc), "-m", "engine.train_base", *args],
+                           "--nproc-per-node", str(nproc), "-m", "engine.training.worker", *args],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -117,7 +117,7 @@ def test_two_processes_train_resume_and_land_in_the_store(tiny_store, tmp_path):
 
 
 def test_shards_are_indexed_by_condition(tmp_path):
-    from engine.train_data import index_shards
+    from engine.training.shards import index_shards
 
     folder = make_pairs(tmp_path / "edges", count=3)
     shard = tmp_path / "shard-000.tar"

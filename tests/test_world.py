@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import world
+from engine.demo import world
 from engine.errors import UsageError
-from engine.extractors import extract
-from engine.presets import _TINY_WORDS, build_tiny_tokenizer
-from engine.world import (BASE_CONDITIONS, CLASS_COLOURS, COLOURS, CONDITIONS, HELD_OUT_CONDITIONS, make_scene,
+from engine.demo.extractors import extract
+from engine.models.presets import _TINY_WORDS, build_tiny_tokenizer
+from engine.demo.world import (BASE_CONDITIONS, CLASS_COLOURS, COLOURS, CONDITIONS, HELD_OUT_CONDITIONS, make_scene,
                           write_dataset)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # run as a script from a checkout: the project beside it
 
-from engine.images import atomic_path  # noqa: E402
+from engine.files import atomic_path  # noqa: E402
 
 
 def write_json(path: Path, data) -> None:

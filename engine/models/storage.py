@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from engine.adapters import base_state_dict
-from engine.controlnet import BaseControlNetModel
-from engine.presets import SDComponents
+from engine.models.adapters import base_state_dict
+from engine.models.controlnet import BaseControlNetModel
+from engine.models.presets import SDComponents
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -57,7 +57,7 @@ def save_base(model: BaseControlNetModel, folder: str | Path) -> Path:
 def make_random_model(preset: str, sd_folder: str | Path, base_folder: str | Path, seed: int = 0) -> dict:
     """Random-weight SD components and a Base ControlNet initialised from that UNet, saved in
     diffusers layout. Only for trying commands without downloads; returns the base's config."""
-    from engine.presets import build_sd
+    from engine.models.presets import build_sd
 
     sd = build_sd(preset, seed=seed)
     if sd.tokenizer is None:
@@ -68,27 +68,13 @@ def make_random_model(preset: str, sd_folder: str | Path, base_folder: str | Pat
     return dict(base.config)
 
 
-def make_random_adapter(base_folder: str | Path, path: str | Path, condition: str, rank: int = 4) -> Path:
-    """A fresh adapter for a base (LoRA up = 0, zero convs and norms copied from the base), so the
-    model with it equals the base: for trying ``gen`` offline, not for real conditions."""
-    from engine import adapters
-    from engine.adapter_format import save_adapter_file
-    from engine.arch import arch_id
-
-    base = load_base(base_folder)
-    adapters.add_adapter(base, condition, rank=rank)
-    return save_adapter_file(path, adapters.adapter_state_dict(base, condition), rank=rank, alpha=rank,
-                             base_arch=arch_id(base.config), condition=condition,
-                             provenance={"source": "random", "note": "untrained: equals the base"})
-
-
 def save_fp16_copy(src: str | Path, dst: str | Path) -> Path:
     """A copy of a safetensors file with its floating-point tensors in fp16 (the header metadata
     kept): how the packaged demo halves its size. Loaders upcast on ``from_pretrained``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from engine.images import atomic_path
+    from engine.files import atomic_path
 
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata()

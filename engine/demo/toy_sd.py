@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from diffusers.training_utils import EMAModel
 
-from engine.diffusion import PREDICTION_TYPES, add_noise, prediction_target
+from engine.training.objective import PREDICTION_TYPES, add_noise, prediction_target
 from engine.errors import UsageError
-from engine.presets import SDComponents, build_sd
+from engine.models.presets import SDComponents, build_sd
 from engine.progress import ProgressCallback, report
 
 PRESET = "demo"
@@ -90,7 +90,7 @@ class WorldImages:
 def render_world(count: int, size: int = 64, seed: int = 0, progress: ProgressCallback | None = None) -> WorldImages:
     """Scenes 0..count-1 of world ``seed``; scene i also gives its condition of kind i mod 9, so
     every condition is seen equally often."""
-    from engine.world import CONDITIONS, make_scene
+    from engine.demo.world import CONDITIONS, make_scene
 
     scenes = torch.empty((count, 3, size, size), dtype=torch.uint8)
     conditions = torch.empty_like(scenes)
@@ -198,7 +198,7 @@ def trivial_mse(data: WorldImages) -> float:
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's length, as the pipelines pad them (engine.sampling)."""
+    """Token ids padded to the tokenizer's length, as the pipelines pad them (engine.generation.sampling)."""
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
@@ -328,7 +328,7 @@ class ToySDResult:
 def train_toy_sd(settings: ToySDSettings | None = None, out: str | Path | None = None,
                  progress: ProgressCallback | None = None) -> ToySDResult:
     """Render the world, train the VAE, measure the latent scale, train text encoder + UNet; save
-    the result in diffusers layout (``engine.models.load_sd`` reads it) when ``out`` is given."""
+    the result in diffusers layout (``engine.models.storage.load_sd`` reads it) when ``out`` is given."""
     s = (settings or ToySDSettings()).check()
     sd = build_sd(PRESET, seed=s.seed)
     sd.scheduler = type(sd.scheduler).from_config(sd.scheduler.config, prediction_type=s.prediction)
@@ -361,8 +361,8 @@ def train_toy_sd(settings: ToySDSettings | None = None, out: str | Path | None =
 
 def save_toy_sd(sd: SDComponents, out: str | Path, summary: dict) -> Path:
     """The SD folder (diffusers layout) plus ``toy_sd.json`` saying how it was made."""
-    from engine.images import atomic_path
-    from engine.models import save_sd
+    from engine.files import atomic_path
+    from engine.models.storage import save_sd
 
     out = Path(out)
     save_sd(sd, out)

@@ -2,7 +2,7 @@
 
 For every pair of a data set (fit layout: condition image, target image, prompt) we generate one
 image from the condition and the prompt, run the condition's extractor on it and score it against
-the condition (``engine.fidelity``). The same scores of the data set's own target images are the
+the condition (``engine.demo.fidelity``). The same scores of the data set's own target images are the
 ceiling: what a generator that drew exactly the training distribution would reach.
 """
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine.condition import image_to_tensor
-from engine.data import Pair
-from engine.fidelity import PRIMARY, aggregate, fidelity
+from engine.images import image_to_tensor
+from engine.training.pairs import Pair
+from engine.demo.fidelity import PRIMARY, aggregate, fidelity
 from engine.progress import ProgressCallback, report
-from engine.sampling import Condition
+from engine.generation.sampling import Condition
 
 
 @dataclass
@@ -52,7 +52,7 @@ class EvalResult:
 def evaluate(pipe, adapter: str | None, pairs: list[Pair], kind: str, settings: EvalSettings | None = None,
              save_dir: str | Path | None = None, callback: ProgressCallback | None = None) -> EvalResult:
     """Generate one image per pair with ``adapter`` (None: the bare base) loaded in ``pipe``
-    (an ``engine.pipeline.CtrLoraPipeline``) and score it; ``save_dir`` keeps the images.
+    (an ``engine.generation.pipeline.CtrLoraPipeline``) and score it; ``save_dir`` keeps the images.
 
     Pair i's image comes from noise seed ``seed + i``, whatever ``settings.batch``: up to that
     many consecutive pairs of one size go through one pipeline call, each with its own prompt

@@ -1,5 +1,5 @@
 """What every sampler here shares: conditions and their windows, schedulers, seeded noise, the text
-encoder and the VAE decoder. ``engine.pipeline`` (the fast path) and ``engine.reference_sampler``
+encoder and the VAE decoder. ``engine.generation.pipeline`` (the fast path) and ``engine.generation.reference``
 (the plain baseline) both build on these, so they differ only in how a step is computed.
 """
 

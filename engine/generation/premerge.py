@@ -1,6 +1,6 @@
 """Per-condition merged LoRA weights for batches that mix several adapters.
 
-With one adapter its LoRA can be fused into the base weights (``engine.adapters.fuse_adapter``).
+With one adapter its LoRA can be fused into the base weights (``engine.models.adapters.fuse_adapter``).
 With several in one batch, each LoRA layer normally computes ``W x + B_i (A_i x)`` per slice: at
 rank 128 that costs as much as 80% more than ``W x`` alone in the 320-channel layers (the
 overhead is rank * (in + out) / (in * out), independent of the tokens). Holding ``W + B_i A_i``
@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.adapters import RoutedLoraLinear, lora_layers
+from engine.models.adapters import RoutedLoraLinear, lora_layers
 
 # The encoder levels (highest resolution first) whose transformer linears are merged.
 DEFAULT_PREFIXES = ("down_blocks.0.attentions.", "down_blocks.1.attentions.")

@@ -22,7 +22,8 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from engine.routing import AdapterRouting
+from engine.models.routing import AdapterRouting
+from engine.models.state import check_keys
 
 DEFAULT_RANK = 128
 
@@ -266,7 +267,6 @@ def adapter_rank(state_dict: dict[str, torch.Tensor]) -> int:
 def load_adapter(model, name: str, state_dict: dict[str, torch.Tensor], alpha: float | None = None) -> None:
     """Add adapter ``name`` and fill it from ``state_dict`` (adapter-file keys). Every key must be
     present with its exact shape; nothing is loaded otherwise."""
-    from engine.checkpoints import check_keys  # local: checkpoints imports this module
 
     rank = adapter_rank(state_dict)
     add_adapter(model, name, rank=rank, alpha=alpha)

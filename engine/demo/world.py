@@ -4,7 +4,7 @@ A scene is one to three flat-coloured shapes (circle, square, triangle, ...) dra
 flat or gently graded background. Scene ``index`` of world ``seed`` is the same on every machine
 and does not depend on how many scenes are made. Because every object is known, conditions that
 need an annotator network on photographs (segmentation, depth, boxes) are exact here; the rest
-come from the built-in extractors of ``engine.extractors``. Captions use only words the tiny
+come from the built-in extractors of ``engine.demo.extractors``. Captions use only words the tiny
 preset's tokenizer knows as whole tokens.
 
 Base conditions are what a demo Base ControlNet is trained on; held-out conditions are never shown
@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from engine.errors import UsageError
-from engine.extractors import draw_boxes, extract
-from engine.images import atomic_path, save_image
+from engine.demo.extractors import draw_boxes, extract
+from engine.files import atomic_path
+from engine.images import save_image
 from engine.progress import ProgressCallback, report
 
 BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")

@@ -1,5 +1,5 @@
 """Model shapes: ``sd15`` (Stable Diffusion 1.5), ``tiny`` (same block layout, tiny widths) and
-``demo`` (same block layout, small widths, for the 64 x 64 demo world; see ``engine.toy_sd``).
+``demo`` (same block layout, small widths, for the 64 x 64 demo world; see ``engine.demo.toy_sd``).
 
 ``tiny`` and ``demo`` need nothing from the network: their tokenizer is a CLIP-style byte-level BPE
 built here from a short word list, so tests, smoke runs and the demo work offline.
@@ -51,7 +51,7 @@ _TINY_VAE = dict(_SD15_VAE, block_out_channels=(32, 32, 32, 32), layers_per_bloc
 # The demo world's "toy SD": SD1.5's block types (so the Base ControlNet, adapters and the official
 # key mapping apply unchanged) at widths that train on 2 CPU cores. Its VAE has three blocks, not
 # four (4x downsampling): 64 x 64 scenes give 16 x 16 x 4 latents, the UNet's native size.
-# ``scaling_factor`` is a placeholder until training measures it (engine.toy_sd).
+# ``scaling_factor`` is a placeholder until training measures it (engine.demo.toy_sd).
 _DEMO_UNET = dict(_SD15_UNET, sample_size=16, block_out_channels=(32, 64, 64, 64), cross_attention_dim=64,
                   attention_head_dim=2)
 _DEMO_VAE = dict(_SD15_VAE, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,

@@ -10,7 +10,7 @@ A data folder holds one condition's pairs in one of two layouts:
 
 Every pair is checked before any training (``scan_folder``), then the frozen encoders run once
 (``encode_pairs``): the VAE posterior of each target (SD's [-1, 1] input) and each condition
-(CtrLoRA's [0, 1] input, as ``engine.condition.encode_condition``), and the text embedding of each
+(CtrLoRA's [0, 1] input, as ``engine.models.encoders.encode_condition``), and the text embedding of each
 prompt and of the empty prompt. Results live in a ``LatentCache`` keyed by content (image bytes
 digest, resolution, encoder weights digest), so later epochs and later runs do no VAE or text work.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine.condition import image_to_tensor, resize_center_crop
+from engine.images import image_to_tensor, resize_center_crop
 from engine.errors import UsageError
 from engine.progress import ProgressCallback, report
 
@@ -277,7 +277,7 @@ class LatentCache:
     def put(self, key: str, value: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        from engine.images import atomic_path
+        from engine.files import atomic_path
 
         with atomic_path(self.path(key)) as tmp:
             save_file({"value": value.detach().to("cpu").contiguous()}, str(tmp))

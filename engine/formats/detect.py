@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoints import LDM_CONTROL_PREFIX, LDM_UNET_PREFIX, check_keys, convert_official_adapter, \
-    convert_official_base, convert_ldm_unet
 from engine.errors import CheckpointError
-from engine.presets import PRESETS, SCHEDULER_CONFIG, text_encoder_config, unet_config, vae_config
+from engine.formats.official import LDM_CONTROL_PREFIX, LDM_UNET_PREFIX, convert_ldm_unet, convert_official_adapter, \
+    convert_official_base
+from engine.models.state import check_keys
+from engine.models.presets import PRESETS, SCHEDULER_CONFIG, text_encoder_config, unet_config, vae_config
 
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
@@ -36,7 +37,7 @@ def classify(state: dict[str, torch.Tensor]) -> str:
 
 
 def controlnet_config(preset: str) -> dict:
-    from engine.controlnet import BaseControlNetModel
+    from engine.models.controlnet import BaseControlNetModel
 
     return BaseControlNetModel.config_from_unet(unet_config(preset))
 
@@ -62,8 +63,8 @@ def import_official_base(state, folder: str | Path, configs: list[tuple[str, dic
     """Write an official base file as a Base ControlNet folder (config.json + safetensors).
     Returns ``(arch, config, embedded_rank)``; the condition the base file also carries is not
     kept (every adapter brings its own)."""
-    from engine.adapters import adapter_rank
-    from engine.controlnet import BaseControlNetModel
+    from engine.models.adapters import adapter_rank
+    from engine.models.controlnet import BaseControlNetModel
 
     arch, config, (base, embedded) = _first_fit(lambda cfg: convert_official_base(state, cfg, what), configs, what)
     folder = Path(folder)
@@ -76,7 +77,7 @@ def import_official_base(state, folder: str | Path, configs: list[tuple[str, dic
 
 def import_official_adapter(state, configs: list[tuple[str, dict]], what: str = "adapter"):
     """An official adapter file in our keys: ``(arch, config, state_dict, rank)``."""
-    from engine.adapters import adapter_rank
+    from engine.models.adapters import adapter_rank
 
     arch, config, mapped = _first_fit(lambda cfg: convert_official_adapter(state, cfg, what), configs, what)
     return arch, config, mapped, adapter_rank(mapped)
@@ -126,7 +127,7 @@ def import_ldm_sd(state, folder: str | Path, tokenizer_dir: str | Path | None = 
         save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name / weights), metadata={"format": "pt"})
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     if preset == "tiny":
-        from engine.presets import build_tiny_tokenizer
+        from engine.models.presets import build_tiny_tokenizer
 
         build_tiny_tokenizer().save_pretrained(folder / "tokenizer")
     elif tokenizer_dir is None:
@@ -150,7 +151,7 @@ def model_index() -> dict:
 
 def bin_to_safetensors(src: str | Path, dst: str | Path) -> None:
     """A pickled weights file (``.bin``), opened safely, rewritten as safetensors."""
-    from engine.checkpoints import load_tensor_file
+    from engine.formats.tensors import load_tensor_file
 
     state = load_tensor_file(src)
     save_file({k: v.contiguous() for k, v in state.items()}, str(dst), metadata={"format": "pt"})

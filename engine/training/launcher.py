@@ -1,7 +1,7 @@
 """Building torchrun (torch.distributed.run) command lines for ``train-base``.
 
 We never launch processes ourselves: torchrun starts one worker per GPU on each node and handles
-rendezvous; the worker is ``python -m engine.train_base``. This module only decides the
+rendezvous; the worker is ``python -m engine.training.worker``. This module only decides the
 arguments, from the user's options or from SLURM's environment.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from engine.errors import UsageError
 
 DEFAULT_PORT = 29500
-WORKER_MODULE = "engine.train_base"
+WORKER_MODULE = "engine.training.worker"
 
 
 @dataclass
@@ -65,7 +65,7 @@ def torchrun_args(topo: Topology) -> list[str]:
 
 
 def worker_command(topo: Topology, worker_args: list[str], python: str | None = None) -> list[str]:
-    """The full command for one node: ``python -m torch.distributed.run <topology> -m engine.train_base ...``."""
+    """The full command for one node: ``python -m torch.distributed.run <topology> -m engine.training.worker ...``."""
     return [python or sys.executable, "-m", "torch.distributed.run", *torchrun_args(topo), "-m", WORKER_MODULE,
             *worker_args]
 

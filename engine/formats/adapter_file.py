@@ -1,11 +1,11 @@
 """Our adapter file: one ``.safetensors`` per condition.
 
-Keys are the adapter-name-free keys of ``engine.adapters.adapter_state_dict`` (peft/diffusers
+Keys are the adapter-name-free keys of ``engine.models.adapters.adapter_state_dict`` (peft/diffusers
 style). The safetensors header metadata (all strings) holds:
 
 - ``format``: ``ctrlora-adapter``; ``format_version``: ``1``
 - ``rank``, ``alpha``: the LoRA rank and alpha (scale = alpha / rank)
-- ``base_arch``: the architecture id of the Base ControlNet it was made for (``engine.arch``)
+- ``base_arch``: the architecture id of the Base ControlNet it was made for (``engine.models.arch``)
 - ``condition``: the condition's name (``canny``, ``mosaic``, ...)
 - ``provenance``: JSON (where it came from: an official file and its digest, or a fit run)
 """
@@ -39,7 +39,7 @@ def save_adapter_file(path: str | Path, state_dict: dict[str, torch.Tensor], *, 
         "provenance": json.dumps(provenance or {}, sort_keys=True),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    from engine.images import atomic_path
+    from engine.files import atomic_path
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -64,7 +64,21 @@ def read_adapter_metadata(path: str | Path) -> dict:
 
 
 def load_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from engine.checkpoints import load_tensor_file
+    from engine.formats.tensors import load_tensor_file
 
     meta = read_adapter_metadata(path)
     return load_tensor_file(path), meta
+
+
+def make_random_adapter(base_folder: str | Path, path: str | Path, condition: str, rank: int = 4) -> Path:
+    """A fresh adapter for a base (LoRA up = 0, zero convs and norms copied from the base), so the
+    model with it equals the base: for trying ``gen`` offline, not for real conditions."""
+    from engine.models import adapters
+    from engine.models.arch import arch_id
+    from engine.models.storage import load_base
+
+    base = load_base(base_folder)
+    adapters.add_adapter(base, condition, rank=rank)
+    return save_adapter_file(path, adapters.adapter_state_dict(base, condition), rank=rank, alpha=rank,
+                             base_arch=arch_id(base.config), condition=condition,
+                             provenance={"source": "random", "note": "untrained: equals the base"})

@@ -18,8 +18,8 @@ from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_d
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from engine.adapters import RoutedConv2d, install_routed_layers
-from engine.routing import AdapterRouting
+from engine.models.adapters import RoutedConv2d, install_routed_layers
+from engine.models.routing import AdapterRouting
 
 
 @dataclass
@@ -60,7 +60,7 @@ class BaseControlNetModel(ModelMixin, ConfigMixin):
         upcast_attention: bool = False,
     ):
         super().__init__()
-        # Which adapter each slice of the batch uses; read by the adapter layers (engine.adapters).
+        # Which adapter each slice of the batch uses; read by the adapter layers (engine.models.adapters).
         self.routing = AdapterRouting()
         # diffusers' SD1.5 configs store the head COUNT in attention_head_dim.
         heads = attention_head_dim
@@ -147,7 +147,7 @@ class BaseControlNetModel(ModelMixin, ConfigMixin):
     ) -> BaseControlNetOutput | tuple:
         """Residuals for the frozen UNet from a condition latent (the noisy sample is never seen).
 
-        The adapter in use is set through ``engine.adapters.use_adapters`` (one name, or one name
+        The adapter in use is set through ``engine.models.adapters.use_adapters`` (one name, or one name
         per contiguous slice of the batch); with none, the base's own zero convs and norms act.
         """
         timesteps = timestep

@@ -9,8 +9,8 @@ A shard is a plain tar whose members are grouped by key (the name up to its firs
     000017.json       {"condition": "canny"} (and optionally "prompt")
 
 Shards are indexed once (member headers only); each rank then reads only the samples its slice
-of the schedule asks for (``engine.train_base.sample_indices``), straight from their offsets.
-Folders go through fit's checks and latent cache (``engine.data``); shard samples are encoded
+of the schedule asks for (``engine.training.worker.sample_indices``), straight from their offsets.
+Folders go through fit's checks and latent cache (``engine.training.pairs``); shard samples are encoded
 when first drawn and cached the same way, keyed by content.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine.condition import image_to_tensor, resize_center_crop
+from engine.images import image_to_tensor, resize_center_crop
 from engine.errors import UsageError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -93,7 +93,7 @@ class ShardData:
     """One condition's shard samples, encoded on first use (through the latent cache)."""
 
     def __init__(self, samples: list[ShardSample], vae, text_encoder, tokenizer, resolution: int, cache):
-        from engine.data import text_identity, vae_identity
+        from engine.training.pairs import text_identity, vae_identity
 
         self.samples = samples
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
@@ -105,7 +105,7 @@ class ShardData:
         return len(self.samples)
 
     def _moments(self, member: Member, role: str) -> torch.Tensor:
-        from engine.data import cache_key, posterior_moments
+        from engine.training.pairs import cache_key, posterior_moments
 
         data = member.read()
         key = cache_key(role, "sha256:" + hashlib.sha256(data).hexdigest(), self.resolution, self.vae_id)
@@ -118,7 +118,7 @@ class ShardData:
         return value
 
     def _text(self, prompts: list[str]) -> torch.Tensor:
-        from engine.data import cache_key, encode_prompts
+        from engine.training.pairs import cache_key, encode_prompts
 
         out = []
         for prompt in prompts:
@@ -131,7 +131,7 @@ class ShardData:
         return torch.stack(out)
 
     def sample_batch(self, indices: torch.Tensor, generator: torch.Generator, drop_prompt: float = 0.0):
-        from engine.data import EncodedPairs
+        from engine.training.pairs import EncodedPairs
 
         picked = [self.samples[int(i)] for i in indices]
         device = self.vae.device
@@ -152,7 +152,7 @@ def load_condition_data(args, sd, device, rank: int, world: int) -> dict:
     Rank 0 fills the latent cache first; the other ranks then read it back (no duplicate work)."""
     import torch.distributed as dist
 
-    from engine.data import LatentCache, encode_pairs, scan_folder
+    from engine.training.pairs import LatentCache, encode_pairs, scan_folder
 
     cache = LatentCache(args.cache or Path(args.out) / "cache")
     folders: dict[str, Path] = {}

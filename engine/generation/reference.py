@@ -8,7 +8,7 @@ and summed; then one UNet pass for that branch. The unconditional branch keeps t
 Conditions act within their start/end windows like the fast path (``Condition.acts_at``).
 
 It is deliberately slow. It shares with the fast path only what both must agree on (noise,
-schedulers, text encoder, decoder; ``engine.sampling``).
+schedulers, text encoder, decoder; ``engine.generation.sampling``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from engine.condition import encode_condition
+from engine.models.encoders import encode_condition
 from engine.progress import ProgressCallback, report
-from engine.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
+from engine.generation.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
                              make_scheduler, step_kwargs, to_pil, vae_scale_factor)
 
 

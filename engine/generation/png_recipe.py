@@ -52,7 +52,7 @@ def save_png(path: str | Path, image: Image.Image, recipe: dict | None = None,
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    from engine.images import atomic_path
+    from engine.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

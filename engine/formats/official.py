@@ -1,4 +1,4 @@
-"""Reading checkpoint files safely and mapping official CtrLoRA files onto our models.
+"""Mapping official CtrLoRA files (and ldm UNets) onto our models.
 
 Official files are pickled dicts of fp32 tensors with ldm names under ``control_model.``. They
 are only ever opened with ``torch.load(weights_only=True)``. Every import is checked key by key:
@@ -7,72 +7,15 @@ a file with unknown, missing or mis-shaped keys is refused with one line naming 
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
-from pathlib import Path
 
 import torch
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, first_few
+from engine.models.state import check_keys
 
 LDM_CONTROL_PREFIX = "control_model."
 LDM_UNET_PREFIX = "model.diffusion_model."
-
-
-def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat ``{name: tensor}`` dict from ``.safetensors`` or a pickled ``.ckpt/.pt/.pth/.bin``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or damaged?): {exc}") from None
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused: the pickle holds more than plain tensors ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged?): {first}") from None
-    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
-        data = data["state_dict"]  # Lightning-style wrapper
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: refused: expected a dict of tensors, found {type(data).__name__}")
-    bad = [k for k, v in data.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise CheckpointError(f"{path}: refused: {len(bad)} entries are not tensors (first: {_first(bad)})")
-    return data
-
-
-def check_keys(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
-    """Raise one CheckpointError line if ``state`` does not have exactly the ``expected`` keys/shapes."""
-    unknown = [k for k in state if k not in expected]
-    missing = [k for k in expected if k not in state]
-    misshaped = [
-        f"{k} {tuple(state[k].shape)} != {expected[k]}"
-        for k in state
-        if k in expected and tuple(state[k].shape) != tuple(expected[k])
-    ]
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} unknown keys (first: {_first(unknown)})")
-    if missing:
-        problems.append(f"{len(missing)} missing keys (first: {_first(missing)})")
-    if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped keys (first: {_first(misshaped)})")
-    if problems:
-        raise CheckpointError(f"{what}: " + "; ".join(problems))
-
-
-def _first(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
 
 # --- ldm (official) names -> ours -------------------------------------------------------------
@@ -138,7 +81,7 @@ def strip_control_prefix(state: dict[str, torch.Tensor], what: str) -> dict[str,
     if outside:
         raise CheckpointError(
             f"{what}: not an official CtrLoRA file: {len(outside)} keys lack the '{LDM_CONTROL_PREFIX}' prefix "
-            f"(first: {_first(outside)})"
+            f"(first: {first_few(outside)})"
         )
     return {k[len(LDM_CONTROL_PREFIX):]: v for k, v in state.items()}
 
@@ -154,13 +97,13 @@ def map_official_keys(state: dict[str, torch.Tensor], layers_per_block: int, wha
         else:
             out[new] = value
     if unknown:
-        raise CheckpointError(f"{what}: {len(unknown)} unknown keys (first: {_first(unknown)})")
+        raise CheckpointError(f"{what}: {len(unknown)} unknown keys (first: {first_few(unknown)})")
     return out
 
 
 def is_adapter_key(key: str) -> bool:
     """Keys that belong to a condition (LoRA, zero convs, transformer norms), not the base."""
-    from engine.adapters import is_condition_norm
+    from engine.models.adapters import is_condition_norm
 
     if ".lora_A." in key or ".lora_B." in key:
         return True
@@ -177,8 +120,8 @@ def convert_official_base(state: dict[str, torch.Tensor], controlnet_config: dic
     does); the whole embedded set is also returned as an adapter state dict (our keys), which the
     caller may ignore: at generation time every adapter brings its own.
     """
-    from engine.adapters import adapter_parameters, add_adapter
-    from engine.controlnet import BaseControlNetModel
+    from engine.models.adapters import adapter_parameters, add_adapter
+    from engine.models.controlnet import BaseControlNetModel
 
     mapped = map_official_keys(state, controlnet_config["layers_per_block"], what)
     base = {k: v for k, v in mapped.items() if ".lora_A." not in k and ".lora_B." not in k}
@@ -187,7 +130,7 @@ def convert_official_base(state: dict[str, torch.Tensor], controlnet_config: dic
         model = BaseControlNetModel(**controlnet_config)
     check_keys(base, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
     if any(".lora_A." in k for k in embedded):
-        from engine.adapters import adapter_rank
+        from engine.models.adapters import adapter_rank
 
         with torch.device("meta"):
             add_adapter(model, "embedded", rank=adapter_rank(embedded))
@@ -206,8 +149,8 @@ def convert_official_adapter(state: dict[str, torch.Tensor], controlnet_config: 
 
 def check_adapter_state(state: dict[str, torch.Tensor], controlnet_config: dict, what: str = "adapter") -> int:
     """Check an adapter state dict (our keys) against a base architecture; returns its rank."""
-    from engine.adapters import adapter_parameters, adapter_rank, add_adapter
-    from engine.controlnet import BaseControlNetModel
+    from engine.models.adapters import adapter_parameters, adapter_rank, add_adapter
+    from engine.models.controlnet import BaseControlNetModel
 
     try:
         rank = adapter_rank(state)

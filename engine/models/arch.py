@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from engine.presets import PRESETS, unet_config
+from engine.models.presets import PRESETS, unet_config
 
 # Fields that decide the shapes of the ControlNet's weights.
 _SHAPE_FIELDS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",

@@ -14,9 +14,9 @@ drawn from a seeded generator, or the posterior's mode). Per denoising step:
    only its text differs).
 
 With a single condition its LoRA is fused into the base weights; with several, the layers where
-LoRA costs most use per-condition merged weights (``engine.premerge``); on the CPU the wide
-low-resolution convolutions reuse weights reordered once (``engine.prepacked_convs``). This computes what the
-reference does (``engine.reference_sampler``, the plain baseline) up to float rounding.
+LoRA costs most use per-condition merged weights (``engine.generation.premerge``); on the CPU the wide
+low-resolution convolutions reuse weights reordered once (``engine.generation.prepacked``). This computes what the
+reference does (``engine.generation.reference``, the plain baseline) up to float rounding.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import adapters as adapters_lib
-from engine.condition import encode_condition
+from engine.models import adapters as adapters_lib
+from engine.models.encoders import encode_condition
 from engine.errors import UsageError
-from engine.premerge import premerged
-from engine.prepacked_convs import available as prepacked_available
-from engine.prepacked_convs import prepacked_convs
+from engine.generation.premerge import premerged
+from engine.generation.prepacked import available as prepacked_available
+from engine.generation.prepacked import prepacked_convs
 from engine.progress import ProgressCallback, report
-from engine.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
+from engine.generation.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
                              make_scheduler, step_kwargs, to_pil, vae_scale_factor)
 
 
@@ -62,10 +62,10 @@ class CtrLoraPipeline:
         # channels_last helps convolutions on GPUs; on CPUs it is measured slower for these shapes.
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.fuse_single = fuse_single  # one adapter: fuse its LoRA into the base weights
-        # Several: merged weights per adapter where LoRA costs most (engine.premerge). Not under
+        # Several: merged weights per adapter where LoRA costs most (engine.generation.premerge). Not under
         # torch.compile, whose graphs would keep the patched layers' closures.
         self.premerge = premerge and not compile
-        # CPU fp32: wide low-resolution convolutions with weights reordered once (engine.prepacked_convs).
+        # CPU fp32: wide low-resolution convolutions with weights reordered once (engine.generation.prepacked).
         self.prepack = prepack and not compile and prepacked_available(self.device, dtype)
         for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
             _move(module, self.device, dtype)

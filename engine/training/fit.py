@@ -1,11 +1,11 @@
 """Fitting a new condition's adapter on a frozen Base ControlNet (the paper's "new condition" recipe).
 
 Only the adapter trains: LoRA on the base's linear layers plus the condition's own zero convs and
-transformer norms, started from the base's values (``engine.adapters.add_adapter``), so step 0
+transformer norms, started from the base's values (``engine.models.adapters.add_adapter``), so step 0
 equals the base. AdamW (torch defaults, lr 1e-5), epsilon-MSE on SD1.5's schedule
-(``engine.diffusion``), the prompt replaced by "" with probability 0.3, the condition never.
+(``engine.training.objective``), the prompt replaced by "" with probability 0.3, the condition never.
 
-What makes it cheap: the frozen encoders ran once (``engine.data``), so a step is the ControlNet
+What makes it cheap: the frozen encoders ran once (``engine.training.pairs``), so a step is the ControlNet
 and the UNet only; gradients flow to the adapter alone (no weight gradients for the 1.2 B frozen
 weights, which the reference computes and throws away); on GPU the frozen weights are held in bf16
 under autocast while the adapter keeps fp32 master weights; attention is PyTorch's SDPA.
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from engine import adapters
-from engine.data import EncodedPairs, LatentCache, PairSet, encode_pairs, encode_prompts, load_image
-from engine.diffusion import controlled_eps, diffusion_loss
+from engine.models import adapters
+from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, encode_prompts, load_image
+from engine.training.objective import controlled_eps, diffusion_loss
 from engine.errors import UsageError
-from engine.images import atomic_path
+from engine.files import atomic_path
 from engine.progress import ProgressCallback, report
 
 ADAPTER = "new"  # the adapter's name inside the model (store names may hold '.', adapter names not)
@@ -64,10 +64,11 @@ class FitConfig:
 
     def resolved(self) -> "FitConfig":
         """A copy with device and precision decided."""
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        precision = self.precision or ("bf16" if device.startswith("cuda") else "fp32")
-        if precision not in ("bf16", "fp32"):
-            raise UsageError(f"precision must be bf16 or fp32, not {precision!r}")
+        from engine.runtime import resolve_device, resolve_precision
+
+        dev = resolve_device(self.device)
+        device = str(dev)
+        precision = resolve_precision(self.precision, dev, training=True, allowed=("fp32", "bf16"))
         for name in ("steps", "batch", "grad_accum", "rank", "resolution"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -208,7 +209,7 @@ def _use_sdpa(*models) -> None:
 
 def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str | Path, config: FitConfig,
         resume: bool = False, base_digest: str = "", callback: ProgressCallback | None = None) -> FitResult:
-    """Fit an adapter on ``pairs``. ``sd``: SD components (engine.models.load_sd, fp32, CPU);
+    """Fit an adapter on ``pairs``. ``sd``: SD components (engine.models.storage.load_sd, fp32, CPU);
     ``controlnet``: the frozen Base ControlNet (left bit-identical; the adapter lives beside it)."""
     config = config.resolved()
     run_dir = Path(run_dir)
@@ -319,8 +320,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _write_adapter(path: Path, trainer: AdapterTrainer, controlnet, config: FitConfig, identity: dict,
                    pairs: PairSet) -> Path:
-    from engine.adapter_format import save_adapter_file
-    from engine.arch import arch_id
+    from engine.formats.adapter_file import save_adapter_file
+    from engine.models.arch import arch_id
 
     provenance = {"type": "fit", "steps": trainer.step, "pairs": len(pairs.pairs), **identity}
     return save_adapter_file(path, trainer.adapter_state(), rank=config.rank, alpha=float(config.rank),
@@ -364,7 +365,7 @@ class _Validation:
             return None
         from diffusers import DDIMScheduler
 
-        from engine.condition import encode_condition
+        from engine.models.encoders import encode_condition
 
         cond_paths = [Path(p) for p in config.val_conds] or [p.source for p in pairs.pairs[:2]]
         for path in cond_paths:

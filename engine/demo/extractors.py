@@ -228,7 +228,7 @@ def sketch(image: Image.Image, threshold: float, sigma: float) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Numerical parts, shared with engine.world and engine.fidelity
+# Numerical parts, shared with engine.demo.world and engine.demo.fidelity
 
 
 def to_array(image: Image.Image) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Distributed pretraining of a Base ControlNet: the worker that torchrun starts on every GPU.
 
-    python -m torch.distributed.run ... -m engine.train_base --sd SD --data canny=DIR ... --out RUN
+    python -m torch.distributed.run ... -m engine.training.worker --sd SD --data canny=DIR ... --out RUN
 
 The reference schedule: every micro-batch holds ONE condition and switches that condition's
 adapter in; all ranks draw the same condition at each micro-step from a seeded schedule (each
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import adapters
-from engine.diffusion import diffusion_loss
-from engine.images import atomic_path
+from engine.models import adapters
+from engine.training.objective import diffusion_loss
+from engine.files import atomic_path
 
 RENDEZVOUS_MARKER = "rendezvous.json"
 CHECKPOINT = "checkpoint.pt"
@@ -45,7 +45,7 @@ RESULT = "result"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="engine.train_base", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="engine.training.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--sd", required=True, help="SD folder (diffusers layout): frozen UNet, VAE, text encoder")
     p.add_argument("--init-base", help="an existing Base ControlNet folder to continue (default: copy the UNet)")
     p.add_argument("--data", action="append", default=[], metavar="COND=DIR", help="a condition's fit-layout folder")
@@ -177,10 +177,12 @@ def main(argv=None) -> None:
 
 
 def _train(args, out: Path, rank: int, world: int, device: torch.device) -> None:
-    from engine.models import load_base, load_sd, save_base
-    from engine.train_data import load_condition_data
+    from engine.models.storage import load_base, load_sd, save_base
+    from engine.training.shards import load_condition_data
 
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    from engine.runtime import resolve_precision
+
+    precision = resolve_precision(args.precision, device, training=True)
     sd = load_sd(args.sd, device=device)
     data = load_condition_data(args, sd, device, rank, world)
     conditions = list(data)
@@ -191,7 +193,7 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> None
             raise SystemExit(f"--conditions names {unknown} with no data (have: {conditions})")
         conditions = wanted
 
-    from engine.controlnet import BaseControlNetModel
+    from engine.models.controlnet import BaseControlNetModel
 
     controlnet = load_base(args.init_base, device=device) if args.init_base else BaseControlNetModel.from_unet(sd.unet)
     torch.manual_seed(args.seed)
@@ -320,8 +322,8 @@ def _eval_loss(sd, controlnet, data, conditions, args, device, autocast) -> floa
 def _write_result(controlnet, conditions, args, out: Path, save_base, eval_start, eval_end) -> None:
     """The official split: a base folder plus one adapter file per condition. The base's own
     zero convs and norms (the starting point of future conditions) are the first condition's."""
-    from engine.adapter_format import save_adapter_file
-    from engine.arch import arch_id
+    from engine.formats.adapter_file import save_adapter_file
+    from engine.models.arch import arch_id
 
     result = out / RESULT
     tmp = out / f".{RESULT}.tmp"

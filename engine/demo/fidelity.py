@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import UsageError
-from engine.extractors import (ALIASES, canny_edges, component_boxes, extract, label_components, to_array)
+from engine.demo.extractors import (ALIASES, canny_edges, component_boxes, extract, label_components, to_array)
 
 EDGE_KINDS = ("canny", "sketch")
 BOUNDARY_KINDS = ("seg", "depth")
