@@ -33,8 +33,8 @@ def main() -> None:
     os.environ["HF_ENDPOINT"] = hub.url
     from huggingface_hub import hf_hub_download
 
-    from ctrlora_cli import hub as ours
-    from ctrlora_cli.store import Store
+    from ctrlora_cli.store import hub as ours
+    from ctrlora_cli.store.store import Store
     from engine.errors import CtrloraError
 
     with tempfile.TemporaryDirectory() as tmp:

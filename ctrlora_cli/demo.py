@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ctrlora_cli.store import Store, validate_name
+from ctrlora_cli.store.store import Store, validate_name
 from engine.errors import UsageError
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "demo"

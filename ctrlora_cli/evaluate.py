@@ -40,8 +40,8 @@ def evaluate(
 ) -> None:
     """Score an adapter on held-out pairs: generate from each condition, re-extract, compare."""
     from ctrlora_cli.progress import progress_bars
-    from ctrlora_cli.resolve import adapter_file, base_folders, default_base, load_pipeline
-    from ctrlora_cli.store import NotInStore, Store
+    from ctrlora_cli.store.resolve import adapter_file, base_folders, default_base, load_pipeline
+    from ctrlora_cli.store.store import NotInStore, Store
     from engine.files import sha256_file
     from engine.training.pairs import describe_problems, scan_folder
     from engine.demo.evaluate import EvalSettings

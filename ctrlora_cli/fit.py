@@ -58,8 +58,8 @@ def fit(
                                       show_default=False),
 ) -> None:
     """Fit a new condition's adapter on a Base ControlNet from about 1,000 image pairs."""
-    from ctrlora_cli.resolve import base_folders, default_base
-    from ctrlora_cli.store import Store, validate_name
+    from ctrlora_cli.store.resolve import base_folders, default_base
+    from ctrlora_cli.store.store import Store, validate_name
     from engine.errors import UsageError
 
     store = Store()

@@ -133,8 +133,8 @@ def gen(
     targets = _output_paths(out_path, [seed + k for k in range(batch)])
     _check_prep(specs)
 
-    from ctrlora_cli.resolve import default_base, load_pipeline
-    from ctrlora_cli.store import NotInStore, Store
+    from ctrlora_cli.store.resolve import default_base, load_pipeline
+    from ctrlora_cli.store.store import NotInStore, Store
 
     store = Store()
     try:
@@ -306,7 +306,7 @@ def _prepare(spec: CondSpec, image, width: int, height: int):
 def _base(store, name: str, sd: str | None, recipe: dict):
     """(manifest, ControlNet folder, SD folder) of the base; for a recipe, the very base that
     made the image when the store still holds it (found by digest)."""
-    from ctrlora_cli.resolve import base_folders
+    from ctrlora_cli.store.resolve import base_folders
 
     if recipe.get("base", {}).get("name") == name:
         name = _find(store, "base", recipe["base"]) or name
@@ -332,7 +332,7 @@ def _find(store, kind: str, wanted: dict) -> str | None:
 
 def _adapter(store, spec: CondSpec, base_manifest):
     """(path, metadata, digest) of a condition's adapter, checked against the base."""
-    from ctrlora_cli.resolve import adapter_file
+    from ctrlora_cli.store.resolve import adapter_file
     from engine.files import sha256_file
 
     if spec.digest:  # from a recipe: the very adapter the image was made with, wherever it is now

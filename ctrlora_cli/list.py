@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.console import out, say
-from ctrlora_cli.store import Store
+from ctrlora_cli.store.store import Store
 
 
 def register(app: typer.Typer) -> None:
@@ -79,7 +79,7 @@ def human_size(n: int) -> str:
 def _list_catalog(as_json: bool) -> None:
     from dataclasses import asdict
 
-    from ctrlora_cli.catalog import load
+    from ctrlora_cli.store.catalog import load
 
     entries = load()
     if as_json:

@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import ask, say, warn
-from ctrlora_cli.store import Manifest, Staged, Store, validate_name
+from ctrlora_cli.store.store import Manifest, Staged, Store, validate_name
 from engine.files import sha256_file
 from engine.errors import CheckpointError, CtrloraError, UsageError
 
@@ -111,7 +111,7 @@ class _Puller:
     @property
     def catalog(self):
         if self._catalog is None:
-            from ctrlora_cli import catalog
+            from ctrlora_cli.store import catalog
 
             self._catalog = catalog.load()
         return self._catalog
@@ -190,7 +190,7 @@ class _Puller:
 
     # -- hub plumbing ---------------------------------------------------------------------------
     def _resolve(self, repo: str, revision: str | None):
-        from ctrlora_cli import hub
+        from ctrlora_cli.store import hub
 
         return hub.resolve(repo, revision)
 
@@ -199,7 +199,7 @@ class _Puller:
             return snapshot.file(entry.file)
         found = snapshot.match(entry.pattern)
         if not found and snapshot.cached:
-            from ctrlora_cli import hub
+            from ctrlora_cli.store import hub
 
             raise CtrloraError(f"offline: no file of {entry.repo} matching {' or '.join(entry.pattern)} is in the "
                                f"Hugging Face cache ({hub.cache_dir()}); unset CTRLORA_OFFLINE/HF_HUB_OFFLINE to "
@@ -214,12 +214,12 @@ class _Puller:
         return found[0]
 
     def _fetch(self, remote):
-        from ctrlora_cli import hub
+        from ctrlora_cli.store import hub
 
         return hub.fetch(self.store, remote, callback=self.ui.progress, force=self.force, log=self.ui.log)
 
     def _hub_source(self, snapshot, origin: dict | None = None, **more) -> dict:
-        from ctrlora_cli import hub
+        from ctrlora_cli.store import hub
 
         source = {"type": "hub", "repo": snapshot.repo, "revision": snapshot.revision, "commit": snapshot.commit}
         if hub.endpoint() != "https://huggingface.co":
@@ -482,7 +482,7 @@ class _Puller:
 
     def _offline_present(self, name: str) -> bool:
         """Offline, an entry already in the store is used as it is (updates cannot be checked)."""
-        from ctrlora_cli import hub
+        from ctrlora_cli.store import hub
 
         if hub.offline() and not self.force and self._present(name):
             say(f"{name} is in the store (offline: not checked for updates)")

@@ -7,7 +7,7 @@ from rich.markup import escape
 
 from ctrlora_cli.console import interactive, say, warn
 from ctrlora_cli.list import human_size
-from ctrlora_cli.store import Store
+from ctrlora_cli.store.store import Store
 from engine.errors import UsageError
 
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ctrlora_cli.console import ask, out
 from ctrlora_cli.list import human_size, print_table, source_label
-from ctrlora_cli.store import Manifest, Store
+from ctrlora_cli.store.store import Manifest, Store
 
 
 def register(app: typer.Typer) -> None:

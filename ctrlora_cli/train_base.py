@@ -46,7 +46,7 @@ def train_base(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Pretrain a Base ControlNet and one adapter per condition (torchrun, DDP; gloo on CPU, NCCL on GPU)."""
-    from ctrlora_cli.store import Store, validate_name
+    from ctrlora_cli.store.store import Store, validate_name
     from engine.training.launcher import Topology, all_node_commands, topology_from_slurm, worker_command
 
     store = Store()
@@ -124,7 +124,7 @@ def _resolve_init(store, init: str, sd: str | None) -> tuple[str, Path | None]:
     if manifest.kind == "sd":
         return sd or init, None
     if manifest.kind == "base":
-        from ctrlora_cli.resolve import base_folders
+        from ctrlora_cli.store.resolve import base_folders
 
         _, controlnet_dir, _ = base_folders(store, init, sd)
         return sd or manifest.sd, controlnet_dir

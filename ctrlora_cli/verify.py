@@ -7,7 +7,7 @@ from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import out, say
-from ctrlora_cli.store import Store
+from ctrlora_cli.store.store import Store
 from engine.progress import report
 
 

@@ -34,7 +34,7 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: 
 def tiny_store_template(tmp_path_factory) -> Path:
     """A store holding the random ``tiny`` base and ``tiny-sd``, built once per session."""
     from ctrlora_cli.pull import _pull_random
-    from ctrlora_cli.store import Store
+    from ctrlora_cli.store.store import Store
 
     root = tmp_path_factory.mktemp("store-template")
     _pull_random(Store(root), "tiny", "tiny")
@@ -46,7 +46,7 @@ def tiny_store(tiny_store_template, tmp_path, monkeypatch):
     """A private copy of the tiny store, with CTRLORA_HOME pointing at it."""
     import shutil
 
-    from ctrlora_cli.store import Store
+    from ctrlora_cli.store.store import Store
 
     root = tmp_path / "ctrlora-home"
     shutil.copytree(tiny_store_template, root, ignore=shutil.ignore_patterns("views", ".lock"))

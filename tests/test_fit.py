@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from ctrlora_cli.resolve import adapter_file, base_folders
+from ctrlora_cli.store.resolve import adapter_file, base_folders
 from engine.models import adapters
 from engine.formats.adapter_file import load_adapter_file
 from engine.training.pairs import LatentCache, encode_pairs, scan_folder

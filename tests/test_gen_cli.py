@@ -20,7 +20,7 @@ SIZE = 64
 def adapter_files(tiny_store_template, tmp_path_factory):
     """Adapter files for the tiny base: 'edge' and 'blur' (random, non-zero), 'alien' (made for
     another base); and condition images (one a damaged file)."""
-    from ctrlora_cli.store import Store
+    from ctrlora_cli.store.store import Store
 
     folder = tmp_path_factory.mktemp("gen-inputs")
     base = load_base(Store(tiny_store_template).folder("tiny") / "controlnet")

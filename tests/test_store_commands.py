@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from hub_fixtures import COND0_FILE, cli, hub, hub_server, store_env, tiny_sd_folder  # noqa: F401
-from ctrlora_cli.store import Store
+from ctrlora_cli.store.store import Store
 
 
 def test_list_show_rm_and_garbage_collection(store_env, hub):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ctrlora_cli.store import Store, validate_name
+from ctrlora_cli.store.store import Store, validate_name
 from engine.errors import UsageError
 from engine.models.storage import load_base, load_sd
 

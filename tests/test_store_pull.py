@@ -8,7 +8,7 @@ import torch
 
 from hub_fixtures import (BASE_FILE, COND0_FILE, COND1_FILE, CTRLORA_REPO, cli, hub, hub_server,  # noqa: F401
                           store_env, tiny_sd_folder)
-from ctrlora_cli.store import Store
+from ctrlora_cli.store.store import Store
 
 
 def _manifest(env, name):
@@ -21,7 +21,7 @@ from engine.formats.tensors import load_tensor_file
     from engine.models.controlnet import BaseControlNetModel
     from engine.models.storage import load_base, load_sd
     from engine.models.presets import unet_config
-    from ctrlora_cli import resolve
+    from ctrlora_cli.store import resolve
 
     result = cli("pull", "tiny-official")
     assert result.code == 0, result.err
@@ -234,8 +234,8 @@ def test_sd15_layout_selection():
 
 def test_shipped_catalog_matches_published_names():
     """The shipped patterns pick the published adapters' names (and hed never picks hedsketch)."""
-    from ctrlora_cli import catalog
-    from ctrlora_cli.hub import RemoteFile, Snapshot
+    from ctrlora_cli.store import catalog
+    from ctrlora_cli.store.hub import RemoteFile, Snapshot
 
     names = ["ctrlora-basecn/ctrlora_sd15_basecn700k.ckpt",
              *[f"ctrlora-loras/ctrlora_sd15_basecn700k_{c}_rank128.ckpt"

@@ -14,7 +14,7 @@ from filelock import FileLock
 
 from conftest import REPO, run_cli
 from hub_fixtures import BASE_FILE, cli, hub, hub_server, store_env, tiny_sd_folder  # noqa: F401
-from ctrlora_cli.store import Store
+from ctrlora_cli.store.store import Store
 
 
 def _spawn(env: dict, *args: str) -> subprocess.Popen:

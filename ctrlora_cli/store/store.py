@@ -50,7 +50,7 @@ def validate_name(name: str) -> str:
 def pull_hint(name: str) -> str:
     """The command that would bring ``name`` into the store."""
     try:
-        from ctrlora_cli.catalog import load
+        from ctrlora_cli.store.catalog import load
 
         known = name == "tiny" or name in load()
     except CtrloraError:

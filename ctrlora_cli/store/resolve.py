@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctrlora_cli.store import Manifest, Store
+from ctrlora_cli.store.store import Manifest, Store
 from engine.errors import UsageError
 
 
