@@ -1,0 +1,39 @@
+"""Options shared by several commands, declared once (Typer ``Annotated`` aliases), and the one
+JSON printer. A command module writes ``base: BaseOpt = None`` instead of declaring ``--base``
+again, so the flag, its help text and its checks are the same everywhere."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+
+class Precision(str, enum.Enum):
+    """``auto`` is decided by ``engine.runtime.resolve_precision`` for the device and the job."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+BaseOpt = Annotated[str | None, typer.Option("--base", help="Base ControlNet in the store (default: the adapter's "
+                                             "base, else the only one, else 'base').")]
+SdOpt = Annotated[str | None, typer.Option("--sd", help="Stable Diffusion model in the store (default: the base's).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto: cuda when present).")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", case_sensitive=False,
+                                                 help="auto: fp16 on GPU for generation, bf16 for training; "
+                                                      "fp32 on CPU.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Random seed (the same seed gives the same result).")]
+StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Number of steps.")]
+
+
+def print_json(data: Any) -> None:
+    """The one way a command prints JSON: indented, UTF-8 kept, one document on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
