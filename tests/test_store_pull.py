@@ -17,7 +17,7 @@ def _manifest(env, name):
 
 def test_pull_official_base_and_adapters(store_env, hub, ref_tiny):
     from engine.formats.official import convert_official_adapter, convert_official_base
-from engine.formats.tensors import load_tensor_file
+    from engine.formats.tensors import load_tensor_file
     from engine.models.controlnet import BaseControlNetModel
     from engine.models.storage import load_base, load_sd
     from engine.models.presets import unet_config
