@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import typer
 
-from ctrlora_cli import __version__
+from ctrlora_cli import __version__, envconfig
 
 app = typer.Typer(
     name="ctrlora",
@@ -17,10 +16,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode="rich",
+    epilog="Settings from the environment (CTRLORA_HOME, CTRLORA_OFFLINE, HF_TOKEN, ...): ctrlora env",
 )
 
 # Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.
-COMMAND_MODULES: tuple[str, ...] = ("pull", "list", "show", "rm", "verify", "gen", "fit", "train_base", "evaluate", "prep", "world")
+COMMAND_MODULES: tuple[str, ...] = ("pull", "list", "show", "rm", "verify", "gen", "fit", "train_base", "evaluate", "prep", "world",
+                                    "env")
 
 
 def _version(value: bool) -> None:
@@ -36,18 +37,7 @@ def _root(
     """CtrLoRA on Stable Diffusion 1.5."""
 
 
-def _quiet_libraries() -> None:
-    # Our own progress is drawn by Rich; the libraries' tqdm bars and info logs are noise here.
-    # Set before any command imports them: huggingface_hub reads these at import time.
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if os.environ.get("CTRLORA_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true"):
-        os.environ["HF_HUB_OFFLINE"] = "1"  # every library that reaches the hub stays offline too
-
-
-_quiet_libraries()
+envconfig.quiet_libraries()  # before any command module imports huggingface_hub & co.
 for _module in COMMAND_MODULES:
     importlib.import_module(f"ctrlora_cli.{_module}").register(app)
 
