@@ -59,7 +59,8 @@ def fit(
 ) -> None:
     """Fit a new condition's adapter on a Base ControlNet from about 1,000 image pairs."""
     from ctrlora_cli.store.resolve import base_folders, default_base
-    from ctrlora_cli.store.store import Store, validate_name
+    from ctrlora_cli.store.names import validate_name
+    from ctrlora_cli.store.store import Store
     from engine.errors import UsageError
 
     store = Store()

@@ -6,8 +6,8 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.console import interactive, say, warn
-from ctrlora_cli.list import human_size
 from ctrlora_cli.store.store import Store
+from ctrlora_cli.tables import human_size
 from engine.errors import UsageError
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 
 import typer
 from rich.markup import escape
 
 from ctrlora_cli.console import ask, out
-from ctrlora_cli.list import human_size, print_table, source_label
-from ctrlora_cli.store.store import Manifest, Store
+from ctrlora_cli.options import JsonOpt, print_json
+from ctrlora_cli.store import sources
+from ctrlora_cli.store.parameters import parameter_counts
+from ctrlora_cli.store.store import Store
+from ctrlora_cli.tables import human_size, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
 def show(
     name: str | None = typer.Argument(None, show_default=False, help="A store name (see: ctrlora list)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Show a model: what it is, where it came from, its parameters and files."""
     store = Store()
@@ -28,7 +30,7 @@ def show(
     manifest = store.get(name)
     params = parameter_counts(store, manifest)
     if as_json:
-        typer.echo(json.dumps(dict(manifest.to_json(), size=manifest.size, parameters=params), indent=2))
+        print_json(dict(manifest.to_json(), size=manifest.size, parameters=params))
         return
     from rich.table import Table
 
@@ -38,7 +40,7 @@ def show(
     rows = [("name", manifest.name), ("kind", manifest.kind), ("architecture", manifest.arch),
             ("condition", manifest.condition), ("rank", manifest.rank and str(manifest.rank)),
             ("pairs with", manifest.sd and f"{manifest.sd} (Stable Diffusion)"),
-            ("source", _source_detail(manifest.source)),
+            ("source", sources.detail(manifest.source)),
             ("converted from", manifest.converted_from and _converted(manifest.converted_from)),
             ("labels", ", ".join(manifest.labels)), ("notes", manifest.notes),
             ("created", manifest.created), ("size", human_size(manifest.size))]
@@ -60,54 +62,8 @@ def show(
     print_table(files)
 
 
-def _source_detail(source: dict) -> str:
-    if source.get("type") == "hub":
-        text = f"hf://{source['repo']}" + (f"/{source['path']}" if source.get("path") else "")
-        text += f" at {source.get('revision')} = {source.get('commit')}"
-        return text + (f" ({source['endpoint']})" if source.get("endpoint") else "")
-    if source.get("type") == "local":
-        return source.get("path", "")
-    return source_label(source)
-
-
 def _converted(info: dict) -> str:
     text = f"{info.get('file')} ({info.get('format', '?')}, sha256 {str(info.get('sha256', ''))[:12]}...)"
     if info.get("embedded_adapter_rank"):
         text += f"; its embedded rank-{info['embedded_adapter_rank']} condition was left out"
     return text
-
-
-def parameter_counts(store: Store, manifest: Manifest) -> dict[str, int]:
-    """Parameter counts from the safetensors headers (no tensor is read, torch is not needed)."""
-    counts: dict[str, int] = {}
-    for record in manifest.files:
-        blob = store.blob_path(record.digest)
-        if not record.path.endswith(".safetensors") or not blob.is_file():
-            continue
-        for key, shape in _safetensors_shapes(blob).items():
-            group = _group(manifest.kind, record.path, key)
-            counts[group] = counts.get(group, 0) + math.prod(shape)
-    total = sum(counts.values())
-    if manifest.kind == "base":
-        return {"total": total}
-    return {"total": total, **dict(sorted(counts.items()))}
-
-
-def _safetensors_shapes(path) -> dict[str, list[int]]:
-    """The tensor shapes in a safetensors header: 8 bytes of length (little endian), then JSON."""
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if length > 100_000_000:
-            return {}
-        header = json.loads(f.read(length))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-
-
-def _group(kind: str, path: str, key: str) -> str:
-    if kind == "adapter":
-        if ".lora_A." in key or ".lora_B." in key:
-            return "LoRA"
-        if key.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")):
-            return "zero convs"
-        return "norms"
-    return path.split("/")[0] if "/" in path else "weights"

@@ -46,7 +46,8 @@ def train_base(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Pretrain a Base ControlNet and one adapter per condition (torchrun, DDP; gloo on CPU, NCCL on GPU)."""
-    from ctrlora_cli.store.store import Store, validate_name
+    from ctrlora_cli.store.names import validate_name
+    from ctrlora_cli.store.store import Store
     from engine.training.launcher import Topology, all_node_commands, topology_from_slurm, worker_command
 
     store = Store()

@@ -7,8 +7,8 @@ from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import out, say
+from ctrlora_cli.store.sources import repair_command
 from ctrlora_cli.store.store import Store
-from engine.progress import report
 
 
 def register(app: typer.Typer) -> None:
@@ -22,17 +22,9 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
     if not manifests:
         say("nothing to verify: the store is empty")
         return
-    total = sum(m.size for m in manifests)
-    damaged = []
     with ByteBars() as bars:
-        done = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            done += n
-            report(bars.progress, "verify", done, total)
-
-        results = [(m, store.check(m, on_bytes)) for m in manifests]
+        results = store.check_all(manifests, bars)
+    damaged = []
     for manifest, problems in results:
         if not problems:
             out.print(f"[green]ok[/green]       {manifest.name}", highlight=False, soft_wrap=True)
@@ -47,20 +39,3 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
     for m in damaged:
         say(f"  {repair_command(m)}")
     raise typer.Exit(1)
-
-
-def repair_command(m) -> str:
-    """The command that fetches a damaged entry again, replacing its blobs."""
-    source, named = m.source, f" --name {m.name}"
-    if source.get("catalog"):
-        return f"ctrlora pull {source['catalog']}{named if m.name != source['catalog'] else ''} --force"
-    if source.get("type") == "hub":
-        path = source.get("path")  # a file or folder of the repository; none for a whole SD repository
-        what = f"hf://{source['repo']}/{path}" if path else f"sd:{source['repo']}"
-        return f"ctrlora pull {what} --revision {source['commit']}{named} --force"
-    if source.get("type") == "random":
-        base = m.name[:-3] if m.kind == "sd" and m.name.endswith("-sd") else m.name
-        return f"ctrlora pull {source.get('preset', 'tiny')}{' --name ' + base if base != 'tiny' else ''} --force"
-    if source.get("type") == "local":
-        return f"ctrlora pull {source.get('path')}{named} --force"
-    return f"ctrlora rm {m.name} (then make it again)"

@@ -91,7 +91,8 @@ def train_sd(
 ) -> None:
     """Train the demo's toy SD (VAE, text encoder, UNet of the demo preset) on world scenes and add
     it to the store as an sd entry. About 22 minutes on 2 CPU cores with the defaults."""
-    from ctrlora_cli.store.store import Store, validate_name
+    from ctrlora_cli.store.names import validate_name
+    from ctrlora_cli.store.store import Store
 
     if name is None:
         name = ask("Store name for the toy SD", "give --name, e.g. ctrlora world train-sd --name demo-sd",

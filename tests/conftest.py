@@ -33,11 +33,11 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: 
 @pytest.fixture(scope="session")
 def tiny_store_template(tmp_path_factory) -> Path:
     """A store holding the random ``tiny`` base and ``tiny-sd``, built once per session."""
-    from ctrlora_cli.pull import _pull_random
     from ctrlora_cli.store.store import Store
+    from ctrlora_cli.store.tiny import pull_tiny
 
     root = tmp_path_factory.mktemp("store-template")
-    _pull_random(Store(root), "tiny", "tiny")
+    pull_tiny(Store(root), "tiny")
     return root
 
 

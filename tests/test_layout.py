@@ -65,6 +65,27 @@ def test_engine_never_imports_the_face():
     assert not wrong, ", ".join(sorted(wrong))
 
 
+# The store is a library of its own: it may import the engine, itself and the one reader of the
+# environment, never the command modules (the face) nor Typer or Rich.
+STORE_MAY_IMPORT = ("ctrlora_cli.store", "ctrlora_cli.envconfig")
+
+
+def _store_import_allowed(module: str) -> bool:
+    top = module.split(".")[0]
+    if top in ("typer", "rich"):
+        return False
+    if top != "ctrlora_cli":
+        return True  # the engine, the standard library, third parties
+    # "from ctrlora_cli import envconfig" also names the package itself, whose __init__ any import runs
+    return module == "ctrlora_cli" or any(module == m or module.startswith(m + ".") for m in STORE_MAY_IMPORT)
+
+
+def test_store_imports_only_engine_and_itself():
+    files = [*(REPO / "ctrlora_cli" / "store").rglob("*.py"), REPO / "ctrlora_cli" / "envconfig.py"]
+    wrong = [f"{_module_name(p)} -> {m}" for p in files for m in _imports(p) if not _store_import_allowed(m)]
+    assert not wrong, ", ".join(sorted(wrong))
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Circles in the graph (a package's own ``__init__`` importing its children does not count)."""
     found, state, stack = [], {}, []
@@ -99,3 +120,5 @@ def test_the_checker_sees_a_circle_and_a_wrong_arrow():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert "training" not in ALLOWED[_room("engine.models.adapters")]
     assert _room("engine.files") == "base" and _room("engine.training.fit") == "training"
+    assert not _store_import_allowed("ctrlora_cli.console") and not _store_import_allowed("rich.markup")
+    assert _store_import_allowed("ctrlora_cli.store.hub") and _store_import_allowed("engine.files")

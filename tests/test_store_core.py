@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from ctrlora_cli.store.store import Store, validate_name
+from ctrlora_cli.store.names import validate_name
+from ctrlora_cli.store.store import Store
 from engine.errors import UsageError
 from engine.models.storage import load_base, load_sd
 

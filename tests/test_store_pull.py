@@ -199,7 +199,7 @@ def test_hub_file_with_pinned_revision(store_env, hub):
 
 def test_sd15_layout_selection():
     """On SD1.5's published file list: configs and tokenizer, and the fp16 safetensors weights only."""
-    from ctrlora_cli.pull import select_sd_files
+    from ctrlora_cli.store.sd_layout import select_sd_files
 
     published = """.gitattributes README.md model_index.json feature_extractor/preprocessor_config.json
         safety_checker/config.json safety_checker/model.fp16.safetensors safety_checker/model.safetensors

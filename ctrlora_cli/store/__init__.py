@@ -1,6 +1,21 @@
 """The model store as a library: entries (manifests over content-addressed blobs), names, the
 catalog, hub downloads, pulls and imports, and resolving names for the commands that use models.
 
-May import: ``engine`` and each other; never Typer or Rich. Progress goes out as plain events
-(``engine.progress``), and the command modules render it.
+    store       the Store: blobs, manifests written last, views, locks, scratch, removal, gc
+    names       entry names (the rule, names made from files) and the kinds of entry
+    sources     where an entry came from, in words; the command that fetches it (again)
+    catalog     what ``ctrlora pull NAME`` fetches (shipped catalog.json + CTRLORA_CATALOG)
+    hub         the Hugging Face Hub: resolving, resumable verified downloads, the HF cache
+    pull        from a source (catalog name, hf://, sd:, local path, tiny, demo) to an entry
+    ingest      what a file or folder holds, converted and stored; up to date or replaced
+    sd_layout   which files make a diffusers-layout Stable Diffusion entry
+    tiny        the random tiny model, made offline
+    demo        the demo model shipped in the package: into the store, and exported from one
+    parameters  parameter counts of an entry from its safetensors headers
+    resolve     from store names to the folders and files the engine loads
+    events      what the library reports (byte progress, messages) for the face to render
+
+May import: ``engine``, ``ctrlora_cli.envconfig`` and each other; never Typer, Rich or the
+command modules (tests/test_layout.py checks). Nothing here prints: progress and messages go out
+as plain events (``events``), and the command modules render them.
 """

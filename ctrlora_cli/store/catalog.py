@@ -7,11 +7,11 @@ the shipped ones: a mirror, a private adapter, or a test hub.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
+from ctrlora_cli import envconfig
+from ctrlora_cli.store.names import KINDS
 from engine.errors import UsageError
 
 FORMAT = "ctrlora-catalog"
@@ -44,7 +44,7 @@ def _read(text: str, where: str) -> dict[str, CatalogEntry]:
     entries = {}
     for name, raw in doc["models"].items():
         unknown = sorted(set(raw) - known)
-        if unknown or raw.get("kind") not in ("sd", "base", "adapter") or not raw.get("repo"):
+        if unknown or raw.get("kind") not in KINDS or not raw.get("repo"):
             raise UsageError(f"catalog {where}: model {name!r} needs kind (sd|base|adapter) and repo"
                              + (f"; unknown fields {unknown}" if unknown else ""))
         raw = dict(raw)
@@ -59,10 +59,9 @@ def _read(text: str, where: str) -> dict[str, CatalogEntry]:
 def load() -> dict[str, CatalogEntry]:
     shipped = resources.files("ctrlora_cli").joinpath("data/catalog.json").read_text()
     entries = _read(shipped, "(shipped)")
-    extra = os.environ.get("CTRLORA_CATALOG")
-    if extra:
-        path = Path(extra).expanduser()
+    path = envconfig.catalog_file()
+    if path is not None:
         if not path.is_file():
-            raise UsageError(f"CTRLORA_CATALOG={extra}: no such file")
+            raise UsageError(f"{envconfig.CATALOG.name}={path}: no such file")
         entries.update(_read(path.read_text(), str(path)))
     return entries

@@ -7,7 +7,7 @@ store's ``partial/`` (huggingface_hub 2.x restarts a failed file from zero), and
 checked against the hub's sha256 (LFS files) or git blob id (small files) before it is used.
 
 A file already in the user's Hugging Face cache is taken from there, not downloaded again.
-Endpoint, cache folder and offline mode are read from the environment at call time.
+Endpoint, cache folder and offline mode are read at call time, through ``ctrlora_cli.envconfig``.
 """
 
 from __future__ import annotations
@@ -20,35 +20,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctrlora_cli import envconfig
+from ctrlora_cli.store.events import Listener, tell
+from ctrlora_cli.store.store import link_or_copy
 from engine.errors import CtrloraError, UsageError
-from engine.progress import ProgressCallback, report
+from engine.files import CHUNK
+from engine.progress import report
 
-_TRUE = {"1", "on", "yes", "true"}
-_CHUNK = 1 << 20
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def offline() -> bool:
-    """CTRLORA_OFFLINE=1 or HF_HUB_OFFLINE=1: nothing may touch the network."""
-    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("CTRLORA_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def endpoint() -> str:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
-
-
-def cache_dir() -> Path:
-    """The Hugging Face hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else huggingface_hub's default."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(constants.HF_HUB_CACHE)
 
 
 def check_repo_id(repo: str) -> str:
@@ -102,8 +82,7 @@ class Snapshot:
     def file(self, path: str) -> RemoteFile:
         if path not in self.files:
             if self.cached:
-                raise CtrloraError(f"offline: {self.repo}/{path} is not in the Hugging Face cache ({cache_dir()}); "
-                                   f"{_offline_hint()}")
+                raise not_cached(f"{self.repo}/{path}")
             raise CtrloraError(f"{self.repo} has no file {path!r} at {self.revision} ({self.commit[:12]}); "
                                f"it may have been moved or removed")
         return self.files[path]
@@ -129,7 +108,7 @@ def _hub_error(exc: Exception, what: str) -> CtrloraError:
     if isinstance(exc, hf_errors.GatedRepoError):
         return CtrloraError(f"{what}: the repository is gated: accept its terms on the hub, then set HF_TOKEN")
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        return CtrloraError(f"{what}: repository not found (or private: set HF_TOKEN) at {endpoint()}")
+        return CtrloraError(f"{what}: repository not found (or private: set HF_TOKEN) at {envconfig.hf_endpoint()}")
     if isinstance(exc, hf_errors.RevisionNotFoundError):
         return CtrloraError(f"{what}: no such revision")
     if isinstance(exc, hf_errors.EntryNotFoundError):
@@ -139,16 +118,22 @@ def _hub_error(exc: Exception, what: str) -> CtrloraError:
     if isinstance(exc, hf_errors.HfHubHTTPError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
         return CtrloraError(f"{what}: the hub answered: {first}")
-    return CtrloraError(f"{what}: cannot reach {endpoint()} ({name}: {exc}); set CTRLORA_OFFLINE=1 to use only "
-                        f"what is already downloaded")
+    return CtrloraError(f"{what}: cannot reach {envconfig.hf_endpoint()} ({name}: {exc}); set CTRLORA_OFFLINE=1 "
+                        f"to use only what is already downloaded")
 
 
-def _offline_hint() -> str:
+def offline_hint() -> str:
     return "unset CTRLORA_OFFLINE/HF_HUB_OFFLINE to download it"
 
 
+def not_cached(what: str) -> CtrloraError:
+    """Offline, and ``what`` is not in the Hugging Face cache."""
+    return CtrloraError(f"offline: {what} is not in the Hugging Face cache ({envconfig.hf_hub_cache()}); "
+                        f"{offline_hint()}")
+
+
 def _repo_cache(repo: str) -> Path:
-    return cache_dir() / ("models--" + repo.replace("/", "--"))
+    return envconfig.hf_hub_cache() / ("models--" + repo.replace("/", "--"))
 
 
 def resolve(repo: str, revision: str | None = None) -> Snapshot:
@@ -156,12 +141,12 @@ def resolve(repo: str, revision: str | None = None) -> Snapshot:
     or offline from the Hugging Face cache."""
     check_repo_id(repo)
     revision = revision or "main"
-    if offline():
+    if envconfig.offline():
         return _resolve_cached(repo, revision)
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
-    api = HfApi(endpoint=endpoint(), library_name="ctrlora")
+    api = HfApi(endpoint=envconfig.hf_endpoint(), library_name="ctrlora")
     what = f"{repo}@{revision}"
     try:
         commit = api.model_info(repo, revision=revision).sha
@@ -187,8 +172,7 @@ def _resolve_cached(repo: str, revision: str) -> Snapshot:
         commit = ref.read_text().strip()
     snapshot = folder / "snapshots" / (commit or "-")
     if not commit or not snapshot.is_dir():
-        raise CtrloraError(f"offline: {repo}@{revision} is not in the Hugging Face cache ({cache_dir()}); "
-                           f"{_offline_hint()}")
+        raise not_cached(f"{repo}@{revision}")
     files = {}
     for path in sorted(snapshot.rglob("*")):
         if path.is_file():
@@ -202,17 +186,17 @@ def _resolve_cached(repo: str, revision: str) -> Snapshot:
 
 # --- verification --------------------------------------------------------------------------------
 
-def _digests(path: Path, on_bytes=None) -> tuple[str, str]:
-    """(sha256 hex, git blob id) of a file, in one read."""
+def _digests(path: Path) -> tuple[str, str]:
+    """(sha256 hex, git blob id) of a file, in one read. Not ``engine.files.sha256_file``: the
+    hub names a small file by its git blob id (sha1 of a header and the bytes) and a large one by
+    its sha256, and a download is read once for both rather than twice."""
     size = path.stat().st_size
     sha, git = hashlib.sha256(), hashlib.sha1()
     git.update(f"blob {size}\0".encode())
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(CHUNK):
             sha.update(chunk)
             git.update(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
     return sha.hexdigest(), git.hexdigest()
 
 
@@ -230,12 +214,12 @@ def _verify(path: Path, remote: RemoteFile) -> str | None:
 
 # --- fetching ------------------------------------------------------------------------------------
 
-def fetch(store, remote: RemoteFile, callback: ProgressCallback | None = None, force: bool = False,
-          log=None) -> Fetched:
+def fetch(store, remote: RemoteFile, on_event: Listener | None = None, force: bool = False) -> Fetched:
     """A verified copy of ``remote``: the store's blob when it already holds these bytes, the
     user's Hugging Face cache, or a download that continues from partial bytes left by an
-    earlier pull (an HTTP Range request). A file whose digest is wrong is deleted and refused."""
-    log = log or (lambda message: None)
+    earlier pull (an HTTP Range request). A file whose digest is wrong is deleted and refused.
+    ``on_event`` gets the bytes downloaded (``Progress``) and notes on how the file came."""
+    log = lambda text: tell(on_event, text, "note")  # noqa: E731
     if remote.sha256 and not force:
         blob = store.blob_path("sha256:" + remote.sha256)
         if blob.is_file() and blob.stat().st_size == remote.size:
@@ -251,9 +235,8 @@ def fetch(store, remote: RemoteFile, callback: ProgressCallback | None = None, f
         if cached is not None:
             log(f"{remote.path}: taken from the Hugging Face cache")
             return Fetched(remote, part, cached, owned=True, how="hf-cache")
-        if offline():
-            raise CtrloraError(f"offline: {remote.label} is not in the Hugging Face cache ({cache_dir()}); "
-                               f"{_offline_hint()}")
+        if envconfig.offline():
+            raise not_cached(remote.label)
         resumed = part.stat().st_size if part.is_file() else 0
         if resumed > remote.size:
             part.unlink()
@@ -261,15 +244,16 @@ def fetch(store, remote: RemoteFile, callback: ProgressCallback | None = None, f
         if resumed:
             log(f"{remote.path}: resuming at {_mb(resumed)} of {_mb(remote.size)}")
         elif remote.size >= 1_000_000:
-            log(f"{remote.path}: downloading {_mb(remote.size)} from {endpoint()}/{remote.repo}")
+            log(f"{remote.path}: downloading {_mb(remote.size)} from {envconfig.hf_endpoint()}/{remote.repo}")
         if resumed < remote.size:
-            _download(remote, part, callback)
+            _download(remote, part, on_event)
         digest = _verify(part, remote)
         if digest is None:
             part.unlink(missing_ok=True)
             expected = f"sha256 {remote.sha256}" if remote.sha256 else f"git blob {remote.git_oid}"
             raise CtrloraError(f"{remote.label}: downloaded bytes do not match the hub's {expected}; "
-                               f"nothing was kept, pull again (if it repeats, the mirror at {endpoint()} is bad)")
+                               f"nothing was kept, pull again (if it repeats, the mirror at "
+                               f"{envconfig.hf_endpoint()} is bad)")
         return Fetched(remote, part, digest, owned=True, how="resume" if resumed else "download")
 
 
@@ -279,7 +263,8 @@ def _from_hf_cache(remote: RemoteFile, part: Path) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     candidates = []
-    found = try_to_load_from_cache(remote.repo, remote.path, cache_dir=str(cache_dir()), revision=remote.commit)
+    found = try_to_load_from_cache(remote.repo, remote.path, cache_dir=str(envconfig.hf_hub_cache()),
+                                   revision=remote.commit)
     if isinstance(found, str):
         candidates.append(Path(found))
     blobs = _repo_cache(remote.repo) / "blobs"
@@ -291,12 +276,7 @@ def _from_hf_cache(remote: RemoteFile, part: Path) -> str | None:
             continue
         tmp = part.with_suffix(".cache-tmp")
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(os.path.realpath(candidate), tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(candidate, tmp)
+        link_or_copy(os.path.realpath(candidate), tmp)
         digest = _verify(tmp, remote)
         if digest is None:
             tmp.unlink()
@@ -306,24 +286,17 @@ def _from_hf_cache(remote: RemoteFile, part: Path) -> str | None:
     return None
 
 
-def retries() -> int:
-    """Connection drops retried within one pull (CTRLORA_DOWNLOAD_RETRIES, default 5), each
-    continuing from the bytes already written; after that the next pull continues."""
-    try:
-        return max(0, int(os.environ.get("CTRLORA_DOWNLOAD_RETRIES", "5")))
-    except ValueError:
-        raise UsageError("CTRLORA_DOWNLOAD_RETRIES must be a whole number") from None
-
-
-def _download(remote: RemoteFile, part: Path, callback: ProgressCallback | None) -> None:
-    """Append the missing bytes of ``remote`` to ``part``, asking for them with a Range request."""
+def _download(remote: RemoteFile, part: Path, callback: Listener | None) -> None:
+    """Append the missing bytes of ``remote`` to ``part``, asking for them with a Range request.
+    Connection drops are retried (CTRLORA_DOWNLOAD_RETRIES), each continuing from the bytes
+    already written; after that the next pull continues."""
     import httpx2
     from huggingface_hub import constants, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    url = hf_hub_url(remote.repo, remote.path, revision=remote.commit, endpoint=endpoint())
+    url = hf_hub_url(remote.repo, remote.path, revision=remote.commit, endpoint=envconfig.hf_endpoint())
     headers = build_hf_headers(library_name="ctrlora")
-    left = retries()
+    left = envconfig.download_retries()
     wait = 1.0
     while True:
         have = part.stat().st_size if part.is_file() else 0
@@ -345,7 +318,7 @@ def _download(remote: RemoteFile, part: Path, callback: ProgressCallback | None)
                     mode, have = "wb", 0
                 with open(part, mode) as f:
                     report(callback, remote.path, have, remote.size)
-                    for chunk in response.iter_bytes(_CHUNK):
+                    for chunk in response.iter_bytes(CHUNK):
                         f.write(chunk)
                         f.flush()  # bytes on disk survive a kill; the next pull continues from them
                         have += len(chunk)
@@ -355,7 +328,7 @@ def _download(remote: RemoteFile, part: Path, callback: ProgressCallback | None)
             return
         except (httpx2.TransportError, httpx2.RemoteProtocolError) as exc:
             if part.is_file() and part.stat().st_size > before:
-                left, wait = retries(), 1.0  # progress: the budget starts again
+                left, wait = envconfig.download_retries(), 1.0  # progress: the budget starts again
             if left <= 0:
                 kept = part.stat().st_size if part.is_file() else 0
                 raise CtrloraError(f"{remote.label}: download interrupted ({type(exc).__name__}) with "

@@ -5,6 +5,7 @@
         manifests/<name>.json     written LAST and atomically: an entry exists once its manifest does
         partial/                  bytes of downloads in progress (resumed by the next pull)
         locks/                    lock files of pulls and downloads in progress
+        tmp/<pid>-...             scratch folders of running pulls (cleared when their process is gone)
         views/<name>/...          folders of links to blobs by relative path (derived, rebuilt at will)
         .lock                     a file lock taken by every writer
 
@@ -15,10 +16,8 @@ and collected by the next ``rm``/``gc``.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -27,46 +26,18 @@ from typing import Iterable
 
 from filelock import FileLock
 
-from engine.files import sha256_file
-
-from engine.errors import CtrloraError, UsageError
+from ctrlora_cli import envconfig
+from ctrlora_cli.store.names import KINDS, validate_name
+from ctrlora_cli.store.sources import pull_hint
+from engine.errors import CtrloraError
+from engine.files import atomic_path, sha256_bytes, sha256_file
+from engine.progress import ProgressCallback, report
 
 SCHEMA = 1
-KINDS = ("base", "adapter", "sd")
-_NAME = re.compile(r"^[a-z0-9._-]{1,64}$")
-_CHUNK = 1 << 20
 
 
 class NotInStore(CtrloraError):
     exit_code = 1
-
-
-def validate_name(name: str) -> str:
-    if not _NAME.match(name or "") or name in (".", "..") or ".." in name:
-        raise UsageError(f"invalid name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-' (no '..')")
-    return name
-
-
-def pull_hint(name: str) -> str:
-    """The command that would bring ``name`` into the store."""
-    try:
-        from ctrlora_cli.store.catalog import load
-
-        known = name == "tiny" or name in load()
-    except CtrloraError:
-        known = False
-    if known:
-        return f"fetch it with: ctrlora pull {name}"
-    return f"fetch or import it with: ctrlora pull hf://OWNER/REPO/FILE --name {name} (or a local file)"
-
-
-def default_root() -> Path:
-    env = os.environ.get("CTRLORA_HOME")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("ctrlora"))
 
 
 @dataclass
@@ -117,6 +88,21 @@ class Staged:
     digest: str
 
 
+def files_in(folder: str | Path) -> dict[str, Path]:
+    """Every file under ``folder`` by its relative path, as ``Store.add`` takes them."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> Path:
+    """``dst`` as a hard link to ``src`` (no bytes copied), or a copy where links cannot be made."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return Path(dst)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -129,7 +115,7 @@ def _alive(pid: int) -> bool:
 
 class Store:
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root else default_root()
+        self.root = Path(root) if root else envconfig.home()
         self.blobs = self.root / "blobs"
         self.manifests = self.root / "manifests"
         self.partial = self.root / "partial"
@@ -151,30 +137,27 @@ class Store:
         return self.blobs / f"{algo}-{hexdigest}"
 
     def put_file(self, src: str | Path, replace: bool = False) -> FileRecord:
-        """Copy a file into the blobs (hashing as it goes); returns its record (path = name).
-        ``replace`` overwrites a blob of the same digest (repairing a damaged one)."""
+        """Copy a file into the blobs; returns its record (path = name). ``replace`` overwrites a
+        blob of the same digest (repairing a damaged one)."""
         src = Path(src)
         self.blobs.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
+        # Not engine.files.atomic_path: a blob's final name is known only once its bytes are
+        # hashed. The copy itself is hashed, so the name is the digest of what was stored.
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".incoming-")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-            digest = "sha256:" + h.hexdigest()
-            final = self.blob_path(digest)
-            if final.exists() and not replace:
-                os.unlink(tmp)
-            else:
-                os.replace(tmp, final)
+            shutil.copyfile(src, tmp)
+            digest = sha256_file(tmp)
+            final = self.adopt_blob(tmp, digest, replace=replace)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return FileRecord(path=src.name, digest=digest, size=final.stat().st_size)
 
     def adopt_blob(self, tmp: str | Path, digest: str, replace: bool = False) -> Path:
-        """Move an already-verified temp file (inside the store's filesystem) into the blobs."""
+        """Move an already-hashed file (inside the store's filesystem) into the blobs. The file is
+        whole already, so one rename is its atomic write (``atomic_path`` is for bytes still to be
+        written). A blob already there is kept, unless ``replace`` (repairing a damaged one)."""
         self.blobs.mkdir(parents=True, exist_ok=True)
         final = self.blob_path(digest)
         if Path(tmp) == final:
@@ -198,14 +181,10 @@ class Store:
             raise CtrloraError(f"internal error: blobs missing for {missing[:3]}")
         if not manifest.created:
             manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        self.manifests.mkdir(parents=True, exist_ok=True)
-        path = self.manifest_path(manifest.name)
-        fd, tmp = tempfile.mkstemp(dir=self.manifests, prefix=f".{manifest.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_path(self.manifest_path(manifest.name)) as tmp, open(tmp, "w") as f:
             json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fsync(f.fileno())  # the entry exists once this file does: its bytes reach the disk first
         shutil.rmtree(self.views / manifest.name, ignore_errors=True)  # stale view of an older entry
         return manifest
 
@@ -228,9 +207,7 @@ class Store:
             return self.write_manifest(Manifest(name=name, kind=kind, files=records, **meta))
 
     def add_folder(self, name: str, kind: str, folder: str | Path, **meta) -> Manifest:
-        folder = Path(folder)
-        files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-        return self.add(name, kind, files, **meta)
+        return self.add(name, kind, files_in(folder), **meta)
 
     def exists(self, name: str) -> bool:
         return self.manifest_path(name).is_file()
@@ -270,6 +247,18 @@ class Store:
                 problems.append(f"{record.path}: size {blob.stat().st_size} != {record.size}")
         return problems
 
+    def check_all(self, manifests: list[Manifest], callback: ProgressCallback | None = None
+                  ) -> list[tuple[Manifest, list[str]]]:
+        """``check`` for several entries, with one progress count of bytes re-hashed (task "verify")."""
+        total, done = sum(m.size for m in manifests), 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            report(callback, "verify", done, total)
+
+        return [(m, self.check(m, on_bytes)) for m in manifests]
+
     def partials(self) -> list[Path]:
         """Bytes of unfinished downloads (resumed by the next pull of the same file)."""
         if not self.partial.is_dir():
@@ -291,7 +280,7 @@ class Store:
         manifest = self.get(name)
         view = self.views / name
         stamp = view / ".manifest-digest"
-        want = hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()
+        want = sha256_bytes(json.dumps(manifest.to_json(), sort_keys=True).encode())
         if stamp.is_file() and stamp.read_text() == want:
             return view
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".view-"))
@@ -333,6 +322,11 @@ class Store:
         folder = self.root / "tmp"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def new_scratch(self) -> tempfile.TemporaryDirectory:
+        """A private scratch folder in ``scratch()`` (the store's filesystem, so finished files
+        move in by rename), named by process id so that ``gc`` can clear what a killed pull left."""
+        return tempfile.TemporaryDirectory(dir=self.scratch(), prefix=f"{os.getpid()}-")
 
     def _clear_dead_scratch(self) -> None:
         folder = self.root / "tmp"

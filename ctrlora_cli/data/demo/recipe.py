@@ -254,7 +254,7 @@ def markdown_table(table: dict) -> str:
 
 def export(recipe: Recipe, conditions, s: dict, table: dict, target: Path) -> None:
     """fp16 weights of demo-sd, demo and its adapters, plus demo.json, into ``target``."""
-    from ctrlora_cli.demo import export_demo
+    from ctrlora_cli.store.demo import export_demo
     from ctrlora_cli.store.store import Store
 
     adapters = {c: f"demo-{c}" for c in (*conditions, s["held"])}

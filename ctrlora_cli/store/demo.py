@@ -13,24 +13,27 @@ Package folder ``ctrlora_cli/data/demo/`` (``CTRLORA_DEMO_DIR`` points elsewhere
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from ctrlora_cli.store.store import Store, validate_name
+from ctrlora_cli import envconfig
+from ctrlora_cli.store.events import Listener, tell
+from ctrlora_cli.store.names import validate_name
+from ctrlora_cli.store.store import Store
 from engine.errors import UsageError
 
-PACKAGED = Path(__file__).resolve().parent / "data" / "demo"
+PACKAGED = Path(__file__).resolve().parents[1] / "data" / "demo"
 ABOUT = "demo.json"
 PARTS = ("sd", "base", "adapters")
 
 
 def demo_dir() -> Path:
-    return Path(os.environ.get("CTRLORA_DEMO_DIR") or PACKAGED)
+    return envconfig.demo_dir() or PACKAGED
 
 
-def pull_demo(store: Store, name: str = "demo", replace: bool = False) -> dict:
-    """Add ``NAME-sd``, ``NAME`` (base) and ``NAME-<condition>`` adapters from the demo folder."""
+def pull_demo(store: Store, name: str = "demo", replace: bool = False, on_event: Listener | None = None) -> dict:
+    """Add ``NAME-sd``, ``NAME`` (base) and ``NAME-<condition>`` adapters from the demo folder;
+    returns their names ({"sd", "base", "adapters"})."""
     folder = demo_dir()
     about_file = folder / ABOUT
     if not about_file.is_file():
@@ -55,13 +58,15 @@ def pull_demo(store: Store, name: str = "demo", replace: bool = False) -> dict:
         store.add(entry, "adapter", {"adapter.safetensors": folder / "adapters" / f"{condition}.safetensors"},
                   arch=arch, condition=condition, rank=info["rank"], source=source, labels=labels,
                   notes=f"{info['how']} ({note})", extra={"base": name}, replace=replace)
+    tell(on_event, f"pulled {name} (base, the demo model), {sd_name} (sd) and adapters "
+                   f"{', '.join(names.values())}; offline, from the package")
     return {"sd": sd_name, "base": name, "adapters": list(names.values())}
 
 
 def export_demo(store: Store, target: Path, *, sd: str, base: str, adapters: dict[str, str], about: dict) -> Path:
     """Write the demo folder from store entries: weights in fp16, ``demo.json`` last."""
     from engine.formats.adapter_file import read_adapter_metadata
-    from engine.files import atomic_path
+    from engine.files import write_atomic
     from engine.models.storage import save_fp16_copy
 
     target.mkdir(parents=True, exist_ok=True)
@@ -80,8 +85,7 @@ def export_demo(store: Store, target: Path, *, sd: str, base: str, adapters: dic
     arch = store.get(base).arch
     sizes = {part: sum(p.stat().st_size for p in (target / part).rglob("*") if p.is_file()) for part in PARTS}
     content = {"version": 1, "arch": arch, "adapters": records, "bytes": sizes, **about}
-    with atomic_path(target / ABOUT) as tmp:
-        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    write_atomic(target / ABOUT, json.dumps(content, indent=2) + "\n")  # ASCII: json.dumps escapes the rest
     return target
 
 
