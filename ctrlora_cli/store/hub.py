@@ -219,7 +219,10 @@ def fetch(store, remote: RemoteFile, on_event: Listener | None = None, force: bo
     user's Hugging Face cache, or a download that continues from partial bytes left by an
     earlier pull (an HTTP Range request). A file whose digest is wrong is deleted and refused.
     ``on_event`` gets the bytes downloaded (``Progress``) and notes on how the file came."""
-    log = lambda text: tell(on_event, text, "note")  # noqa: E731
+
+    def log(text: str) -> None:
+        tell(on_event, text, "note")
+
     if remote.sha256 and not force:
         blob = store.blob_path("sha256:" + remote.sha256)
         if blob.is_file() and blob.stat().st_size == remote.size:

@@ -95,7 +95,7 @@ class Importer:
         folder itself holding config.json and the safetensors weights)."""
         listing = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
         source = {"type": "local", "path": str(path.resolve())}
-        origin_same = lambda m: m.source.get("path") == source["path"]  # noqa: E731
+        origin_same = lambda m: m.source.get("path") == source["path"]
         if (path / "unet" / "config.json").is_file() or (path / "model_index.json").is_file():
             if kind not in (None, "sd"):
                 raise UsageError(f"{path}: a Stable Diffusion folder, not a {kind}")

@@ -147,7 +147,7 @@ class Puller:
             return
         digest = sha256_file(path)
         source = {"type": "local", "path": str(path.resolve()), "sha256": digest.split(":", 1)[1]}
-        same = lambda m: m.source.get("type") == "local" and m.source.get("sha256") == source["sha256"]  # noqa: E731
+        same = lambda m: m.source.get("type") == "local" and m.source.get("sha256") == source["sha256"]
         with self._entry_lock(name):
             if self.importer.up_to_date(name, same, same_origin=lambda m: m.source.get("path") == source["path"]):
                 return
@@ -188,7 +188,7 @@ class Puller:
         source = self._hub_source(snapshot, origin, path=remote.path)
         same = (lambda m: m.source.get("repo") == remote.repo and m.source.get("path") == remote.path
                 and m.source.get("commit") == remote.commit)
-        origin_same = lambda m: m.source.get("repo") == remote.repo and m.source.get("path") == remote.path  # noqa: E731
+        origin_same = lambda m: m.source.get("repo") == remote.repo and m.source.get("path") == remote.path
         with self._entry_lock(name):
             if self.importer.up_to_date(name, same, origin_same):
                 return
@@ -214,7 +214,7 @@ class Puller:
         source = self._hub_source(snapshot, origin, **({"path": prefix.rstrip("/")} if prefix else {}))
         same = (lambda m: m.kind == "sd" and m.source.get("repo") == snapshot.repo
                 and m.source.get("commit") == snapshot.commit and m.source.get("path") == source.get("path"))
-        origin_same = lambda m: m.source.get("repo") == snapshot.repo and m.source.get("path") == source.get("path")  # noqa: E731
+        origin_same = lambda m: m.source.get("repo") == snapshot.repo and m.source.get("path") == source.get("path")
         with self._entry_lock(name):
             if self.importer.up_to_date(name, same, origin_same):
                 return
