@@ -41,7 +41,7 @@ def test_list_show_rm_and_garbage_collection(store_env, hub):
     refused = cli("rm", "tiny-cond0")
     assert refused.code == 2 and "pass -y" in refused.err and store.exists("tiny-cond0")
     partly = cli("rm", "-y", "tiny-cond0", "nonesuch")
-    assert partly.code == 1 and store.exists("tiny-cond0")  # all or nothing
+    assert partly.code == 2 and store.exists("tiny-cond0")  # all or nothing; an unknown name is bad input
     dead = store.scratch() / "999999999-left-by-a-killed-pull"
     dead.mkdir()
     gone = store.blob_path(store.get("tiny-cond0").files[0].digest)

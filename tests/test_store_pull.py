@@ -51,7 +51,7 @@ def test_pull_official_base_and_adapters(store_env, hub, ref_tiny):
 
     result = cli("pull", "tiny-cond0")
     assert result.code == 0, result.err
-    assert "pulled tiny-cond0 (adapter cond0, rank 4, for tiny bases)" in result.out
+    assert "pulled tiny-cond0 (adapter cond0, rank 4, for tiny bases, made for tiny-official)" in result.out
     adapter = store.get("tiny-cond0")
     assert (adapter.kind, adapter.arch, adapter.condition, adapter.rank) == ("adapter", "tiny", "cond0", 4)
     assert adapter.source["path"] == COND0_FILE
@@ -163,7 +163,7 @@ def test_offline_touches_no_network(store_env, hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli("pull", "tiny-official").code == 1
     shown = cli("show", "tiny-official")
-    assert shown.code == 1 and shown.err.strip().endswith("fetch it with: ctrlora pull tiny-official")
+    assert shown.code == 2 and shown.err.strip().endswith("fetch it with: ctrlora pull tiny-official")
     assert hub.log == []
 
 

@@ -21,6 +21,7 @@ from ctrlora_cli.store.events import Listener, tell
 from ctrlora_cli.store.names import validate_name
 from ctrlora_cli.store.store import Store
 from engine.errors import UsageError
+from engine.files import sha256_bytes
 
 PACKAGED = Path(__file__).resolve().parents[1] / "data" / "demo"
 ABOUT = "demo.json"
@@ -33,34 +34,47 @@ def demo_dir() -> Path:
 
 def pull_demo(store: Store, name: str = "demo", replace: bool = False, on_event: Listener | None = None) -> dict:
     """Add ``NAME-sd``, ``NAME`` (base) and ``NAME-<condition>`` adapters from the demo folder;
-    returns their names ({"sd", "base", "adapters"})."""
+    returns their names ({"sd", "base", "adapters"}). Names already in the store are refused
+    unless ``replace`` (``Store.claim``); a group already pulled from this demo is left as it is."""
     folder = demo_dir()
     about_file = folder / ABOUT
     if not about_file.is_file():
         raise UsageError(f"no demo model in {folder}; build it with: python {PACKAGED / 'recipe.py'}")
-    about = json.loads(about_file.read_text(encoding="utf-8"))
+    text = about_file.read_text(encoding="utf-8")
+    about = json.loads(text)
     validate_name(name)
     sd_name = f"{name}-sd"
     names = {condition: f"{name}-{condition}" for condition in about["adapters"]}
     for entry in (sd_name, *names.values()):
         validate_name(entry)
     arch = about["arch"]
-    source = {"type": "demo", "folder": str(folder), "version": about.get("version")}
+    source = {"type": "demo", "folder": str(folder), "version": about.get("version"), "name": name,
+              "about_sha256": sha256_bytes(text.encode()).split(":", 1)[1]}
+    everything = {"sd": sd_name, "base": name, "adapters": list(names.values())}
+    same = lambda m: m.source.get("type") == "demo" and (  # entries pulled before the digest was recorded: by version
+        m.source.get("about_sha256", source["about_sha256"]) == source["about_sha256"]
+        and m.source.get("version") == source["version"])
+    if not replace and store.holds([sd_name, name, *names.values()], same):
+        tell(on_event, f"{name} is up to date (the demo model: {name}, {sd_name} and {len(names)} adapters)")
+        return everything
+    for entry in (name, sd_name, *names.values()):
+        store.claim(entry, replace)
     labels = ["demo"]
     size = about.get("settings", {}).get("size")
     note = "the demo model: toy SD, base and adapters trained on the demo world" + (f" ({size} x {size})" if size else "")
     store.add_folder(sd_name, "sd", folder / "sd", arch=arch, source=source, labels=labels, notes=note,
                      replace=replace)
-    store.add_folder(name, "base", folder / "base", arch=arch, sd=sd_name, source=source, labels=labels,
-                     notes=note, extra={"conditions": list(names)}, replace=replace)
+    base = store.add_folder(name, "base", folder / "base", arch=arch, sd=sd_name, source=source, labels=labels,
+                            notes=note, extra={"conditions": list(names)}, replace=replace)
     for condition, entry in names.items():
         info = about["adapters"][condition]
         store.add(entry, "adapter", {"adapter.safetensors": folder / "adapters" / f"{condition}.safetensors"},
                   arch=arch, condition=condition, rank=info["rank"], source=source, labels=labels,
-                  notes=f"{info['how']} ({note})", extra={"base": name}, replace=replace)
+                  notes=f"{info['how']} ({note})", extra={"base": name, "base_digest": base.weights_digest},
+                  replace=replace)
     tell(on_event, f"pulled {name} (base, the demo model), {sd_name} (sd) and adapters "
                    f"{', '.join(names.values())}; offline, from the package")
-    return {"sd": sd_name, "base": name, "adapters": list(names.values())}
+    return everything
 
 
 def export_demo(store: Store, target: Path, *, sd: str, base: str, adapters: dict[str, str], about: dict) -> Path:

@@ -34,28 +34,60 @@ class Importer:
     def present(self, name: str) -> bool:
         return self.store.exists(name) and self.store.intact(self.store.get(name))
 
-    def up_to_date(self, name: str, same, same_origin) -> bool:
-        """True when ``name`` already holds this; refuses to overwrite something else without --force."""
-        if not self.store.exists(name) or self.force:
-            return False
+    def check_name(self, name: str, same_origin) -> Manifest | None:
+        """Before any work: a name that holds something from another origin is refused unless
+        --force (``Store.claim``); returns the entry it holds, if any."""
+        if not self.store.exists(name):
+            return None
         manifest = self.store.get(name)
+        if not self.force and not same_origin(manifest):
+            self.store.claim(name, self.force)
+        return manifest
+
+    def up_to_date(self, name: str, same, same_origin, base: str | None = None) -> bool:
+        """True when ``name`` already holds this (checked against ``base`` when given); False when
+        it is free, or holds an older revision or a damaged copy of the same origin (replaced), or
+        with --force. Anything else is refused (``Store.claim``)."""
+        manifest = self.check_name(name, same_origin)
+        if manifest is None or self.force:
+            return False
         if same(manifest) and self.store.intact(manifest):
+            if base:
+                self.fit_base(manifest, base)
             self.say(f"{name} is up to date ({sources.short(manifest.source)})")
             return True
-        if same_origin(manifest) or not self.store.intact(manifest):
-            return False  # a newer revision of the same thing, or a damaged entry: replace it
-        raise UsageError(f"{name!r} already holds {manifest.kind} from {sources.short(manifest.source)}; choose "
-                         f"another --name, or replace it with --force")
+        return False  # a newer revision of the same thing, or a damaged copy: replace it
 
-    def base_configs(self, base: str | None):
-        """[(arch, controlnet config)] of a stored base named by --base."""
+    def base_target(self, base: str | None):
+        """For an adapter pulled with --base: ([(arch, controlnet config)] to check it against,
+        the record of the base it was made for {"base", "base_digest"}); (None, {}) without."""
         if not base:
-            return None
+            return None, {}
         manifest = self.store.get(base)
         if manifest.kind != "base":
             raise UsageError(f"--base {base!r} is a {manifest.kind}, not a base")
         config = json.loads(self.store.file(base, "controlnet/config.json").read_text())
-        return [(manifest.arch, config)]
+        return [(manifest.arch, config)], {"base": base, "base_digest": manifest.weights_digest}
+
+    def fit_base(self, manifest: Manifest, base: str) -> None:
+        """An adapter already in the store, checked against --base like a new one (architecture
+        and shapes), and recorded as made for it."""
+        from engine.formats.adapter_file import load_adapter_file
+        from engine.formats.official import check_adapter_state
+
+        if manifest.kind != "adapter":
+            raise UsageError(f"--base is for adapters; {manifest.name!r} is a {manifest.kind}")
+        configs, record = self.base_target(base)
+        arch, config = configs[0]
+        if manifest.arch != arch:
+            raise UsageError(f"{manifest.name!r} was made for a {manifest.arch} base, not {arch} ({base!r})")
+        state, _ = load_adapter_file(self.store.file(manifest.name, "adapter.safetensors"))
+        check_adapter_state(state, config, what=manifest.name)
+        if {k: manifest.extra.get(k) for k in record} != record:
+            manifest.extra.update(record)
+            with self.store.lock():
+                self.store.write_manifest(manifest)
+            self.say(f"{manifest.name}: recorded as made for base {base!r}")
 
     def pairing(self, sd: str | None, arch: str) -> str | None:
         """The SD entry a new base pairs with: --sd, else the only stored SD of its architecture."""
@@ -73,12 +105,8 @@ class Importer:
 
     # -- in it goes -----------------------------------------------------------------------------
     def commit(self, name: str, kind: str, files: dict, **meta) -> Manifest:
-        replaced = self.store.exists(name)
-        manifest = self.store.add(name, kind, files, replace=self.force, **meta)
-        if replaced:
-            with self.store.lock():
-                self.store.gc()  # blobs only the old version used
-        return manifest
+        """Into the store (an entry of that name replaced, its unused blobs collected)."""
+        return self.store.add(name, kind, files, replace=self.force, **meta)
 
     def commit_sd(self, name: str, chosen: dict[str, str], paths: dict[str, Path], digests: dict[str, str] | None,
                   source: dict) -> str:
@@ -124,14 +152,18 @@ class Importer:
         self.commit(name, "base", files, arch=arch, sd=pair, source=source)
         self.say(f"imported {name} (base, {arch}{', sd ' + pair if pair else ''}) from {path}")
 
-    def file(self, path: Path, digest: str, name: str, source: dict, *, kind=None, sd=None, configs=None,
-             archs=None, condition=None) -> None:
+    def file(self, path: Path, digest: str, name: str, source: dict, *, kind=None, sd=None, base=None,
+             made_for: dict | None = None, archs=None, condition=None) -> None:
         """Detect what a file holds (our adapter, an official base or adapter, a single-file SD),
-        convert it and store it. ``configs`` ([(arch, controlnet config)]) or ``archs`` (presets)
-        limit the architectures tried; by default every preset is."""
+        convert it and store it. ``base`` (a stored base, --base) or ``archs`` (presets) limit the
+        architectures tried; by default every preset is. An adapter records the base it was made
+        for: ``base``, else ``made_for`` ({"base", "base_digest"}, from the catalog)."""
         from engine.formats.adapter_file import FORMAT, read_adapter_metadata
         from engine.formats.detect import classify, controlnet_config, preset_configs
         from engine.formats.tensors import load_tensor_file
+
+        configs, record = self.base_target(base)
+        record = {k: v for k, v in (record or made_for or {}).items() if v}
 
         label = source.get("path") if source.get("type") == "local" else f"{source['repo']}/{source['path']}"
         original = {"file": Path(source["path"]).name, "sha256": digest.split(":", 1)[1], "size": path.stat().st_size}
@@ -139,7 +171,7 @@ class Importer:
             meta = read_adapter_metadata(path)
             expected = configs[0][0] if configs else (archs[0] if archs else None)
             self._own_adapter(path, meta, name, source, kind, expected, configs[0][1] if configs else None,
-                              condition, label)
+                              condition, label, record)
             return
         state = load_tensor_file(path)
         found = classify(state)
@@ -178,8 +210,10 @@ class Importer:
                                   provenance={"converted_from": original, "source": source})
                 del state, mapped
                 self.commit(name, "adapter", {"adapter.safetensors": target}, arch=arch, condition=cond, rank=rank,
-                            source=source, converted_from=dict(original, format="official"), extra={"alpha": rank})
-                self.say(f"pulled {name} (adapter {cond}, rank {rank}, for {arch} bases) from {sources.short(source)}")
+                            source=source, converted_from=dict(original, format="official"),
+                            extra={"alpha": rank, **record})
+                self.say(f"pulled {name} (adapter {cond}, rank {rank}, {_for(arch, record)}) from "
+                         f"{sources.short(source)}")
             else:
                 from engine.formats.detect import import_ldm_sd
 
@@ -191,7 +225,7 @@ class Importer:
                             notes="Stable Diffusion converted from a single-file checkpoint")
                 self.say(f"pulled {name} (sd, {arch}) from {sources.short(source)}")
 
-    def _own_adapter(self, path, meta, name, source, kind, expected_arch, config, condition, label) -> None:
+    def _own_adapter(self, path, meta, name, source, kind, expected_arch, config, condition, label, record) -> None:
         from engine.formats.adapter_file import load_adapter_file, save_adapter_file
         from engine.formats.detect import controlnet_config
         from engine.formats.official import check_adapter_state
@@ -215,9 +249,14 @@ class Importer:
                 save_adapter_file(target, state, rank=meta["rank"], alpha=meta["alpha"], base_arch=arch,
                                   condition=cond, provenance=meta["provenance"])
             self.commit(name, "adapter", {"adapter.safetensors": target}, arch=arch, condition=cond,
-                        rank=meta["rank"], source=source, extra={"alpha": meta["alpha"]})
-        self.say(f"imported {name} (adapter {cond}, rank {meta['rank']}, for {arch} bases) from "
+                        rank=meta["rank"], source=source, extra={"alpha": meta["alpha"], **record})
+        self.say(f"imported {name} (adapter {cond}, rank {meta['rank']}, {_for(arch, record)}) from "
                  f"{sources.short(source)}")
+
+
+def _for(arch: str, record: dict) -> str:
+    """What an adapter was made for, in a pull's one-line result."""
+    return f"for {arch} bases" + (f", made for {record['base']}" if record.get("base") else "")
 
 
 def _unet_width(state) -> int | None:

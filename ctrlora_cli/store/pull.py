@@ -21,7 +21,7 @@ from ctrlora_cli.store.events import Listener, tell
 from ctrlora_cli.store.ingest import Importer
 from ctrlora_cli.store.names import KINDS, name_from, validate_name
 from ctrlora_cli.store.sd_layout import select_sd_files
-from ctrlora_cli.store.store import Store, link_or_copy
+from ctrlora_cli.store.store import Store, link_or_copy, suggest
 from ctrlora_cli.store.tiny import pull_tiny
 from engine.errors import CtrloraError, UsageError
 from engine.files import sha256_file
@@ -32,9 +32,12 @@ _FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 def pull(store: Store, source: str, *, name: str | None = None, revision: str | None = None, kind: str | None = None,
          sd: str | None = None, base: str | None = None, condition: str | None = None, force: bool = False,
          on_event: Listener | None = None) -> None:
-    """Fetch or import ``source`` into ``store`` (``force``: fetch again and replace an entry).
-    ``kind`` is what the caller expects (checked against what the source holds); ``sd`` the SD a
-    base pairs with, ``base`` the stored base an adapter must fit, ``condition`` an adapter's."""
+    """Fetch or import ``source`` into ``store``. A name the store holds is kept when it holds this
+    very source ("up to date"; a newer revision of it is fetched), and refused when it holds
+    anything else, unless ``force`` (fetch again and replace it: ``Store.claim``). ``kind`` is what
+    the caller expects (checked against what the source holds); ``sd`` the SD a base pairs with,
+    ``base`` the stored base an adapter must fit (checked, and recorded as the base it was made
+    for, on a new entry and on one already there), ``condition`` an adapter's."""
     if name is not None:
         validate_name(name)
     if kind is not None and kind not in KINDS:
@@ -87,12 +90,14 @@ class Puller:
         entry = self.catalog.get(source)
         if entry is None:
             validate_name(source)
-            raise UsageError(f"unknown model {source!r}: see the names pull knows with: ctrlora list --catalog "
-                             f"(or pull hf://owner/repo/path, sd:owner/repo, or a local file)")
+            close = suggest(source, [*self.catalog, *sources.OFFLINE_SOURCES])
+            raise UsageError(f"unknown model {source!r}: {f'did you mean {close!r}? ' if close else ''}see the "
+                             f"names pull knows with: ctrlora list --catalog (or pull hf://owner/repo/path, "
+                             f"sd:owner/repo, or a local file)")
         if kind and kind != entry.kind:
             raise UsageError(f"{source!r} is a {entry.kind}, not a {kind}")
-        name = name or entry.name
-        if self._offline_present(name):
+        name = validate_name(name or entry.name)
+        if self._precheck(name, _catalog_origin(entry), base):
             return
         origin = {"catalog": entry.name}
         if entry.kind == "sd":
@@ -105,12 +110,13 @@ class Puller:
             if pair and not sd and pair in self.catalog and not self.importer.present(pair):
                 self.catalog_name(pair, None, None, kind="sd", sd=None, base=None, condition=None)
             self._hub_import(remote, snapshot, name, kind="base", sd=pair, archs=[entry.arch] if entry.arch else None,
-                             origin=origin)
+                             origin=origin, same_origin=_catalog_origin(entry))
         else:
             base_entry = self.catalog.get(entry.base) if entry.base else None
             arch = base_entry.arch if base_entry else None
             self._hub_import(remote, snapshot, name, kind="adapter", condition=condition or entry.condition,
-                             configs=self.importer.base_configs(base), archs=[arch] if arch else None, origin=origin)
+                             base=base, made_for=self._stored_base(entry.base), archs=[arch] if arch else None,
+                             origin=origin, same_origin=_catalog_origin(entry))
             wanted = base or (base_entry.name if base_entry else None)
             if wanted and not self.importer.present(wanted):
                 tell(self.on_event, f"next: ctrlora pull {wanted}  (the base this adapter was made for)")
@@ -119,7 +125,8 @@ class Puller:
         parts = spec.split("/", 2)
         if len(parts) < 3 or not all(parts):
             raise UsageError(f"hf://{spec}: expected hf://owner/repo/path/to/file")
-        if name and self._offline_present(name):
+        repo, path = f"{parts[0]}/{parts[1]}", parts[2].rstrip("/")
+        if name and self._precheck(validate_name(name), lambda m: _hub_origin(m, repo, path), base):
             return
         snapshot = hub.resolve(f"{parts[0]}/{parts[1]}", revision)
         in_repo = [p for p in snapshot.files if p == parts[2] or p.startswith(parts[2].rstrip("/") + "/")]
@@ -128,12 +135,12 @@ class Puller:
             self._hub_folder(snapshot, parts[2].rstrip("/"), name, kind=kind, sd=sd)
             return
         remote = snapshot.file(parts[2])
-        self._hub_import(remote, snapshot, name or name_from(Path(parts[2]).stem), kind=kind, sd=sd,
-                         configs=self.importer.base_configs(base), condition=condition)
+        self._hub_import(remote, snapshot, name or name_from(Path(parts[2]).stem), kind=kind, sd=sd, base=base,
+                         condition=condition)
 
     def sd_repo(self, repo: str, name, revision, variant: str | None = None, origin: dict | None = None) -> None:
-        name = name or name_from(repo.split("/")[-1])
-        if self._offline_present(name):
+        name = validate_name(name or name_from(repo.split("/")[-1]))
+        if self._precheck(name, lambda m: _hub_origin(m, repo, None)):
             return
         self._hub_sd(hub.resolve(repo, revision), "", name, variant, origin or {})
 
@@ -145,14 +152,16 @@ class Puller:
             with self._entry_lock(name):
                 self.importer.folder(path, name, kind=kind, sd=sd)
             return
+        where = str(path.resolve())
+        same_origin = lambda m: m.source.get("type") == "local" and m.source.get("path") == where
+        self.importer.check_name(name, same_origin)  # before hashing a large file
         digest = sha256_file(path)
-        source = {"type": "local", "path": str(path.resolve()), "sha256": digest.split(":", 1)[1]}
+        source = {"type": "local", "path": where, "sha256": digest.split(":", 1)[1]}
         same = lambda m: m.source.get("type") == "local" and m.source.get("sha256") == source["sha256"]
         with self._entry_lock(name):
-            if self.importer.up_to_date(name, same, same_origin=lambda m: m.source.get("path") == source["path"]):
+            if self.importer.up_to_date(name, same, same_origin, base):
                 return
-            self.importer.file(path, digest, name, source, kind=kind, sd=sd, configs=self.importer.base_configs(base),
-                               condition=condition)
+            self.importer.file(path, digest, name, source, kind=kind, sd=sd, base=base, condition=condition)
 
     # -- hub plumbing ---------------------------------------------------------------------------
     def _pick(self, snapshot, entry):
@@ -182,23 +191,26 @@ class Puller:
         source.update(origin or {})
         return source
 
-    def _hub_import(self, remote, snapshot, name, *, kind=None, sd=None, configs=None, archs=None, condition=None,
-                    origin=None) -> None:
+    def _hub_import(self, remote, snapshot, name, *, kind=None, sd=None, base=None, made_for=None, archs=None,
+                    condition=None, origin=None, same_origin=None) -> None:
+        """``same_origin``: what counts as an older version of this entry (default: the same file
+        of the same repository)."""
         validate_name(name)
         source = self._hub_source(snapshot, origin, path=remote.path)
-        same = (lambda m: m.source.get("repo") == remote.repo and m.source.get("path") == remote.path
-                and m.source.get("commit") == remote.commit)
-        origin_same = lambda m: m.source.get("repo") == remote.repo and m.source.get("path") == remote.path
+        same = lambda m: _hub_origin(m, remote.repo, remote.path) and m.source.get("commit") == remote.commit
+        same_origin = same_origin or (lambda m: _hub_origin(m, remote.repo, remote.path))
         with self._entry_lock(name):
-            if self.importer.up_to_date(name, same, origin_same):
+            if self.importer.up_to_date(name, same, same_origin, base):
                 return
             fetched = self._fetch(remote)
-            with self.store.new_scratch() as tmp:
-                named = link_or_copy(fetched.path, Path(tmp) / Path(remote.path).name)  # loaders go by the suffix
-                self.importer.file(named, fetched.digest, name, source, kind=kind, sd=sd, configs=configs,
-                                   archs=archs, condition=condition)
-            if fetched.owned:
-                fetched.path.unlink(missing_ok=True)  # the original was converted; the store keeps ours
+            try:
+                with self.store.new_scratch() as tmp:
+                    named = link_or_copy(fetched.path, Path(tmp) / Path(remote.path).name)  # loaders go by the suffix
+                    self.importer.file(named, fetched.digest, name, source, kind=kind, sd=sd, base=base,
+                                       made_for=made_for, archs=archs, condition=condition)
+            finally:
+                if fetched.owned:  # converted (the store keeps ours), or refused: not a download to continue
+                    fetched.path.unlink(missing_ok=True)
 
     def _hub_folder(self, snapshot, folder: str, name, *, kind, sd) -> None:
         files = {p[len(folder) + 1:] for p in snapshot.files if p.startswith(folder + "/")}
@@ -212,9 +224,8 @@ class Puller:
     def _hub_sd(self, snapshot, prefix: str, name: str, variant: str | None, origin: dict) -> None:
         validate_name(name)
         source = self._hub_source(snapshot, origin, **({"path": prefix.rstrip("/")} if prefix else {}))
-        same = (lambda m: m.kind == "sd" and m.source.get("repo") == snapshot.repo
-                and m.source.get("commit") == snapshot.commit and m.source.get("path") == source.get("path"))
-        origin_same = lambda m: m.source.get("repo") == snapshot.repo and m.source.get("path") == source.get("path")
+        origin_same = lambda m: _hub_origin(m, snapshot.repo, source.get("path"))
+        same = lambda m: m.kind == "sd" and origin_same(m) and m.source.get("commit") == snapshot.commit
         with self._entry_lock(name):
             if self.importer.up_to_date(name, same, origin_same):
                 return
@@ -251,12 +262,25 @@ class Puller:
         return folder
 
     # -- store plumbing -------------------------------------------------------------------------
-    def _offline_present(self, name: str) -> bool:
-        """Offline, an entry already in the store is used as it is (updates cannot be checked)."""
-        if envconfig.offline() and not self.force and self.importer.present(name):
-            tell(self.on_event, f"{name} is in the store (offline: not checked for updates)")
-            return True
-        return False
+    def _precheck(self, name: str, same_origin, base: str | None = None) -> bool:
+        """Before the network: a name that holds something of another origin is refused (unless
+        --force); offline, an intact entry of this origin is used as it is (updates cannot be
+        checked), after checking it against ``base``. True when there is nothing more to do."""
+        manifest = self.importer.check_name(name, same_origin)
+        if manifest is None or self.force or not envconfig.offline() or not self.store.intact(manifest):
+            return False
+        if base:
+            self.importer.fit_base(manifest, base)
+        tell(self.on_event, f"{name} is in the store (offline: not checked for updates)")
+        return True
+
+    def _stored_base(self, name: str | None) -> dict | None:
+        """The record of the base a catalog adapter was made for: its name, and the digest of the
+        store's base of that name when there is one."""
+        if not name:
+            return None
+        stored = self.store.get(name) if self.store.exists(name) else None
+        return {"base": name, "base_digest": stored.weights_digest if stored and stored.kind == "base" else None}
 
     @contextmanager
     def _entry_lock(self, name: str):
@@ -264,3 +288,26 @@ class Puller:
         up to date."""
         with self.store.lock(f"pull-{name}"):
             yield
+
+
+def _hub_origin(manifest, repo: str, path: str | None) -> bool:
+    """The entry came from this file or folder of this hub repository (at any commit)."""
+    return (manifest.source.get("type") == "hub" and manifest.source.get("repo") == repo
+            and (manifest.source.get("path") or None) == (path or None))
+
+
+def _catalog_origin(entry):
+    """Whether an entry came from this catalog entry (by name, or its repository and file)."""
+    import fnmatch
+
+    def same(manifest) -> bool:
+        source = manifest.source
+        if source.get("catalog") == entry.name:
+            return True
+        if source.get("type") != "hub" or source.get("repo") != entry.repo:
+            return False
+        path = source.get("path") or ""
+        return path == entry.file if entry.file else (entry.kind == "sd" and not path) or any(
+            fnmatch.fnmatchcase(path, p) for p in entry.pattern)
+
+    return same

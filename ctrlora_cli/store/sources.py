@@ -1,7 +1,9 @@
 """Where an entry came from, in words, and the command that brings it (back) into the store.
 
 A manifest's ``source`` is ``{"type": "hub", "repo", "revision", "commit", "path"?, "catalog"?}``,
-``{"type": "local", "path", ...}``, ``{"type": "random", "preset"}`` or ``{"type": "demo", ...}``.
+``{"type": "local", "path", ...}``, ``{"type": "random", "preset", "name"}``, ``{"type": "demo",
+"folder", "version", "name"}`` (``name``: the base the group was pulled as), ``{"type": "fit",
+"data", "run_dir"}``, ``{"type": "train-base", "run"}`` or ``{"type": "world", ...}``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ def short(source: dict) -> str:
         return source.get("path", "local")
     if source.get("type") == "random":
         return f"random {source.get('preset')}"
+    if source.get("type") == "demo":
+        return "the demo model"
+    if source.get("type") == "fit":
+        return f"fit on {source.get('data', '?')}"
+    if source.get("type") == "train-base":
+        return f"train-base run {source.get('run', '?')}"
+    if source.get("type") == "world":
+        return "world train-sd"
     return source.get("type", "?")
 
 
@@ -46,31 +56,61 @@ def detail(source: dict) -> str:
     return label(source)
 
 
-def pull_hint(name: str) -> str:
-    """The command that would bring ``name`` into the store."""
+OFFLINE_SOURCES = ("tiny", "demo")  # what ``ctrlora pull`` makes without the catalog
+
+
+def pullable(name: str) -> bool:
+    """``ctrlora pull NAME`` knows ``name`` (the catalog, tiny, demo)."""
     try:
         from ctrlora_cli.store.catalog import load
 
-        known = name == "tiny" or name in load()
+        return name in OFFLINE_SOURCES or name in load()
     except CtrloraError:
-        known = False
-    if known:
+        return False
+
+
+def pull_hint(name: str) -> str:
+    """The command that would bring ``name`` into the store."""
+    if pullable(name):
         return f"fetch it with: ctrlora pull {name}"
     return f"fetch or import it with: ctrlora pull hf://OWNER/REPO/FILE --name {name} (or a local file)"
 
 
 def repair_command(manifest) -> str:
-    """The command that fetches a damaged entry again, replacing its blobs."""
+    """The command that makes a damaged entry again, replacing its blobs."""
     source, named = manifest.source, f" --name {manifest.name}"
+    kind = source.get("type")
     if source.get("catalog"):
         return f"ctrlora pull {source['catalog']}{named if manifest.name != source['catalog'] else ''} --force"
-    if source.get("type") == "hub":
+    if kind == "hub":
         path = source.get("path")  # a file or folder of the repository; none for a whole SD repository
         what = f"hf://{source['repo']}/{path}" if path else f"sd:{source['repo']}"
         return f"ctrlora pull {what} --revision {source['commit']}{named} --force"
-    if source.get("type") == "random":
-        base = manifest.name[:-3] if manifest.kind == "sd" and manifest.name.endswith("-sd") else manifest.name
-        return f"ctrlora pull {source.get('preset', 'tiny')}{' --name ' + base if base != 'tiny' else ''} --force"
-    if source.get("type") == "local":
+    if kind in ("random", "demo"):  # made as a group (NAME, NAME-sd, NAME-<condition>) by `pull tiny|demo`
+        group = source.get("name") or _group_name(manifest)
+        command = "tiny" if kind == "random" else "demo"
+        return f"ctrlora pull {command}{' --name ' + group if group != command else ''} --force"
+    if kind == "local":
         return f"ctrlora pull {source.get('path')}{named} --force"
-    return f"ctrlora rm {manifest.name} (then make it again)"
+    if kind == "world":
+        settings = "".join(f" --{key} {source[key]}" for key in ("size", "count", "seed") if key in source)
+        return f"ctrlora world train-sd{named}{settings} --force"
+    if kind == "fit" and source.get("data"):
+        base = manifest.made_for["name"] if manifest.made_for else None
+        return (f"ctrlora rm -y {manifest.name} && ctrlora fit {source['data']}{named}"
+                f"{' --base ' + base if base else ''}")
+    if kind == "train-base":
+        return f"ctrlora rm -y {manifest.name}, then run its ctrlora train-base again"
+    return f"ctrlora rm -y {manifest.name}, then make it again"
+
+
+def _group_name(manifest) -> str:
+    """The base name a ``pull tiny``/``pull demo`` group was made under, for entries recorded
+    before the source named it: NAME-sd is its SD, an adapter names its base."""
+    if manifest.kind == "sd" and manifest.name.endswith("-sd"):
+        return manifest.name[:-3]
+    if manifest.made_for:
+        return manifest.made_for["name"]
+    if manifest.kind == "adapter" and "-" in manifest.name:
+        return manifest.name.rsplit("-", 1)[0]
+    return manifest.name

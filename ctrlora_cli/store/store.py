@@ -7,15 +7,21 @@
         locks/                    lock files of pulls and downloads in progress
         tmp/<pid>-...             scratch folders of running pulls (cleared when their process is gone)
         views/<name>/...          folders of links to blobs by relative path (derived, rebuilt at will)
+        runs/<name>, runs/train-base/<name>   run folders of ``fit`` and ``train-base``
         .lock                     a file lock taken by every writer
 
 A pull killed at any moment leaves no visible half-entry: blobs without a manifest are invisible
 and collected by the next ``rm``/``gc``.
+
+Views hold relative symbolic links (``../../blobs/sha256-...``), so a store folder that is moved
+or copied keeps working; where links cannot be made they are hard links, else copies. A view is
+checked each time it is used and rebuilt when it no longer matches its entry.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import json
 import os
 import shutil
@@ -28,16 +34,27 @@ from filelock import FileLock
 
 from ctrlora_cli import envconfig
 from ctrlora_cli.store.names import KINDS, validate_name
-from ctrlora_cli.store.sources import pull_hint
-from engine.errors import CtrloraError
+from ctrlora_cli.store import sources
+from engine.errors import CtrloraError, UsageError
 from engine.files import atomic_path, sha256_bytes, sha256_file
 from engine.progress import ProgressCallback, report
 
 SCHEMA = 1
 
 
-class NotInStore(CtrloraError):
-    exit_code = 1
+class NotInStore(UsageError):
+    """A name the store does not hold: bad input (exit 2) from every command."""
+
+
+class NameTaken(UsageError):
+    """A command would write an entry under a name the store already holds (``Store.claim``)."""
+
+
+class DamagedEntry(CtrloraError):
+    """An entry whose files are missing from the store: a failure at run time (exit 1)."""
+
+
+LINK_MODES = ("symlink", "hardlink", "copy")
 
 
 @dataclass
@@ -67,6 +84,28 @@ class Manifest:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def weights_digest(self) -> str | None:
+        """The digest of the entry's (first) safetensors file: what names a base's weights."""
+        return next((f.digest for f in self.files if f.path.endswith(".safetensors")), None)
+
+    @property
+    def made_for(self) -> dict | None:
+        """For an adapter: the base it was made for, ``{"name", "digest"}`` (the digest may be None),
+        as ``extra["base"]`` and ``extra["base_digest"]`` record it; None when nothing is recorded."""
+        name = (self.extra or {}).get("base") if self.kind == "adapter" else None
+        return {"name": name, "digest": self.extra.get("base_digest")} if isinstance(name, str) else None
+
+    def links(self) -> list[tuple[str, str]]:
+        """The entries this one needs by name: ``[("base", NAME)]`` for an adapter that records
+        its base, ``[("sd", NAME)]`` for a base paired with an SD."""
+        found = []
+        if self.made_for:
+            found.append(("base", self.made_for["name"]))
+        if self.kind == "base" and self.sd:
+            found.append(("sd", self.sd))
+        return found
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -114,12 +153,22 @@ def _alive(pid: int) -> bool:
 
 
 class Store:
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root else envconfig.home()
+    """``links``: how views point at blobs, in order of preference (``LINK_MODES``); each file
+    takes the first that works on the store's filesystem."""
+
+    def __init__(self, root: str | Path | None = None, links: tuple[str, ...] = LINK_MODES):
+        # Absolute: views, run folders and the paths handed to workers stay right whatever the
+        # working directory (a relative CTRLORA_HOME is resolved once, here).
+        self.root = Path(os.path.abspath(Path(root).expanduser() if root else envconfig.home()))
         self.blobs = self.root / "blobs"
         self.manifests = self.root / "manifests"
         self.partial = self.root / "partial"
         self.views = self.root / "views"
+        self.runs = self.root / "runs"
+        unknown = set(links) - set(LINK_MODES)
+        if not links or unknown:
+            raise ValueError(f"links must be some of {LINK_MODES}, not {links}")
+        self.link_modes = tuple(links)
 
     # -- locking and blobs ------------------------------------------------------------------
     def lock(self, key: str | None = None) -> FileLock:
@@ -168,6 +217,48 @@ class Store:
             os.replace(tmp, final)
         return final
 
+    # -- names --------------------------------------------------------------------------------
+    def claim(self, name: str, force: bool = False, flag: str = "--name") -> Manifest | None:
+        """The one rule for every command that writes entry ``name``: call it BEFORE any heavy
+        work. A name the store does not hold is free (returns None). A name it holds is refused
+        with one line naming what the entry is and where it came from (``NameTaken``, a usage
+        error: exit 2), unless ``force``; then the existing manifest is returned, and the later
+        ``Store.add`` of the same name replaces the entry atomically (the new manifest is renamed
+        over the old one) and collects the blobs only the old entry used.
+
+            store.claim(name, force)                  # fit, world train-sd: --name NAME [--force]
+            store.claim(out_name, force, "--out")     # train-base names its base with --out
+            ... the work ...
+            store.add(name, kind, files, ...)         # replaces NAME when it was claimed with force
+
+        ``flag`` is the option the user named the entry with, for the message."""
+        validate_name(name)
+        if not self.exists(name):
+            return None
+        manifest = self.get(name)
+        if force:
+            return manifest
+        raise NameTaken(f"{name!r} is already in the store ({manifest.kind} from {sources.short(manifest.source)}); "
+                        f"use another {flag}, or --force to replace it")
+
+    def holds(self, names, same) -> bool:
+        """Every one of ``names`` is in the store, intact, and ``same(manifest)``: a pull that makes
+        several entries at once (tiny, demo) has nothing to do."""
+        names = list(names)
+        if not all(self.exists(name) for name in names):
+            return False
+        manifests = [self.get(name) for name in names]
+        return all(same(m) and self.intact(m) for m in manifests)
+
+    def not_in_store(self, name: str, hint: str | None = None) -> NotInStore:
+        """The error for a name the store does not hold, the same from every command: the pull
+        that fetches it when the catalog knows it, else a close store name as "did you mean",
+        else ``hint`` (default: how to pull or import it)."""
+        close = None if sources.pullable(name) else suggest(name, [m.name for m in self.list()])
+        if close:
+            return NotInStore(f"{name!r} is not in the store; did you mean {close!r}? (see: ctrlora list)")
+        return NotInStore(f"{name!r} is not in the store ({self.root}); {hint or sources.pull_hint(name)}")
+
     # -- manifests --------------------------------------------------------------------------
     def manifest_path(self, name: str) -> Path:
         return self.manifests / f"{validate_name(name)}.json"
@@ -192,9 +283,12 @@ class Store:
             **meta) -> Manifest:
         """Store ``files`` ({relative path in the entry: source file}) as entry ``name``. A
         ``Staged`` source is moved in (it must lie inside the store's root); others are copied.
-        ``replace`` overwrites existing blobs of the same digest (repairing damaged ones)."""
+        ``replace`` overwrites existing blobs of the same digest (repairing damaged ones). An
+        entry of that name is replaced at once (its manifest renamed over), and the blobs only
+        it used are collected: check the name first with ``claim``."""
         validate_name(name)
         with self.lock():
+            replacing = self.exists(name)
             records = []
             for rel, src in sorted(files.items()):
                 if isinstance(src, Staged):
@@ -204,7 +298,10 @@ class Store:
                     record = self.put_file(src, replace=replace)
                     record.path = rel
                 records.append(record)
-            return self.write_manifest(Manifest(name=name, kind=kind, files=records, **meta))
+            manifest = self.write_manifest(Manifest(name=name, kind=kind, files=records, **meta))
+            if replacing:
+                self.gc()  # blobs only the old version used
+            return manifest
 
     def add_folder(self, name: str, kind: str, folder: str | Path, **meta) -> Manifest:
         return self.add(name, kind, files_in(folder), **meta)
@@ -215,7 +312,7 @@ class Store:
     def get(self, name: str) -> Manifest:
         path = self.manifest_path(name)
         if not path.is_file():
-            raise NotInStore(f"{name!r} is not in the store ({self.root}); {pull_hint(name)}")
+            raise self.not_in_store(name)
         return Manifest.from_json(json.loads(path.read_text()))
 
     def list(self) -> list[Manifest]:
@@ -265,6 +362,73 @@ class Store:
             return []
         return sorted(p for p in self.partial.iterdir() if p.suffix == ".part")
 
+    # -- links between entries ----------------------------------------------------------------
+    def missing_links(self, manifest: Manifest, names: set[str] | None = None) -> list[tuple[str, str]]:
+        """What ``manifest`` needs that the store no longer holds: ``[("base", NAME)]`` for an
+        adapter whose base is gone, ``[("sd", NAME)]`` for a base whose SD is gone. ``names``:
+        the store's names, when the caller has them already."""
+        names = {m.name for m in self.list()} if names is None else names
+        return [(kind, name) for kind, name in manifest.links() if name not in names]
+
+    def dependents(self, names) -> list[tuple[Manifest, str, str]]:
+        """Entries (other than ``names``) made for or paired with one of ``names``: (the entry,
+        "base" or "sd", the name it points to): what would point nowhere once ``names`` go."""
+        names = set(names)
+        return [(m, kind, target) for m in self.list() if m.name not in names
+                for kind, target in m.links() if target in names]
+
+    # -- run folders ----------------------------------------------------------------------------
+    def run_folder(self, name: str, job: str = "fit") -> Path:
+        """Where a ``job`` ("fit" or "train-base") keeps its run for entry ``name`` by default:
+        ``runs/NAME`` for fit, ``runs/train-base/NAME`` for train-base."""
+        validate_name(name)
+        if job == "fit":
+            return self.runs / name
+        if job == "train-base":
+            return self.runs / "train-base" / name
+        raise ValueError(f"unknown job {job!r}")
+
+    def run_of(self, manifest: Manifest) -> Path | None:
+        """The run folder an entry was made in (fit: ``source["run_dir"]``; train-base: the base's
+        ``source["run"]``), when it still exists; a store moved since is looked up in its own
+        runs/ at the default place. None for entries that no run made."""
+        source = manifest.source
+        if source.get("type") == "fit":
+            recorded, default = source.get("run_dir"), self.run_folder(manifest.name, "fit")
+        elif source.get("type") == "train-base":
+            owner = manifest.made_for["name"] if manifest.made_for else manifest.name
+            recorded, default = source.get("run"), self.run_folder(owner, "train-base")
+        else:
+            return None
+        for folder in (Path(recorded) if recorded else None, default):
+            if folder is not None and folder.is_dir():
+                return Path(os.path.realpath(folder))
+        return None
+
+    def runs_freed_by(self, names) -> tuple[list[Path], list[Path]]:
+        """Run folders that removing ``names`` leaves to no entry: (those inside the store's
+        runs/, which ``rm`` removes; those elsewhere, a --run-dir the user chose, which it keeps)."""
+        names = set(names)
+        kept = {self.run_of(m) for m in self.list() if m.name not in names}
+        freed = sorted({run for name in names if (run := self.run_of(self.get(name))) and run not in kept})
+        inside = [run for run in freed if self._in_runs(run)]
+        return inside, [run for run in freed if run not in inside]
+
+    def _in_runs(self, folder: Path) -> bool:
+        runs = Path(os.path.realpath(self.runs))
+        folder = Path(os.path.realpath(folder))
+        return folder.is_relative_to(runs) and folder not in (runs, runs / "train-base")
+
+    def remove_runs(self, folders) -> int:
+        """Delete run folders (``runs_freed_by``'s first list); returns the bytes freed."""
+        freed = 0
+        for folder in folders:
+            if not self._in_runs(folder):
+                raise ValueError(f"{folder} is not a run folder of this store")
+            freed += folder_size(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        return freed
+
     # -- reading entries --------------------------------------------------------------------
     def file(self, name: str, rel: str) -> Path:
         """One file of an entry, under its own name (loaders such as ``load_tensor_file`` go by
@@ -276,32 +440,75 @@ class Store:
 
     def folder(self, name: str) -> Path:
         """A folder with the entry's files at their relative paths (links to the blobs), for
-        loaders such as ``from_pretrained`` that want a directory."""
+        loaders such as ``from_pretrained`` that want a directory. The view is checked each time
+        (a store moved or copied, links left by an older version) and rebuilt when it does not
+        match; an entry whose blobs are missing is ``DamagedEntry``."""
         manifest = self.get(name)
         view = self.views / name
-        stamp = view / ".manifest-digest"
-        want = sha256_bytes(json.dumps(manifest.to_json(), sort_keys=True).encode())
-        if stamp.is_file() and stamp.read_text() == want:
+        if not self.view_problems(manifest):
             return view
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".view-"))
+        if not self.intact(manifest):
+            raise DamagedEntry(f"{name!r} is damaged (files missing from {self.blobs}); see: ctrlora verify {name}; "
+                               f"repair with: {sources.repair_command(manifest)}")
+        return self.build_view(manifest)
+
+    def view_problems(self, manifest: Manifest) -> list[str]:
+        """Why the entry's view cannot be used as it is (empty when it can): missing, made for
+        another version of the entry, or files that do not lead to their blobs."""
+        view = self.views / manifest.name
+        stamp = view / ".manifest-digest"
+        if not stamp.is_file():
+            return ["no view"]
+        if stamp.read_text() != _manifest_digest(manifest):
+            return ["made for another version of the entry"]
+        problems = []
         for record in manifest.files:
-            target = tmp / record.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            blob = self.blob_path(record.digest)
+            target, blob = view / record.path, self.blob_path(record.digest)
             try:
-                target.symlink_to(blob)
-            except OSError:  # filesystems without links
-                shutil.copyfile(blob, target)
-        (tmp / ".manifest-digest").write_text(want)
+                if os.path.samefile(target, blob):  # a symbolic link to the blob, or a hard link
+                    continue
+                if not target.is_symlink() and target.stat().st_size == record.size:
+                    continue  # a copy (filesystems without links)
+            except OSError:
+                pass
+            problems.append(f"{record.path}: does not lead to its blob")
+        return problems
+
+    def build_view(self, manifest: Manifest) -> Path:
+        """(Re)build the entry's view: relative symbolic links to the blobs (they survive moving
+        or copying the store folder), else hard links, else copies, file by file."""
+        view = self.views / manifest.name
         self.views.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(view, ignore_errors=True)
+        # Built beside its final place, at the same depth, so the relative links hold once renamed.
+        tmp = Path(tempfile.mkdtemp(dir=self.views, prefix=".building-"))
         try:
+            for record in manifest.files:
+                final = view / record.path
+                target = tmp / record.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._link(self.blob_path(record.digest), target, final.parent)
+            (tmp / ".manifest-digest").write_text(_manifest_digest(manifest))
+            shutil.rmtree(view, ignore_errors=True)
             os.replace(tmp, view)
-        except OSError:  # another process built the same view in between
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (stamp.is_file() and stamp.read_text() == want):
+            if self.view_problems(manifest):  # not another process building the same view in between
                 raise
         return view
+
+    def _link(self, blob: Path, target: Path, final_parent: Path) -> None:
+        for mode in self.link_modes:
+            try:
+                if mode == "symlink":
+                    target.symlink_to(os.path.relpath(blob, final_parent))
+                elif mode == "hardlink":
+                    os.link(blob, target)
+                else:
+                    shutil.copyfile(blob, target)
+                return
+            except OSError:
+                if mode == self.link_modes[-1]:
+                    raise
 
     # -- removal ----------------------------------------------------------------------------
     def remove(self, names: Iterable[str]) -> int:
@@ -310,7 +517,7 @@ class Store:
         with self.lock():
             for name in names:  # all or nothing
                 if not self.manifest_path(name).is_file():
-                    raise NotInStore(f"{name!r} is not in the store; see what is with: ctrlora list")
+                    raise self.not_in_store(name, "see what is with: ctrlora list")
             for name in names:
                 path = self.manifest_path(name)
                 path.unlink(missing_ok=True)
@@ -347,3 +554,17 @@ class Store:
                     freed += blob.stat().st_size
                     blob.unlink()
         return freed
+
+
+def suggest(name: str, names) -> str | None:
+    """The closest of ``names`` to a name that looks like a typo of it, or None."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def folder_size(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _manifest_digest(manifest: Manifest) -> str:
+    return sha256_bytes(json.dumps(manifest.to_json(), sort_keys=True).encode())
