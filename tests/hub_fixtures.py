@@ -66,14 +66,16 @@ def hub_server(tiny_sd_folder, ref_tiny):
 @pytest.fixture()
 def hub(hub_server):
     """The session's hub with a fresh log and no misbehaviour."""
+    def calm():
+        hub_server.cuts.clear()
+        hub_server.corrupt.clear()
+        hub_server.ignore_range.clear()
+        hub_server.rate = None
+
     hub_server.log.clear()
-    hub_server.cuts.clear()
-    hub_server.corrupt.clear()
-    hub_server.rate = None
+    calm()
     yield hub_server
-    hub_server.cuts.clear()
-    hub_server.corrupt.clear()
-    hub_server.rate = None
+    calm()
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """A tiny Hugging Face Hub on 127.0.0.1 for offline tests: the endpoints huggingface_hub 2.4 uses
 (``../shared/HUB.md``), with ETag, X-Repo-Commit, Content-Length and Range support, and knobs to
-misbehave: cut a connection mid-file, serve bytes that do not match the advertised digest, or
-send slowly. Every request is logged."""
+misbehave: cut a connection mid-file, serve bytes that do not match the advertised digest,
+ignore Range requests (answer 200 with the whole file), or send slowly. Every request is logged."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class TinyHub:
     log: list[Logged] = field(default_factory=list)
     cuts: dict[str, list[int]] = field(default_factory=dict)  # "repo/path" -> [bytes sent before the cut, times]
     corrupt: set[str] = field(default_factory=set)  # "repo/path": served with one byte changed
+    ignore_range: set[str] = field(default_factory=set)  # "repo/path": Range requests get the whole file
     rate: float | None = None  # bytes per second for file bodies
     url: str = ""
 
@@ -186,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         start = 0
         wanted = self.headers.get("Range")
-        if wanted and wanted.startswith("bytes="):
+        if wanted and wanted.startswith("bytes=") and key not in self.hub.ignore_range:
             start = int(wanted[len("bytes="):].split("-")[0])
             if start >= len(data):
                 self.send_response(416)

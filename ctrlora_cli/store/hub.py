@@ -240,16 +240,13 @@ def fetch(store, remote: RemoteFile, on_event: Listener | None = None, force: bo
             return Fetched(remote, part, cached, owned=True, how="hf-cache")
         if envconfig.offline():
             raise not_cached(remote.label)
-        resumed = part.stat().st_size if part.is_file() else 0
-        if resumed > remote.size:
+        kept = part.stat().st_size if part.is_file() else 0
+        if kept > remote.size:
             part.unlink()
-            resumed = 0
-        if resumed:
-            log(f"{remote.path}: resuming at {_mb(resumed)} of {_mb(remote.size)}")
-        elif remote.size >= 1_000_000:
+            kept = 0
+        if not kept and remote.size >= 1_000_000:
             log(f"{remote.path}: downloading {_mb(remote.size)} from {envconfig.hf_endpoint()}/{remote.repo}")
-        if resumed < remote.size:
-            _download(remote, part, on_event)
+        how = _download(remote, part, on_event, log) if kept < remote.size else "resume"
         digest = _verify(part, remote)
         if digest is None:
             part.unlink(missing_ok=True)
@@ -257,7 +254,7 @@ def fetch(store, remote: RemoteFile, on_event: Listener | None = None, force: bo
             raise CtrloraError(f"{remote.label}: downloaded bytes do not match the hub's {expected}; "
                                f"nothing was kept, pull again (if it repeats, the mirror at "
                                f"{envconfig.hf_endpoint()} is bad)")
-        return Fetched(remote, part, digest, owned=True, how="resume" if resumed else "download")
+        return Fetched(remote, part, digest, owned=True, how=how)
 
 
 def _from_hf_cache(remote: RemoteFile, part: Path) -> str | None:
@@ -289,10 +286,13 @@ def _from_hf_cache(remote: RemoteFile, part: Path) -> str | None:
     return None
 
 
-def _download(remote: RemoteFile, part: Path, callback: Listener | None) -> None:
+def _download(remote: RemoteFile, part: Path, callback: Listener | None, log) -> str:
     """Append the missing bytes of ``remote`` to ``part``, asking for them with a Range request.
-    Connection drops are retried (CTRLORA_DOWNLOAD_RETRIES), each continuing from the bytes
-    already written; after that the next pull continues."""
+    Every byte received is on disk before an error surfaces, so a cut at any point, in a file of
+    any size, continues from where it stopped: connection drops are retried
+    (CTRLORA_DOWNLOAD_RETRIES), and after that the next pull continues. Returns "resume" when
+    the server sent only the missing bytes (206) at least once, else "download"; ``log(text)``
+    notes it ("resuming at ...") only when the server did."""
     import httpx2
     from huggingface_hub import constants, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -301,11 +301,12 @@ def _download(remote: RemoteFile, part: Path, callback: Listener | None) -> None
     headers = build_hf_headers(library_name="ctrlora")
     left = envconfig.download_retries()
     wait = 1.0
+    how = "download"
     while True:
         have = part.stat().st_size if part.is_file() else 0
         before = have
         if have >= remote.size:
-            return
+            return how
         ask = dict(headers, Range=f"bytes={have}-") if have else headers
         try:
             with get_session().stream("GET", url, headers=ask, follow_redirects=True,
@@ -317,18 +318,27 @@ def _download(remote: RemoteFile, part: Path, callback: Listener | None) -> None
                     response.read()  # the hub's error message is in the body
                 hf_raise_for_status(response)
                 mode = "ab"
-                if have and response.status_code != 206:  # the server ignored Range: take it whole
+                if have and response.status_code == 206:
+                    how = "resume"
+                    log(f"{remote.path}: resuming at {_mb(have)} of {_mb(remote.size)}")
+                elif have:  # the server ignored Range: take it whole
+                    log(f"{remote.path}: the server sent the whole file again (it ignored the range request); "
+                        f"downloading {_mb(remote.size)} from the start")
                     mode, have = "wb", 0
                 with open(part, mode) as f:
                     report(callback, remote.path, have, remote.size)
-                    for chunk in response.iter_bytes(CHUNK):
-                        f.write(chunk)
+                    shown = have
+                    # Pieces as they arrive (no chunk size: a buffered chunk would be lost in a cut).
+                    for piece in response.iter_bytes():
+                        f.write(piece)
                         f.flush()  # bytes on disk survive a kill; the next pull continues from them
-                        have += len(chunk)
-                        report(callback, remote.path, have, remote.size)
+                        have += len(piece)
+                        if have - shown >= CHUNK or have == remote.size:
+                            report(callback, remote.path, have, remote.size)
+                            shown = have
             if have != remote.size:
                 raise httpx2.RemoteProtocolError(f"got {have} of {remote.size} bytes")
-            return
+            return how
         except (httpx2.TransportError, httpx2.RemoteProtocolError) as exc:
             if part.is_file() and part.stat().st_size > before:
                 left, wait = envconfig.download_retries(), 1.0  # progress: the budget starts again

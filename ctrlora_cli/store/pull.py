@@ -208,9 +208,10 @@ class Puller:
                     named = link_or_copy(fetched.path, Path(tmp) / Path(remote.path).name)  # loaders go by the suffix
                     self.importer.file(named, fetched.digest, name, source, kind=kind, sd=sd, base=base,
                                        made_for=made_for, archs=archs, condition=condition)
-            finally:
-                if fetched.owned:  # converted (the store keeps ours), or refused: not a download to continue
-                    fetched.path.unlink(missing_ok=True)
+            except CtrloraError:
+                _discard(fetched)  # refused: not a download to continue
+                raise
+            _discard(fetched)  # converted: the store keeps ours
 
     def _hub_folder(self, snapshot, folder: str, name, *, kind, sd) -> None:
         files = {p[len(folder) + 1:] for p in snapshot.files if p.startswith(folder + "/")}
@@ -231,16 +232,14 @@ class Puller:
                 return
             listing = [p[len(prefix):] for p in snapshot.files if p.startswith(prefix)]
             chosen = select_sd_files(listing, variant, where=f"{snapshot.repo}/{prefix}")
-            fetched = {}
+            # Files finished before a later one fails stay in partial/: the next pull takes them from there.
+            fetched = {dest: self._fetch(snapshot.files[prefix + src]) for dest, src in chosen.items()}
             try:
-                for dest, src in chosen.items():
-                    fetched[dest] = self._fetch(snapshot.files[prefix + src])
                 arch = self.importer.commit_sd(name, chosen, {d: f.path for d, f in fetched.items()},
                                                {d: f.digest for d, f in fetched.items()}, source)
             finally:
                 for f in fetched.values():
-                    if f.owned:
-                        f.path.unlink(missing_ok=True)
+                    _discard(f)  # moved into the blobs, or converted
             tell(self.on_event, f"pulled {name} (sd, {arch}) from {sources.short(source)}")
 
     def _sd15_tokenizer(self, tmp: Path) -> Path:
@@ -257,8 +256,7 @@ class Puller:
         for remote in snapshot.match("tokenizer/*"):
             fetched = self._fetch(remote)
             shutil.copyfile(fetched.path, folder / Path(remote.path).name)
-            if fetched.owned:
-                fetched.path.unlink(missing_ok=True)
+            _discard(fetched)
         return folder
 
     # -- store plumbing -------------------------------------------------------------------------
@@ -288,6 +286,12 @@ class Puller:
         up to date."""
         with self.store.lock(f"pull-{name}"):
             yield
+
+
+def _discard(fetched) -> None:
+    """A verified download of ours (in partial/) that is no longer needed; a blob is left alone."""
+    if fetched.owned:
+        fetched.path.unlink(missing_ok=True)
 
 
 def _hub_origin(manifest, repo: str, path: str | None) -> bool:
