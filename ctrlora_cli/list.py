@@ -28,22 +28,32 @@ def list_models(
         return
     store = Store()
     manifests = store.list()
+    names = {m.name for m in manifests}
+    missing = {m.name: store.missing_links(m, names) for m in manifests}
     if as_json:
-        print_json([dict(m.to_json(), size=m.size) for m in manifests])
+        print_json([dict(m.to_json(), size=m.size, missing=dict(missing[m.name])) for m in manifests])
         return
     if not manifests:
         say(f"The store ({store.root}) is empty. Try: ctrlora pull tiny (random, offline) or ctrlora pull base")
     else:
         from rich.table import Table
 
+        columns = ["NAME", "KIND", "CONDITION", "RANK", "SIZE", "SOURCE", "DATE"]
+        broken = [name for name, links in missing.items() if links]
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("NAME", "KIND", "CONDITION", "RANK", "SIZE", "SOURCE", "DATE"):
+        for column in columns + (["MISSING"] if broken else []):
             table.add_column(column, justify="right" if column in ("RANK", "SIZE") else "left",
                              no_wrap=column != "SOURCE")
         for m in manifests:
-            table.add_row(m.name, m.kind, escape(m.condition or "-"), str(m.rank) if m.rank else "-",
-                          human_size(m.size), escape(sources.label(m.source)), m.created[:10])
+            row = [m.name, m.kind, escape(m.condition or "-"), str(m.rank) if m.rank else "-",
+                   human_size(m.size), escape(sources.label(m.source)), m.created[:10]]
+            if broken:
+                row.append(", ".join(f"{kind} {name}" for kind, name in missing[m.name]) or "-")
+            table.add_row(*row)
         print_table(table)
+        if broken:
+            say(f"{', '.join(broken)}: made for or paired with a model no longer in the store (MISSING); pull it "
+                f"again, or pass --base/--sd to the commands that use them")
     partials = store.partials()
     if partials:
         total = sum(p.stat().st_size for p in partials)

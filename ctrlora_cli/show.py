@@ -39,7 +39,8 @@ def show(
     facts.add_column()
     rows = [("name", manifest.name), ("kind", manifest.kind), ("architecture", manifest.arch),
             ("condition", manifest.condition), ("rank", manifest.rank and str(manifest.rank)),
-            ("pairs with", manifest.sd and f"{manifest.sd} (Stable Diffusion)"),
+            ("pairs with", manifest.sd and f"{manifest.sd} (Stable Diffusion)" + _gone(store, manifest.sd)),
+            ("made for", manifest.made_for and f"base {manifest.made_for['name']}" + _gone(store, manifest.made_for["name"])),
             ("source", sources.detail(manifest.source)),
             ("converted from", manifest.converted_from and _converted(manifest.converted_from)),
             ("labels", ", ".join(manifest.labels)), ("notes", manifest.notes),
@@ -49,7 +50,10 @@ def show(
             facts.add_row(key, escape(str(value)))
     for key, value in params.items():
         facts.add_row("parameters" if key == "total" else f"  {key}", f"{value:,}")
+    shown = {"base", "base_digest"} if manifest.made_for else set()  # the "made for" row
     for key, value in sorted(manifest.extra.items()):
+        if key in shown:
+            continue
         facts.add_row(escape(key), escape(json.dumps(value) if not isinstance(value, str) else value))
     print_table(facts)
     files = Table(box=None, header_style="bold", pad_edge=False, title=None)
@@ -60,6 +64,10 @@ def show(
         files.add_row(escape(record.path), human_size(record.size), record.digest[:19])
     out.print()
     print_table(files)
+
+
+def _gone(store: Store, name: str) -> str:
+    return "" if store.exists(name) else " (not in the store)"
 
 
 def _converted(info: dict) -> str:

@@ -1,4 +1,5 @@
-"""``ctrlora verify [NAME...]``: re-hash the store's files and report damage (exit 1 if any)."""
+"""``ctrlora verify [NAME...]``: re-hash the store's files and report damage (exit 1 if any);
+rebuild views that no longer lead to the blobs (they are derived data)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 def verify(names: list[str] | None = typer.Argument(None, help="Store names (default: every entry).")) -> None:
-    """Re-hash models in the store; exit non-zero when a file is damaged or missing."""
+    """Re-hash models in the store and rebuild their views where needed; exit 1 when a file is damaged or missing."""
     store = Store()
     manifests = [store.get(name) for name in dict.fromkeys(names)] if names else store.list()
     if not manifests:
@@ -27,7 +28,12 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
     damaged = []
     for manifest, problems in results:
         if not problems:
-            out.print(f"[green]ok[/green]       {manifest.name}", highlight=False, soft_wrap=True)
+            view = store.repair_view(manifest)  # derived data: rebuilt, not a reason to fail
+            if view:
+                out.print(f"[green]ok[/green]       {manifest.name}: view rebuilt ({escape(view[0])}"
+                          f"{f' and {len(view) - 1} more' if len(view) > 1 else ''})", highlight=False, soft_wrap=True)
+            else:
+                out.print(f"[green]ok[/green]       {manifest.name}", highlight=False, soft_wrap=True)
             continue
         damaged.append(manifest)
         for problem in problems:

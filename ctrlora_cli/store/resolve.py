@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctrlora_cli.store.names import validate_name
 from ctrlora_cli.store.store import Manifest, Store
 from engine.errors import UsageError
 
@@ -18,6 +19,73 @@ def default_base(store: Store) -> str:
     if not bases:
         raise UsageError("no base in the store; fetch one with: ctrlora pull")
     raise UsageError(f"the store holds several bases ({', '.join(bases)}); pick one with --base")
+
+
+def made_for(store: Store, adapter: str) -> dict | None:
+    """The base adapter entry ``adapter`` was made for, as its manifest records it:
+    ``{"name", "digest"}`` (the digest of the base's weights; None for records without one), or
+    None when nothing is recorded (a file imported without --base, older entries) or ``adapter``
+    is a file path rather than a store name."""
+    if not _store_name(adapter) or not store.exists(adapter):
+        return None
+    return store.get(adapter).made_for
+
+
+def recorded_base(store: Store, record: dict) -> str | None:
+    """The store's base for a record ``{"name", "digest"}``: the entry of that name when it is a
+    base with those weights (or the record has no digest), else a base with those weights under
+    another name, else the entry of that name when it is a base (replaced since), else None."""
+    bases = {m.name: m for m in store.list() if m.kind == "base"}
+    named = bases.get(record["name"])
+    digest = record.get("digest")
+    if named is not None and (not digest or named.weights_digest == digest):
+        return named.name
+    same = [m.name for m in bases.values() if digest and m.weights_digest == digest]
+    if same:
+        return same[0]
+    return named.name if named is not None else None
+
+
+def base_for(store: Store, adapters, base: str | None = None) -> str:
+    """The base a command (gen, fit --from, eval) uses with ``adapters`` (store names or adapter
+    files): ``base`` (--base) when given; else the base the adapters were made for, when every
+    adapter that records one points at the same base and the store holds it; else, as before
+    adapters recorded anything, ``default_base`` (the only base, else the one named 'base')."""
+    if base:
+        return base
+    records = [r for r in (made_for(store, a) for a in adapters) if r]
+    found = {recorded_base(store, r) for r in records}
+    if len(found) == 1 and None not in found:
+        return found.pop()
+    return default_base(store)
+
+
+def base_warning(store: Store, adapter: str, base: Manifest) -> str | None:
+    """A warning when adapter entry ``adapter`` is used on another base than the one it was made
+    for (of the same architecture: ``adapter_file`` refuses others), naming both; None when it is
+    that base, or the adapter records none."""
+    record = made_for(store, adapter)
+    if record is None:
+        return None
+    own, digest = recorded_base(store, record), record.get("digest")
+    if digest == base.weights_digest or own == base.name and not digest:
+        return None  # the very weights it was made for, whatever the base is called now
+    if own is None:
+        return (f"adapter {adapter!r} was made for base {record['name']!r}, which is not in the store; using it on "
+                f"{base.name!r} (same architecture, {base.arch}): it runs, but may follow its condition less well")
+    if own == base.name:
+        return (f"adapter {adapter!r} was made for base {base.name!r} as it was before it was replaced; it runs, "
+                f"but may follow its condition less well")
+    return (f"adapter {adapter!r} was made for base {own!r}, not {base.name!r} (same architecture, {base.arch}): "
+            f"it runs, but may follow its condition less well; pass --base {own} to use its own")
+
+
+def _store_name(name: str) -> bool:
+    try:
+        validate_name(name)
+    except UsageError:
+        return False
+    return not name.endswith(".safetensors")
 
 
 def base_folders(store: Store, base: str, sd: str | None = None) -> tuple[Manifest, Path, Path]:

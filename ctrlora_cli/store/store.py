@@ -481,6 +481,7 @@ class Store:
         self.views.mkdir(parents=True, exist_ok=True)
         # Built beside its final place, at the same depth, so the relative links hold once renamed.
         tmp = Path(tempfile.mkdtemp(dir=self.views, prefix=".building-"))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a view is as readable as the blobs
         try:
             for record in manifest.files:
                 final = view / record.path
@@ -495,6 +496,17 @@ class Store:
             if self.view_problems(manifest):  # not another process building the same view in between
                 raise
         return view
+
+    def repair_view(self, manifest: Manifest) -> list[str]:
+        """A view that exists but no longer leads to the entry's blobs (a store moved, copied, or
+        written by an older version) is rebuilt: it is derived data. Returns what was wrong
+        (empty when nothing was); an entry with missing blobs is left to ``check``."""
+        if not (self.views / manifest.name).exists():
+            return []
+        problems = self.view_problems(manifest)
+        if problems and self.intact(manifest):
+            self.build_view(manifest)
+        return problems
 
     def _link(self, blob: Path, target: Path, final_parent: Path) -> None:
         for mode in self.link_modes:
@@ -558,7 +570,7 @@ class Store:
 
 def suggest(name: str, names) -> str | None:
     """The closest of ``names`` to a name that looks like a typo of it, or None."""
-    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, list(names), n=1)
     return close[0] if close else None
 
 
