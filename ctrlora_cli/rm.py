@@ -30,7 +30,7 @@ def rm(
     if not yes:
         orphans = ", ".join(dict.fromkeys(m.name for m, _, _ in dependents))
         if not interactive():
-            also = f" ({orphans} would point to nothing)" if orphans else ""
+            also = f"; {orphans} would point to nothing" if orphans else ""
             raise UsageError(f"not removing {', '.join(names)} without confirmation (no terminal){also}: pass -y")
         for m, link, target in dependents:
             say(f"  {_link(m, link, target)}")

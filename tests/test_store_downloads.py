@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from hub_fixtures import SD_REPO, cli, hub, hub_server, store_env, tiny_sd_folder  # noqa: F401
+from hub_fixtures import CTRLORA_REPO, SD_REPO, cli, hub, hub_server, store_env, tiny_sd_folder  # noqa: F401
 from ctrlora_cli.store import hub as hub_client
 from ctrlora_cli.store.events import Message
 from ctrlora_cli.store.store import Store
@@ -86,3 +86,24 @@ def test_a_pull_cut_in_a_file_under_1_MiB_continues_on_the_next_pull(store_env, 
     record = next(f for f in store.get("cut-sd").files if f.path == "vae/diffusion_pytorch_model.safetensors")
     assert record.digest == f"sha256:{hub.repos[SD_REPO].etag(vae)}" and store.partials() == []
     assert cli("verify", "cut-sd").code == 0
+
+
+def test_ctrl_c_during_a_pull_exits_130_and_keeps_what_was_downloaded(store_env, hub):
+    import signal
+    import time
+
+    from hub_fixtures import BASE_FILE
+    from test_store_slow import _spawn
+
+    store = Store(store_env["CTRLORA_HOME"])
+    hub.rate = 1_500_000  # the 14.8 MB base takes about 10 s
+    proc = _spawn(store_env, "pull", f"hf://{CTRLORA_REPO}/{BASE_FILE}", "--name", "stopped")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (store.partials() and store.partials()[0].stat().st_size > 1_000_000):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "warning: interrupted: the same pull continues from the bytes already downloaded"
+    assert "Traceback" not in err and store.list() == [] and store.partials()[0].stat().st_size > 1_000_000

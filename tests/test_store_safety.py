@@ -152,7 +152,7 @@ def test_rm_of_a_base_names_what_was_made_for_it(tiny_store):
     store = tiny_store
     refused = cli("rm", "tiny")
     assert refused.code == 2 and refused.err == (
-        "error: not removing tiny without confirmation (no terminal) (tiny-canny would point to nothing): pass -y\n")
+        "error: not removing tiny without confirmation (no terminal); tiny-canny would point to nothing: pass -y\n")
     env = {"CTRLORA_HOME": str(store.root)}
     code, said = _at_a_terminal(["rm", "tiny"], env, "n")
     assert code == 1 and "adapter tiny-canny was made for tiny" in said

@@ -83,7 +83,8 @@ def test_commands_as_a_user_sees_them(store_env, hub):
     assert run_cli("show", "tiny-official", env=store_env).returncode == 0
     refused = run_cli("rm", "tiny-official-sd", env=store_env)
     assert refused.returncode == 2 and refused.stderr.strip() == (
-        "error: not removing tiny-official-sd without confirmation (no terminal): pass -y")
+        "error: not removing tiny-official-sd without confirmation (no terminal); tiny-official would point to "
+        "nothing: pass -y")
     removed = run_cli("rm", "-y", "tiny-official-sd", env=store_env)
     assert removed.returncode == 0 and "base 'tiny-official' paired with 'tiny-official-sd'" in removed.stderr
     offline = run_cli("pull", "tiny-cond1", env=dict(store_env, CTRLORA_OFFLINE="1"))
