@@ -167,6 +167,12 @@ def test_rm_of_a_base_names_what_was_made_for_it(tiny_store):
     assert "tiny-canny: made for or paired with a model no longer in the store" in listing.out
     assert json.loads(cli("list", "--json").out)[0]["missing"] == {"base": "tiny"}
     assert "made for      base tiny (not in the store)" in cli("show", "tiny-canny").out
+    adapter = store.get("tiny-canny")
+    again = cli("pull", "tiny")  # as the warning says: the missing ones are made, the adapter is kept
+    assert again.code == 0 and again.out == ("pulled tiny (base, tiny, random weights) and tiny-sd (sd); tiny-canny "
+                                             "already there\n")
+    assert store.get("tiny-canny") == adapter and adapter.made_for["digest"] == store.get("tiny").weights_digest
+    assert "MISSING" not in cli("list").out
 
 
 def _pairs(folder):

@@ -54,26 +54,31 @@ def pull_demo(store: Store, name: str = "demo", replace: bool = False, on_event:
     same = lambda m: m.source.get("type") == "demo" and (  # entries pulled before the digest was recorded: by version
         m.source.get("about_sha256", source["about_sha256"]) == source["about_sha256"]
         and m.source.get("version") == source["version"])
-    if not replace and store.holds([sd_name, name, *names.values()], same):
+    todo = store.claim_group([name, sd_name, *names.values()], same, replace)
+    if not todo:
         tell(on_event, f"{name} is up to date (the demo model: {name}, {sd_name} and {len(names)} adapters)")
         return everything
-    for entry in (name, sd_name, *names.values()):
-        store.claim(entry, replace)
     labels = ["demo"]
     size = about.get("settings", {}).get("size")
     note = "the demo model: toy SD, base and adapters trained on the demo world" + (f" ({size} x {size})" if size else "")
-    store.add_folder(sd_name, "sd", folder / "sd", arch=arch, source=source, labels=labels, notes=note,
-                     replace=replace)
-    base = store.add_folder(name, "base", folder / "base", arch=arch, sd=sd_name, source=source, labels=labels,
-                            notes=note, extra={"conditions": list(names)}, replace=replace)
+    meta = dict(arch=arch, source=source, labels=labels, replace=replace)
+    if sd_name in todo:
+        store.add_folder(sd_name, "sd", folder / "sd", notes=note, **meta)
+    if name in todo:
+        store.add_folder(name, "base", folder / "base", sd=sd_name, notes=note, extra={"conditions": list(names)},
+                         **meta)
+    made_for = {"base": name, "base_digest": store.get(name).weights_digest}
     for condition, entry in names.items():
-        info = about["adapters"][condition]
-        store.add(entry, "adapter", {"adapter.safetensors": folder / "adapters" / f"{condition}.safetensors"},
-                  arch=arch, condition=condition, rank=info["rank"], source=source, labels=labels,
-                  notes=f"{info['how']} ({note})", extra={"base": name, "base_digest": base.weights_digest},
-                  replace=replace)
-    tell(on_event, f"pulled {name} (base, the demo model), {sd_name} (sd) and adapters "
-                   f"{', '.join(names.values())}; offline, from the package")
+        if entry in todo:
+            info = about["adapters"][condition]
+            store.add(entry, "adapter", {"adapter.safetensors": folder / "adapters" / f"{condition}.safetensors"},
+                      condition=condition, rank=info["rank"], notes=f"{info['how']} ({note})", extra=made_for, **meta)
+    kept = len(names) + 2 - len(todo)
+    if kept:
+        tell(on_event, f"pulled {', '.join(todo)} of the demo model ({kept} already there); offline, from the package")
+    else:
+        tell(on_event, f"pulled {name} (base, the demo model), {sd_name} (sd) and adapters "
+                       f"{', '.join(names.values())}; offline, from the package")
     return everything
 
 

@@ -241,14 +241,21 @@ class Store:
         raise NameTaken(f"{name!r} is already in the store ({manifest.kind} from {sources.short(manifest.source)}); "
                         f"use another {flag}, or --force to replace it")
 
-    def holds(self, names, same) -> bool:
-        """Every one of ``names`` is in the store, intact, and ``same(manifest)``: a pull that makes
-        several entries at once (tiny, demo) has nothing to do."""
-        names = list(names)
-        if not all(self.exists(name) for name in names):
-            return False
-        manifests = [self.get(name) for name in names]
-        return all(same(m) and self.intact(m) for m in manifests)
+    def claim_group(self, names, same, force: bool = False) -> list[str]:
+        """``claim`` for a pull that makes several entries at once (tiny, demo): the names to
+        write. With ``force``, all of them; otherwise those the store lacks, or holds damaged, from
+        this source (``same(manifest)``); entries of this source that are intact are kept. A name
+        that holds anything else is refused before any is written."""
+        todo = []
+        for name in names:
+            manifest = self.get(name) if self.exists(name) else None
+            if manifest is not None and not force:
+                if not same(manifest):
+                    self.claim(name, force)  # refused
+                if self.intact(manifest):
+                    continue
+            todo.append(name)
+        return todo
 
     def not_in_store(self, name: str, hint: str | None = None) -> NotInStore:
         """The error for a name the store does not hold, the same from every command: the pull
