@@ -171,7 +171,7 @@ def test_cli_refuses_bad_requests_before_any_work(tiny_store, tmp_path):
         ([], 2, "missing --name"),
         (["--name", "x", "--precision", "fp8"], 2, "Invalid value for '--precision'"),
         (["--name", "Bad/Name"], 2, "invalid name"),
-        (["--name", "x", "--base", "nope"], 1, "'nope' is not in the store"),
+        (["--name", "x", "--base", "nope"], 2, "'nope' is not in the store"),
     ]:
         result = run_cli("fit", str(data), "--base", "tiny", *args, env=env)
         assert result.returncode == code, result.stderr
