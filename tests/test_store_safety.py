@@ -222,6 +222,7 @@ def test_a_train_base_run_goes_with_the_last_entry_made_in_it(tiny_store, tmp_pa
 
 # -- 3. views wherever the store is ---------------------------------------------------------------
 
+@pytest.mark.slow  # a real gen in a subprocess: about 20 s on 2 cores
 def test_views_work_with_a_relative_home_after_mv_and_cp(tiny_store_template, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(tiny_store_template, work / "home", ignore=shutil.ignore_patterns("views", ".lock"))
