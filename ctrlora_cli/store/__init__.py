@@ -1,7 +1,9 @@
 """The model store as a library: entries (manifests over content-addressed blobs), names, the
 catalog, hub downloads, pulls and imports, and resolving names for the commands that use models.
 
-    store       the Store: blobs, manifests written last, views, locks, scratch, removal, gc
+    store       the Store: blobs, manifests written last, the rule for taken names (claim), views
+                that survive moving the store, links between entries (made for, paired with),
+                run folders, locks, scratch, removal, gc
     names       entry names (the rule, names made from files) and the kinds of entry
     sources     where an entry came from, in words; the command that fetches it (again)
     catalog     what ``ctrlora pull NAME`` fetches (shipped catalog.json + CTRLORA_CATALOG)
@@ -12,7 +14,8 @@ catalog, hub downloads, pulls and imports, and resolving names for the commands 
     tiny        the random tiny model, made offline
     demo        the demo model shipped in the package: into the store, and exported from one
     parameters  parameter counts of an entry from its safetensors headers
-    resolve     from store names to the folders and files the engine loads
+    resolve     from store names to the folders and files the engine loads; the base an
+                adapter was made for, and the base a command uses
     events      what the library reports (byte progress, messages) for the face to render
 
 May import: ``engine``, ``ctrlora_cli.envconfig`` and each other; never Typer, Rich or the
