@@ -35,7 +35,8 @@ def demo_dir() -> Path:
 def pull_demo(store: Store, name: str = "demo", replace: bool = False, on_event: Listener | None = None) -> dict:
     """Add ``NAME-sd``, ``NAME`` (base) and ``NAME-<condition>`` adapters from the demo folder;
     returns their names ({"sd", "base", "adapters"}). Names already in the store are refused
-    unless ``replace`` (``Store.claim``); a group already pulled from this demo is left as it is."""
+    unless ``replace`` (``Store.claim_group``); entries already pulled from this demo are kept,
+    and only the missing or damaged ones are added (``replace``: all of them)."""
     folder = demo_dir()
     about_file = folder / ABOUT
     if not about_file.is_file():
@@ -61,7 +62,8 @@ def pull_demo(store: Store, name: str = "demo", replace: bool = False, on_event:
     labels = ["demo"]
     size = about.get("settings", {}).get("size")
     note = "the demo model: toy SD, base and adapters trained on the demo world" + (f" ({size} x {size})" if size else "")
-    meta = dict(arch=arch, source=source, labels=labels, replace=replace)
+    # replace=True: what is written is rewritten whole, a damaged blob of the same digest too.
+    meta = dict(arch=arch, source=source, labels=labels, replace=True)
     if sd_name in todo:
         store.add_folder(sd_name, "sd", folder / "sd", notes=note, **meta)
     if name in todo:

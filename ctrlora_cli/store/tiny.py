@@ -32,7 +32,8 @@ def pull_tiny(store: Store, name: str = "tiny", *, preset: str = "tiny", replace
         return
     labels = ["random-weights"]
     note = "randomly initialised: for trying commands offline, not for real images"
-    meta = dict(source=source, labels=labels, notes=note, replace=replace)
+    # replace=True: what is written is rewritten whole, a damaged blob of the same digest too.
+    meta = dict(source=source, labels=labels, notes=note, replace=True)
     with store.new_scratch() as tmp:
         config = make_random_model(preset, f"{tmp}/sd", f"{tmp}/base/controlnet")
         arch = arch_id(config)
