@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,9 +37,9 @@ def _human(n: int) -> str:
     return decimal(n)
 
 
-def _at_a_terminal(args: list[str], env: dict, answer: str, timeout: float = 120) -> tuple[int, str]:
+def _at_a_terminal(args: list[str], env: dict, answer: str | None, timeout: float = 120) -> tuple[int, str]:
     """``ctrlora ARGS`` in a subprocess whose stdin and stdout are a pseudo-terminal; ``answer``
-    is typed once the question shows. Returns (exit code, everything it wrote)."""
+    is typed once the question shows (None: Ctrl-C instead). Returns (exit code, everything it wrote)."""
     master, slave = pty.openpty()
     full = dict(os.environ, **env, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 COLUMNS="200", TERM="dumb")
@@ -56,7 +57,10 @@ def _at_a_terminal(args: list[str], env: dict, answer: str, timeout: float = 120
                 break
             seen += chunk
             if not answered and b"[y/N]" in seen:
-                os.write(master, answer.encode() + b"\n")
+                if answer is None:
+                    proc.send_signal(signal.SIGINT)
+                else:
+                    os.write(master, answer.encode() + b"\n")
                 answered = True
         return proc.wait(timeout=timeout), seen.decode(errors="replace").replace("\r", "")
     finally:
@@ -158,6 +162,8 @@ def test_rm_of_a_base_names_what_was_made_for_it(tiny_store):
     assert code == 1 and "adapter tiny-canny was made for tiny" in said
     assert "Remove tiny (base, 14.3 MB), leaving tiny-canny pointing to nothing? [y/N]" in said
     assert "nothing removed" in said and store.exists("tiny")
+    code, said = _at_a_terminal(["rm", "tiny"], env, None)  # Ctrl-C at the question
+    assert code == 130 and "Aborted" not in said and store.exists("tiny")
 
     removed = cli("rm", "-y", "tiny", "tiny-sd")
     assert removed.code == 0 and removed.out.startswith("removed tiny, tiny-sd; freed")
