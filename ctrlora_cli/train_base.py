@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import ask, err, interactive, out
+from ctrlora_cli.console import ask, interactive, out
 from ctrlora_cli.options import JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, print_json, retold
 from engine.errors import UsageError
 from engine.training.settings import TrainBaseSettings
@@ -71,15 +71,8 @@ def train_base(
     settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                                  rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
                                  save_every=save_every, resume=resume, resolution=resolution, seed=seed).checked()
-    slurm = launcher.topology_from_slurm()
-    topo = launcher.Topology(
-        nodes=nodes or (slurm.nodes if slurm else 1),
-        nproc_per_node=nproc_per_node or (slurm.nproc_per_node if slurm else 1),
-        node_rank=node_rank if node_rank is not None else (slurm.node_rank if slurm else 0),
-        rdzv_endpoint=rdzv_endpoint or (slurm.rdzv_endpoint if slurm else None),
-        rdzv_id=rdzv_id or (slurm.rdzv_id if slurm else f"ctrlora-{out_name}"),
-        rdzv_timeout=rdzv_timeout,
-    ).check()
+    topo = launcher.choose_topology(nodes, nproc_per_node, node_rank, rdzv_endpoint, rdzv_id, rdzv_timeout,
+                                    default_id=f"ctrlora-{out_name}")
 
     sd_name, init_base = resolve_init(store, init, sd)
     run = Path(run_dir) if run_dir else store.root / "runs" / "train-base" / out_name
@@ -120,29 +113,34 @@ def _absolute_data(item: str) -> str:
 
 
 def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool) -> int:
-    """Run torchrun, following rank 0's metrics to draw total and per-rank throughput."""
+    """Run torchrun; rank 0's metrics lines become progress events (total and per-rank throughput)."""
     process = subprocess.Popen(command)
     if not show:
         return process.wait()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ctrlora_cli.progress import progress_bars
+    from engine.progress import Progress
 
     seen = 0
-    with Progress(TextColumn("[bold]train-base"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[detail]}"), console=err) as bars:
-        task = bars.add_task("train", total=steps, detail="starting")
+    with progress_bars(True, describe=_describe) as callback:
+        callback(Progress("train-base", 0, steps))
         while process.poll() is None:
             time.sleep(0.5)
             if not metrics.is_file():
                 continue
-            lines = metrics.read_text().splitlines()
-            for line in lines[seen:]:
+            for line in metrics.read_text().splitlines()[seen:]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a line being written
-                per_rank = " ".join(f"{r:.1f}" for r in record["per_rank_samples_per_s"])
-                bars.update(task, completed=record["step"],
-                            detail=f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} samples/s  "
-                                   f"(ranks: {per_rank})  {', '.join(record['conditions'])}")
+                callback(Progress("train-base", record["step"], steps, record))
                 seen += 1
     return process.returncode
+
+
+def _describe(event) -> str:
+    record = event.info
+    if not record:
+        return "starting"
+    per_rank = " ".join(f"{r:.1f}" for r in record["per_rank_samples_per_s"])
+    return (f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} samples/s  (ranks: {per_rank})  "
+            f"{', '.join(record['conditions'])}")

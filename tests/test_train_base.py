@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO, run_cli
-from engine.training.launcher import Topology, expand_nodelist, read_worker_args, topology_from_slurm, worker_args
+from engine.training.launcher import (Topology, choose_topology, expand_nodelist, read_worker_args, topology_from_slurm,
+                                     worker_args)
 from engine.training.settings import FitConfig, TrainBaseSettings
 from engine.training.worker import condition_at, sample_indices
 
@@ -93,10 +94,15 @@ def test_several_nodes_need_an_endpoint(tiny_store, tmp_path):
 
 def test_slurm_environment():
     assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
-    topo = topology_from_slurm({"SLURM_JOB_ID": "42", "SLURM_NNODES": "3", "SLURM_NODEID": "1",
-                                "SLURM_JOB_NODELIST": "n[8-10]", "SLURM_GPUS_ON_NODE": "4"})
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "3", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[8-10]",
+             "SLURM_GPUS_ON_NODE": "4"}
+    topo = topology_from_slurm(slurm)
     assert topo == Topology(nodes=3, nproc_per_node=4, node_rank=1, rdzv_endpoint="n8:29500", rdzv_id="slurm-42")
     assert topology_from_slurm({}) is None
+    # The command's options win over SLURM's; outside SLURM the defaults are one process, one node.
+    assert choose_topology(None, None, None, None, None, None, "ctrlora-x", env=slurm) == topo
+    assert choose_topology(None, 2, None, None, "mine", None, "ctrlora-x", env=slurm).nproc_per_node == 2
+    assert choose_topology(None, None, None, None, None, None, "ctrlora-x", env={}) == Topology(rdzv_id="ctrlora-x")
 
 
 def test_schedule_visits_every_condition_and_positions_do_not_repeat():

@@ -148,6 +148,22 @@ def read_worker_args(argv: list[str] | None = None, description: str | None = No
 
 # -- SLURM ---------------------------------------------------------------------------------------
 
+def choose_topology(nodes: int | None, nproc_per_node: int | None, node_rank: int | None, rdzv_endpoint: str | None,
+                    rdzv_id: str | None, rdzv_timeout: int | None, default_id: str,
+                    env: dict[str, str] | None = None) -> Topology:
+    """Each part as the user gave it (None: not given), else SLURM's, else one process on one
+    node (rendezvous id ``default_id``); checked."""
+    slurm = topology_from_slurm(env)
+    return Topology(
+        nodes=nodes or (slurm.nodes if slurm else 1),
+        nproc_per_node=nproc_per_node or (slurm.nproc_per_node if slurm else 1),
+        node_rank=node_rank if node_rank is not None else (slurm.node_rank if slurm else 0),
+        rdzv_endpoint=rdzv_endpoint or (slurm.rdzv_endpoint if slurm else None),
+        rdzv_id=rdzv_id or (slurm.rdzv_id if slurm else default_id),
+        rdzv_timeout=rdzv_timeout,
+    ).check()
+
+
 def topology_from_slurm(env: dict[str, str] | None = None, port: int = DEFAULT_PORT) -> Topology | None:
     """Nodes, this node's rank, GPUs per node and the meeting point from SLURM's variables, or
     None outside a SLURM allocation."""
