@@ -170,6 +170,9 @@ def test_cli_refuses_bad_requests_before_any_work(tiny_store, tmp_path):
         (["--name", "tiny"], 2, "'tiny' is already in the store"),
         ([], 2, "missing --name"),
         (["--name", "x", "--precision", "fp8"], 2, "Invalid value for '--precision'"),
+        (["--name", "x", "--precision", "fp16"], 2, "--precision: fp16 is not supported here; choose one of fp32, bf16"),
+        (["--name", "x", "--grad-accum", "0"], 2, "--grad-accum: must be at least 1, not 0"),
+        (["--name", "x", "--resolution", "60"], 2, "--resolution: must be a multiple of 8, not 60"),
         (["--name", "Bad/Name"], 2, "invalid name"),
         (["--name", "x", "--base", "nope"], 1, "'nope' is not in the store"),
     ]:

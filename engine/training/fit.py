@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch
 from engine.models import adapters
 from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, encode_prompts, load_image
 from engine.training.objective import controlled_eps, diffusion_loss
+from engine.training.settings import FitConfig  # its defaults and ranges; imported from here too
 from engine.errors import UsageError
 from engine.files import atomic_path
 from engine.progress import ProgressCallback, report
@@ -38,45 +39,6 @@ ADAPTER = "new"  # the adapter's name inside the model (store names may hold '.'
 CHECKPOINT_FORMAT = 1
 # Settings that must not change when a run is resumed (steps, validation and saving may).
 RESUME_FIXED = ("rank", "batch", "grad_accum", "lr", "resolution", "precision", "drop_prompt", "seed")
-
-
-@dataclass
-class FitConfig:
-    condition: str = "new"
-    rank: int = adapters.DEFAULT_RANK
-    steps: int = 1000
-    batch: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-5
-    resolution: int = 512
-    precision: str | None = None  # "bf16" | "fp32"; None: bf16 on CUDA, fp32 elsewhere
-    grad_checkpointing: bool = False
-    drop_prompt: float = 0.3
-    val_every: int = 0
-    val_prompts: list[str] = field(default_factory=list)
-    val_conds: list[str] = field(default_factory=list)
-    val_steps: int = 20
-    val_guidance: float = 7.5
-    save_every: int = 100
-    seed: int = 0
-    workers: int = 4
-    device: str | None = None
-
-    def resolved(self) -> "FitConfig":
-        """A copy with device and precision decided."""
-        from engine.runtime import resolve_device, resolve_precision
-
-        dev = resolve_device(self.device)
-        device = str(dev)
-        precision = resolve_precision(self.precision, dev, training=True, allowed=("fp32", "bf16"))
-        for name in ("steps", "batch", "grad_accum", "rank", "resolution"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.resolution % 8:
-            raise UsageError(f"--resolution must be a multiple of 8, not {self.resolution}")
-        if not 0 <= self.drop_prompt <= 1:
-            raise UsageError("--drop-prompt must be between 0 and 1")
-        return FitConfig(**{**asdict(self), "device": device, "precision": precision})
 
 
 @dataclass

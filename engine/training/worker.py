@@ -2,6 +2,9 @@
 
     python -m torch.distributed.run ... -m engine.training.worker --sd SD --data canny=DIR ... --out RUN
 
+Its arguments are the fields of ``engine.training.settings.TrainBaseSettings`` (defaults and
+ranges there; ``python -m engine.training.worker --help`` lists them).
+
 The reference schedule: every micro-batch holds ONE condition and switches that condition's
 adapter in; all ranks draw the same condition at each micro-step from a seeded schedule (each
 round of micro-steps visits every condition once, in random order). The base and every
@@ -22,7 +25,6 @@ the CLI to render.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,39 +37,10 @@ import torch
 import torch.distributed as dist
 
 from engine.models import adapters
+from engine.training.launcher import CHECKPOINT, METRICS, RENDEZVOUS_MARKER, RESULT, read_worker_args
 from engine.training.objective import diffusion_loss
+from engine.training.settings import TrainBaseSettings
 from engine.files import atomic_path
-
-RENDEZVOUS_MARKER = "rendezvous.json"
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RESULT = "result"
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="engine.training.worker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sd", required=True, help="SD folder (diffusers layout): frozen UNet, VAE, text encoder")
-    p.add_argument("--init-base", help="an existing Base ControlNet folder to continue (default: copy the UNet)")
-    p.add_argument("--data", action="append", default=[], metavar="COND=DIR", help="a condition's fit-layout folder")
-    p.add_argument("--shards", action="append", default=[], metavar="GLOB", help="WebDataset-style tar shards")
-    p.add_argument("--conditions", help="comma-separated subset/order of conditions")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, result")
-    p.add_argument("--cache", help="latent cache folder (default: <out>/cache)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=1, help="per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--rank", type=int, default=128, help="LoRA rank of each condition")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--drop-prompt", type=float, default=0.3)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate preemption
-    return p.parse_args(argv)
 
 
 # -- the schedule and the data positions -------------------------------------------------------
@@ -158,7 +131,7 @@ def _save_atomic(obj, path: Path) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = read_worker_args(argv, description=__doc__.split("\n\n")[0])
     out = Path(args.out)
     cuda = torch.cuda.is_available()
     dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -176,7 +149,7 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
 
 
-def _train(args, out: Path, rank: int, world: int, device: torch.device) -> None:
+def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> None:
     from engine.models.storage import load_base, load_sd, save_base
     from engine.training.shards import load_condition_data
 
