@@ -44,7 +44,7 @@ def recipe_of(request, models, precision: str, device) -> dict:
 
 def write_outputs(targets: list[Path], result, recipe: dict, cond_images, grid: bool) -> tuple[list[str], str | None]:
     """Each image with its recipe (its own seed), and the grid; atomically, file by file."""
-    from engine.generation.png_recipe import grid as make_grid
+    from engine.images import image_grid as make_grid
     from engine.generation.png_recipe import save_png
 
     written, grid_path = [], None

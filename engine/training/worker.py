@@ -40,7 +40,8 @@ from engine.models import adapters
 from engine.training.launcher import CHECKPOINT, METRICS, RENDEZVOUS_MARKER, RESULT, read_worker_args
 from engine.training.objective import diffusion_loss
 from engine.training.settings import TrainBaseSettings
-from engine.files import atomic_path
+from engine.files import atomic_path, write_json
+from engine.models.state import weights_digest
 
 
 # -- the schedule and the data positions -------------------------------------------------------
@@ -110,19 +111,6 @@ def broadcast_from_rank0(tensors: list[torch.Tensor], world: int) -> None:
         offset += t.numel()
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-
-
 def _save_atomic(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -142,7 +130,7 @@ def main(argv=None) -> None:
         torch.cuda.set_device(device)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        _write_json_atomic(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
+        write_json(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
     try:
         _train(args, out, rank, world, device)
     finally:
@@ -261,8 +249,8 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
 
     # Evidence for tests and logs: each rank's schedule and weights.
     (out / "ranks").mkdir(exist_ok=True)
-    _write_json_atomic(out / "ranks" / f"rank{rank}.json",
-                       {"drawn": drawn, "weights": weights_digest(controlnet), "start_step": step - len(drawn) // args.grad_accum})
+    write_json(out / "ranks" / f"rank{rank}.json", {"drawn": drawn, "weights": weights_digest(controlnet),
+                                                    "start_step": step - len(drawn) // args.grad_accum})
     if step >= args.steps:
         eval_end = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
         if rank == 0:
@@ -315,9 +303,9 @@ def _write_result(controlnet, conditions, args, out: Path, save_base, eval_start
                           adapters.adapter_state_dict(controlnet, condition), rank=args.rank, alpha=args.rank,
                           base_arch=arch, condition=condition,
                           provenance={"source": "train-base", "steps": args.steps, "seed": args.seed})
-    _write_json_atomic(tmp / "summary.json", {"conditions": conditions, "steps": args.steps, "arch": arch,
-                                              "eval_loss_start": eval_start, "eval_loss_end": eval_end,
-                                              "base_zero_convs_from": conditions[0]})
+    write_json(tmp / "summary.json", {"conditions": conditions, "steps": args.steps, "arch": arch,
+                                      "eval_loss_start": eval_start, "eval_loss_end": eval_end,
+                                      "base_zero_convs_from": conditions[0]})
     shutil.rmtree(result, ignore_errors=True)
     os.replace(tmp, result)
 
