@@ -74,7 +74,7 @@ def main() -> None:
     except click.ClickException as exc:  # a file option that cannot be opened, and the like
         _error(_one_line(exc.format_message()))
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

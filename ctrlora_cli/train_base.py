@@ -56,10 +56,12 @@ def train_base(
     as_json: JsonOpt = False,
 ) -> None:
     """Pretrain a Base ControlNet and one adapter per condition (torchrun, DDP; gloo on CPU, NCCL on GPU)."""
+    from dataclasses import replace
+
     from ctrlora_cli.store.names import validate_name
     from ctrlora_cli.store.store import Store
-    from engine.training.launcher import Topology, all_node_commands, topology_from_slurm, worker_command
     from ctrlora_cli.training_store import add_trained_base, resolve_init
+    from engine.training import launcher
 
     store = Store()
     out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME")
