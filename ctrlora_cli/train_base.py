@@ -63,15 +63,16 @@ def train_base(
     from ctrlora_cli.training_store import add_trained_base, resolve_init
     from engine.training import launcher
 
+    # Ranges first: nobody should answer a question only to have --lr refused after it.
+    settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
+                                 rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
+                                 save_every=save_every, resume=resume, resolution=resolution, seed=seed).checked()
     store = Store()
     out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME")
     validate_name(out_name)
     init = init or ask("SD model or base to start from (store name)", "missing --init; pass --init NAME")
     if not data and not shards:
         raise UsageError("no training data: give condition folders (COND=DIR) and/or --shards GLOB")
-    settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
-                                 rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
-                                 save_every=save_every, resume=resume, resolution=resolution, seed=seed).checked()
     topo = launcher.choose_topology(nodes, nproc_per_node, node_rank, rdzv_endpoint, rdzv_id, rdzv_timeout,
                                     default_id=f"ctrlora-{out_name}")
 
