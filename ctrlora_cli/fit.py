@@ -63,7 +63,7 @@ def fit(
     from ctrlora_cli.store.resolve import base_folders, default_base
     from ctrlora_cli.store.names import validate_name
     from ctrlora_cli.store.store import Store
-    from ctrlora_cli.training_store import add_fitted_adapter, weights_digest
+    from ctrlora_cli.store.results import add_fitted_adapter, weights_digest
     from engine.errors import UsageError
 
     store = Store()

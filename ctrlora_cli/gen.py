@@ -62,7 +62,7 @@ def gen(
                             seed, width, height, batch, out_path)
 
     from ctrlora_cli.gen_conditions import prepare
-    from ctrlora_cli.gen_models import find_models
+    from ctrlora_cli.store.lookup import find_models
     from ctrlora_cli.store.resolve import load_pipeline
     from ctrlora_cli.store.store import Store
 

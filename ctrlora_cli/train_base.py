@@ -60,7 +60,7 @@ def train_base(
 
     from ctrlora_cli.store.names import validate_name
     from ctrlora_cli.store.store import Store
-    from ctrlora_cli.training_store import add_trained_base, resolve_init
+    from ctrlora_cli.store.results import add_trained_base, resolve_init
     from engine.training import launcher
 
     # Ranges first: nobody should answer a question only to have --lr refused after it.

@@ -112,7 +112,7 @@ def train_sd(
     settings = _settings(size=size, count=count, vae_steps=vae_steps, unet_steps=unet_steps, batch=batch,
                          vae_batch=vae_batch, prediction=prediction, seed=seed)
     from ctrlora_cli.progress import progress_bars
-    from ctrlora_cli.training_store import add_toy_sd
+    from ctrlora_cli.store.results import add_toy_sd
 
     with progress_bars(enabled=None if not as_json else False, describe=_describe) as callback:
         summary = add_toy_sd(store, name, settings, out_dir, callback)

@@ -1,18 +1,20 @@
 """The models ``ctrlora gen`` uses, found in the store: the base, its SD and each condition's
 adapter; for ``--from``, the very entries that made the image, found by digest wherever they are
-now. (Store logic beside ``ctrlora_cli.store.resolve``, which holds the lookups by name.)"""
+now. (Beside ``ctrlora_cli.store.resolve``, which holds the lookups by name.)
+
+A condition here is anything with ``name`` (an adapter: store name or file) and ``digest`` (the
+adapter's file digest from a recipe, or None), like ``ctrlora_cli.gen_conditions.CondSpec``."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ctrlora_cli.gen_conditions import CondSpec
 from ctrlora_cli.store.resolve import adapter_file, base_folders, default_base
 from ctrlora_cli.store.store import Manifest, NotInStore, Store
 from engine.errors import UsageError
+from engine.files import sha256_bytes
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -26,7 +28,7 @@ class Models:
     made_with: dict  # the recipe's {"base": {"name", "digest"}, "sd": {"name", "digest"}}
 
 
-def find_models(store: Store, specs: list[CondSpec], base: str | None, sd: str | None, recipe: dict,
+def find_models(store: Store, specs: list, base: str | None, sd: str | None, recipe: dict,
                 warn: Callable[[str], None]) -> Models:
     """The models for ``specs``; ``recipe`` ({} unless ``--from``) names the ones that made the
     image. A model that differs from the recipe's is used with a ``warn``ing; a missing one is
@@ -66,7 +68,7 @@ def _find(store: Store, kind: str, wanted: dict, warn) -> str | None:
     return None
 
 
-def _adapter(store: Store, spec: CondSpec, base: Manifest, warn) -> tuple[Path, dict, str]:
+def _adapter(store: Store, spec, base: Manifest, warn) -> tuple[Path, dict, str]:
     """(file, metadata, digest) of a condition's adapter, checked against the base."""
     from engine.files import sha256_file
 
@@ -104,4 +106,4 @@ def _exists(store: Store, name: str) -> bool:
 def entry_digest(manifest: Manifest) -> str:
     """One digest for a whole store entry (its files' paths and digests)."""
     lines = "\n".join(f"{f.path} {f.digest}" for f in sorted(manifest.files, key=lambda f: f.path))
-    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+    return sha256_bytes(lines.encode())

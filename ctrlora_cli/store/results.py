@@ -1,6 +1,5 @@
 """What ``fit``, ``train-base`` and ``world train-sd`` take from the store and put into it: the
-model a run starts from, and its results as store entries. (Store logic beside
-``ctrlora_cli.store.resolve``.)"""
+model a run starts from, and its results as store entries."""
 
 from __future__ import annotations
 
