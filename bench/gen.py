@@ -205,7 +205,7 @@ def _diffusers(sd, images, cache, n, device, dtype, prompt):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from diffusers.models.controlnets import MultiControlNetModel
 
-    from engine.generation.sampling import encode_text
+    from engine.models.encoders import encode_text
 
     nets = [ControlNetModel.from_pretrained(cache / "controlnet", torch_dtype=dtype).to(device).eval()
             for _ in range(n)]

@@ -30,14 +30,15 @@ def make_data(folder: Path, conditions=("edges", "mask"), count=8, size=64) -> l
 
 
 def run(nproc: int, args, sd: str, data: list[str], out: Path) -> dict:
+    from engine.training.launcher import METRICS, Topology, worker_command
+    from engine.training.settings import TrainBaseSettings
+
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-               str(nproc), "-m", "engine.training.worker", "--sd", sd, "--out", str(out), "--steps", str(args.steps),
-               "--rank", str(args.rank), "--resolution", str(args.resolution), "--cache", str(out.parent / "cache")]
-    for spec in data:
-        command += ["--data", spec]
+    settings = TrainBaseSettings(sd=sd, out=str(out), data=tuple(data), steps=args.steps, rank=args.rank,
+                                 resolution=args.resolution, cache=str(out.parent / "cache")).checked()
+    command = worker_command(Topology(nproc_per_node=nproc), settings)  # what ctrlora train-base runs on one node
     subprocess.run(command, check=True, env=env, capture_output=True)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     steady = records[2:] or records  # the first steps warm up
     per_process = sum(sum(r["per_rank_samples_per_s"]) / len(r["per_rank_samples_per_s"]) for r in steady) / len(steady)
     return {"processes": nproc, "samples_per_s_per_process": per_process, "samples_per_s": per_process * nproc}

@@ -42,20 +42,51 @@ for _module in COMMAND_MODULES:
     importlib.import_module(f"ctrlora_cli.{_module}").register(app)
 
 
+def _click_exceptions():
+    try:  # Typer >= 0.2x carries its own copy of click
+        from typer._click import exceptions
+    except ImportError:  # older Typer runs on click itself
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
     from engine.errors import CtrloraError, SettingError
 
+    click = _click_exceptions()
+
     try:
-        app(prog_name="ctrlora")
+        # standalone_mode=False: click hands usage errors to us instead of drawing its box, so
+        # every bad input reads the same: one line, exit 2.
+        code = app(prog_name="ctrlora", standalone_mode=False)
     except CtrloraError as exc:
-        from rich.markup import escape
-
-        from ctrlora_cli.console import err
-
         # The engine names its setting (grad_accum); the user typed a flag (--grad-accum).
         message = f"--{exc.setting.replace('_', '-')}: {exc}" if isinstance(exc, SettingError) else str(exc)
-        err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        _error(message)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except click.NoArgsIsHelpError as exc:  # bare "ctrlora" or a group without its command: the help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "ctrlora"
+        _error(f"{_one_line(exc.format_message())} (see '{command} --help')")
+        sys.exit(2)
+    except click.ClickException as exc:  # a file option that cannot be opened, and the like
+        _error(_one_line(exc.format_message()))
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
+
+def _one_line(message: str) -> str:
+    # Typer words some refusals over several lines ("Value error, ..."); a log keeps one.
+    return " ".join(message.replace("Value error, ", "").split())
+
+
+def _error(message: str) -> None:
+    from rich.markup import escape
+
+    from ctrlora_cli.console import err
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 
 from rich.console import Console
 
@@ -34,27 +33,4 @@ def ask(question: str, refusal: str, *, default=None, type=None, batch: bool = F
 
     if batch or not interactive():
         raise UsageError(refusal)
-    with _ctrl_c_exits_130():
-        return typer.prompt(question, default=default, type=type)
-
-
-def confirm(question: str) -> bool:
-    """A yes/no question at a terminal (no by default)."""
-    import typer
-
-    with _ctrl_c_exits_130():
-        return typer.confirm(question, default=False)
-
-
-@contextmanager
-def _ctrl_c_exits_130():
-    """Ctrl-C at a prompt exits 130 as everywhere else (click turns it into "Aborted!", exit 1)."""
-    import click
-    import typer
-
-    try:
-        yield
-    except (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)) as exc:  # typer 0.2x has its own
-        if isinstance(exc.__context__, KeyboardInterrupt):
-            raise typer.Exit(130) from None
-        raise
+    return typer.prompt(question, default=default, type=type)

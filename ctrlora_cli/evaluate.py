@@ -8,9 +8,13 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import interactive, out
+from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
+from ctrlora_cli.options import print_json, retold
 from engine.errors import UsageError
 
 BARE = "none"  # ADAPTER value for the base alone, with no adapter
+EvalStepsOpt = retold(StepsOpt, "Denoising steps per image.")
+EvalSeedOpt = retold(SeedOpt, "Image i uses seed + i.")
 
 
 def register(app: typer.Typer) -> None:
@@ -22,21 +26,20 @@ def evaluate(
                                   show_default=False),
     data: Path = typer.Argument(..., help="Held-out pairs in the fit layout (e.g. from 'ctrlora world make').",
                                 show_default=False),
-    base: str | None = typer.Option(None, "--base", help="Base ControlNet (default: the adapter's, else the only one, "
-                                                         "else 'base')."),
-    sd: str | None = typer.Option(None, "--sd", help="Stable Diffusion model (default: the base's)."),
+    base: BaseOpt = None,
+    sd: SdOpt = None,
     kind: str | None = typer.Option(None, "--kind", help="Fidelity measure (default: the adapter's condition, else "
                                                          "the data set's, from its world.json)."),
     count: int | None = typer.Option(None, "--count", "-n", help="Evaluate the first N pairs (default: all)."),
-    steps: int = typer.Option(20, "--steps", help="Denoising steps per image."),
+    steps: EvalStepsOpt = 20,
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | unipc | euler-a | dpm++"),
-    seed: int = typer.Option(0, "--seed", help="Image i uses seed + i."),
+    seed: EvalSeedOpt = 0,
     batch: int = typer.Option(16, "--batch", help="Pairs generated together (memory, not the scores)."),
     save: Path | None = typer.Option(None, "--save", help="Also keep the generated images in this folder."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | fp16 | bf16"),
-    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    as_json: JsonOpt = False,
 ) -> None:
     """Score an adapter on held-out pairs: generate from each condition, re-extract, compare."""
     from ctrlora_cli.progress import progress_bars
@@ -48,12 +51,9 @@ def evaluate(
     from engine.demo.evaluate import evaluate as run_eval
     from engine.demo.fidelity import KINDS
 
-    if count is not None and count < 1:
-        raise UsageError(f"--count must be at least 1, not {count}")
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, not {steps}")
-    if batch < 1:
-        raise UsageError(f"--batch must be at least 1, not {batch}")
+    for flag, value in (("--count", count), ("--batch", batch)):  # --steps: its option's own check
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, not {value}")
     store = Store()
     bare = adapter.lower() == BARE
     adapters, condition = [], None
@@ -75,7 +75,7 @@ def evaluate(
         raise UsageError(f"{data}: {describe_problems(pairs.skipped, pairs.folder)}; fix or remove them")
     chosen = pairs.pairs[:count] if count else pairs.pairs
 
-    pipe, names, _, _ = load_pipeline(sd_dir, cn_dir, adapters, device, precision, False)
+    pipe, names, _, _ = load_pipeline(sd_dir, cn_dir, adapters, device, precision.value, False)
     name = None if bare else next(iter(names.values()))
     settings = EvalSettings(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch=batch)
     with progress_bars(show) as callback:
@@ -85,7 +85,7 @@ def evaluate(
     summary = {"adapter": None if bare else adapter, "base": base_manifest.name, "data": str(data),
                "pairs": len(chosen), "steps": steps, "guidance": guidance, "seed": seed, **result.as_dict()}
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        print_json(summary)
         return
     direction = "higher" if result.higher_is_better else "lower"
     others = ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items() if k not in ("count", result.metric))

@@ -37,3 +37,16 @@ def print_json(data: Any) -> None:
     """The one way a command prints JSON: indented, UTF-8 kept, one document on stdout."""
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def retold(alias: Any, help: str, *, optional: bool = False) -> Any:
+    """``alias`` (one of the options above) with a command's own help text, and with ``optional``
+    also None as its value (the command then fills in a default of its own, e.g. from a recipe).
+    The flag and its checks stay the ones declared above."""
+    import copy
+    import typing
+
+    kind, info = typing.get_args(alias)
+    info = copy.copy(info)
+    info.help = help
+    return Annotated[kind | None if optional else kind, info]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from ctrlora_cli.console import ask, out
+from ctrlora_cli.options import JsonOpt, print_json
 from engine.errors import UsageError
 
 
@@ -25,7 +25,7 @@ def prep(
     param: list[str] = typer.Option([], "-p", "--param", metavar="KEY=VALUE",
                                     help="An extractor parameter, e.g. -p low=50 -p high=150; repeatable."),
     list_kinds: bool = typer.Option(False, "--list", help="List the built-in kinds and their parameters."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Make a condition image (edges, masks, mosaic, ...) from a picture, with no network."""
     from engine.demo import extractors
@@ -48,8 +48,8 @@ def prep(
     condition = extractors.extract(name, picture, **params)
     save_image(condition, output)
     if as_json:
-        print(json.dumps({"kind": name, "image": str(image), "output": str(output),
-                          "size": list(condition.size), "params": _jsonable(params)}))
+        print_json({"kind": name, "image": str(image), "output": str(output), "size": list(condition.size),
+                    "params": _jsonable(params)})
     else:
         out.print(f"wrote {output} ({name}, {condition.width}x{condition.height})", highlight=False)
 
@@ -78,7 +78,7 @@ def _list(as_json: bool) -> None:
                               "help": p.help, "min": p.min, "max": p.max, "choices": list(p.choices) or None}
                              for p in spec.params]}
                  for spec in SPECS.values()]
-        print(json.dumps({"kinds": kinds, "needs_annotator": list(NEEDS_ANNOTATOR)}, indent=2))
+        print_json({"kinds": kinds, "needs_annotator": list(NEEDS_ANNOTATOR)})
         return
     from rich.markup import escape
     from rich.table import Table

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from ctrlora_cli.console import confirm, interactive, say, warn
+from ctrlora_cli.console import interactive, say, warn
 from ctrlora_cli.store.store import Store, folder_size
 from ctrlora_cli.tables import human_size
 from engine.errors import UsageError
@@ -38,7 +38,7 @@ def rm(
             say(f"  run folder {run} ({human_size(sizes[run])}) goes too")
         summary = ", ".join(f"{m.name} ({m.kind}, {human_size(m.size)})" for m in manifests)
         question = f"Remove {summary}" + (f", leaving {orphans} pointing to nothing" if orphans else "")
-        if not confirm(question + "?"):
+        if not typer.confirm(question + "?", default=False):
             say("nothing removed")
             raise typer.Exit(1)
     freed = store.remove(names)

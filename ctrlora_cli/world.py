@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from ctrlora_cli.console import ask, out
+from ctrlora_cli.options import JsonOpt, SeedOpt, print_json, retold
 from engine.errors import UsageError
+
+WorldSeedOpt = retold(SeedOpt, "World seed: the same seed draws the same scenes.")
+TrainSdSeedOpt = retold(SeedOpt, "World and training seed.")
 
 world_app = typer.Typer(help="The demo world: drawn scenes of coloured shapes with exact conditions, offline.",
                         no_args_is_help=True)
@@ -26,9 +29,9 @@ def make(
                                               "conditions')."),
     count: int | None = typer.Option(None, "--count", "-n", help="Number of pairs."),
     size: int = typer.Option(64, "--size", help="Image side in pixels (a multiple of 8, 32 to 512)."),
-    seed: int = typer.Option(0, "--seed", help="World seed: the same seed draws the same scenes."),
+    seed: WorldSeedOpt = 0,
     force: bool = typer.Option(False, "--force", help="Replace a data set already in FOLDER."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Write COUNT (condition, scene, caption) pairs in the fit layout: prompt.json, source/, target/."""
     from engine.demo import world
@@ -45,8 +48,8 @@ def make(
         index = world.write_dataset(folder, condition, count, size=size, seed=seed, overwrite=force,
                                     progress=callback)
     if as_json:
-        print(json.dumps({"folder": str(folder), "prompt_file": str(index), "condition": condition, "count": count,
-                          "size": size, "seed": seed, "base": condition in world.BASE_CONDITIONS}))
+        print_json({"folder": str(folder), "prompt_file": str(index), "condition": condition, "count": count,
+                    "size": size, "seed": seed, "base": condition in world.BASE_CONDITIONS})
     else:
         which = "base" if condition in world.BASE_CONDITIONS else "held-out"
         out.print(f"wrote {count} {condition} pairs ({which} condition, {size}x{size}, seed {seed}) to {folder}",
@@ -54,13 +57,13 @@ def make(
 
 
 @world_app.command("conditions")
-def conditions(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+def conditions(as_json: JsonOpt = False) -> None:
     """List the world's conditions: the base set (for the Base ControlNet) and the held-out set."""
     from engine.demo.world import BASE_CONDITIONS, CONDITION_HELP, CONDITIONS
 
     if as_json:
-        print(json.dumps([{"condition": c, "set": "base" if c in BASE_CONDITIONS else "held-out",
-                           "help": CONDITION_HELP[c]} for c in CONDITIONS], indent=2))
+        print_json([{"condition": c, "set": "base" if c in BASE_CONDITIONS else "held-out",
+                     "help": CONDITION_HELP[c]} for c in CONDITIONS])
         return
     from rich.table import Table
 
@@ -84,10 +87,10 @@ def train_sd(
     vae_batch: int | None = typer.Option(None, "--vae-batch", help="Images per VAE step (default 32)."),
     prediction: str | None = typer.Option(None, "--prediction",
                                           help="What the UNet predicts: v_prediction (default) or epsilon (SD1.5's)."),
-    seed: int = typer.Option(0, "--seed", help="World and training seed."),
+    seed: TrainSdSeedOpt = 0,
     out_dir: Path | None = typer.Option(None, "--out", help="Also keep the SD folder (diffusers layout) here."),
     force: bool = typer.Option(False, "--force", help="Replace an entry NAME already in the store."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Train the demo's toy SD (VAE, text encoder, UNet of the demo preset) on world scenes and add
     it to the store as an sd entry. About 22 minutes on 2 CPU cores with the defaults."""
@@ -106,12 +109,15 @@ def train_sd(
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} is not empty; pick another --out or add --force")
 
-    summary = train_sd_entry(store, name, _settings(size=size, count=count, vae_steps=vae_steps,
-                                                     unet_steps=unet_steps, batch=batch, vae_batch=vae_batch,
-                                                     prediction=prediction, seed=seed),
-                             out_dir=out_dir, show_progress=not as_json)
+    settings = _settings(size=size, count=count, vae_steps=vae_steps, unet_steps=unet_steps, batch=batch,
+                         vae_batch=vae_batch, prediction=prediction, seed=seed)
+    from ctrlora_cli.progress import progress_bars
+    from ctrlora_cli.store.results import add_toy_sd
+
+    with progress_bars(enabled=None if not as_json else False, describe=_describe) as callback:
+        summary = add_toy_sd(store, name, settings, out_dir, callback)
     if as_json:
-        print(json.dumps(summary))
+        print_json(summary)
         return
     out.print(f"added {name} (sd, demo preset, {size}x{size}): VAE mse {summary['vae_mse_last']:.4f} "
               f"(trivial {summary['vae_mse_trivial']:.4f}), UNet loss {_fmt(summary['unet_loss_first'])} -> "
@@ -127,29 +133,6 @@ def _settings(**given):
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def train_sd_entry(store, name: str, settings, out_dir: Path | None = None, show_progress: bool = True) -> dict:
-    """Train the toy SD and add it to ``store`` as sd entry ``name``; returns the training summary
-    (plus ``name`` and ``folder``). The demo recipe calls this from Python."""
-    import tempfile
-
-    from ctrlora_cli.progress import progress_bars
-    from engine.demo.toy_sd import train_toy_sd
-
-    store.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=store.root, prefix=".train-sd-") as tmp:
-        folder = Path(out_dir) if out_dir is not None else Path(tmp) / "sd"
-        with progress_bars(enabled=None if show_progress else False, describe=_describe) as callback:
-            result = train_toy_sd(settings, out=folder, progress=callback)
-        summary = dict(result.summary, name=name)
-        store.add_folder(name, "sd", folder, source={"type": "world", "preset": "demo", "size": settings.size,
-                                                     "count": settings.count, "seed": settings.seed},
-                         labels=["demo"], extra=summary,
-                         notes="toy SD trained on the demo world (ctrlora world train-sd)")
-    if out_dir is not None:
-        summary["folder"] = str(out_dir)
-    return summary
 
 
 def _describe(update) -> str:

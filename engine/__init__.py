@@ -3,7 +3,7 @@
 Rooms by idea, arrows pointing one way (a room imports only the rooms listed before it):
 
 - base modules here: ``errors`` (one-line user errors), ``progress`` (plain progress events),
-  ``files`` (atomic writes, digests), ``images`` (image files and tensors), ``runtime``
+  ``files`` (atomic writes, digests), ``images`` (image files, tensors and grids), ``runtime``
   (device and precision). They import nothing of the engine but each other.
 - ``models``: the Base ControlNet, adapters and routing, presets, SD loading and saving.
 - ``formats``: safe tensor loading, our adapter file, the official and ldm layouts, detection.

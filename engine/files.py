@@ -43,12 +43,12 @@ def _umask() -> int:
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write text or bytes to ``path`` through ``atomic_path``."""
+    """Write text (as UTF-8, whatever the locale) or bytes to ``path`` through ``atomic_path``."""
     with atomic_path(path) as tmp:
         if isinstance(data, bytes):
             tmp.write_bytes(data)
         else:
-            tmp.write_text(data)
+            tmp.write_text(data, encoding="utf-8")
     return Path(path)
 
 

@@ -61,6 +61,29 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """A (3, H, W) tensor in [0, 1] -> a PIL RGB image (each value rounded to the nearest of 256)."""
+    array = (tensor.detach().float().cpu().permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(array)
+
+
+def image_grid(images: list[Image.Image | torch.Tensor], columns: int | None = None, gap: int = 0) -> Image.Image:
+    """The images on a white sheet, row by row, ``columns`` to a row (default: one row). Each cell
+    is the size of the largest image, the image at its top left, followed by ``gap`` white pixels
+    to the right and below. Tensors are (3, H, W) in [0, 1] (``tensor_to_image``).
+
+    Not diffusers' ``make_image_grid``: that one wants a full grid of equal images on black, and
+    ``ctrlora gen --grid`` lays out condition images beside results of any count."""
+    images = [tensor_to_image(i) if isinstance(i, torch.Tensor) else i.convert("RGB") for i in images]
+    columns = columns or len(images)
+    rows = -(-len(images) // columns)
+    w, h = max(i.width for i in images) + gap, max(i.height for i in images) + gap
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for k, image in enumerate(images):
+        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
+    return sheet
+
+
 def resize_center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     """The reference preprocessing: resize the short side, then crop the centre.
     ``size`` is a square side or ``(width, height)``."""

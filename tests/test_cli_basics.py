@@ -18,3 +18,22 @@ def test_unknown_command_is_a_usage_error():
     result = run_cli("frobnicate")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_every_usage_error_is_one_line_naming_the_flag():
+    """Typer's own refusals read like ours: one line on stderr, exit 2, the command's --help named."""
+    cases = [(("frobnicate",), "No such command 'frobnicate'", "'ctrlora --help'"),
+             (("gen", "--steps", "0"), "'--steps'", "'ctrlora gen --help'"),
+             (("eval", "a", "b", "--precision", "fp8"), "'fp8' is not one of", "'ctrlora eval --help'"),
+             (("rm",), "Missing argument", "'ctrlora rm --help'")]
+    for args, what, hint in cases:
+        result = run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (args, result.stderr)
+        assert lines[0].startswith("error: ") and what in lines[0] and hint in lines[0], lines[0]
+
+
+def test_an_engine_setting_is_worded_as_the_flag():
+    """SettingError("grad_accum", ...) from the engine reaches the user as --grad-accum."""
+    result = run_cli("train-base", "x=.", "--out", "x", "--grad-accum", "0", "--print-command")
+    assert result.returncode == 2 and result.stderr.startswith("error: --grad-accum: "), result.stderr

@@ -83,6 +83,19 @@ def test_short_fit_lowers_the_loss_and_leaves_the_base_alone(tiny_store, tmp_pat
 
     grid = Image.open(run / "val" / "step-000012.png")
     assert grid.size == (2 * 64, 2 * 64)  # two conditions x (condition + one prompt)
+    # The validation image is what generation draws with the saved adapter, from the same seeds
+    # (condition latents seed + 1, noise seed + 2): fit samples through the generation pipeline.
+    from engine.generation.pipeline import CtrLoraPipeline
+    from engine.generation.sampling import Condition
+    from engine.training.pairs import load_image
+
+    first = pairs.pairs[0]
+    pipe = CtrLoraPipeline(sd, controlnet, fuse_single=False, prepack=False)
+    drawn = pipe([Condition("fitted", load_image(first.source, 64))], first.prompt, steps=3, guidance=7.5,
+                 seed=2, condition_seed=1).images[0]
+    shown = grid.convert("RGB").crop((64, 0, 128, 64))
+    difference = (torch.tensor(list(shown.getdata())) - torch.tensor(list(drawn.getdata()))).abs().max()
+    assert difference <= 1, difference  # up to rounding: the same model, the same sampler
     assert Image.open(run / "loss.png").size == (800, 400)
     train = [e for e in events if e.task == "train"]
     assert train[-1].completed == 12 and train[-1].total == 12 and train[-1].info["images_s"] > 0
@@ -170,6 +183,9 @@ def test_cli_refuses_bad_requests_before_any_work(tiny_store, tmp_path):
         (["--name", "tiny"], 2, "'tiny' is already in the store"),
         ([], 2, "missing --name"),
         (["--name", "x", "--precision", "fp8"], 2, "Invalid value for '--precision'"),
+        (["--name", "x", "--precision", "fp16"], 2, "--precision: fp16 is not supported here; choose one of fp32, bf16"),
+        (["--name", "x", "--grad-accum", "0"], 2, "--grad-accum: must be at least 1, not 0"),
+        (["--name", "x", "--resolution", "60"], 2, "--resolution: must be a multiple of 8, not 60"),
         (["--name", "Bad/Name"], 2, "invalid name"),
         (["--name", "x", "--base", "nope"], 2, "'nope' is not in the store"),
     ]:

@@ -126,3 +126,16 @@ def test_bad_input_is_one_line_and_exit_2(gen_store, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (folder / "out").exists() or not any((folder / "out").iterdir())
+
+
+@pytest.mark.parametrize("command", [["gen", "--cond", "edge=a.png", "-p", "a cat"], ["eval", "none", "pairs"],
+                                     ["fit", "pairs", "--name", "x"], ["train-base", "pairs", "--out", "x", "--init", "y"]])
+def test_an_unknown_precision_is_refused_alike_before_any_work(command, tmp_path):
+    """One --precision for every command (once a KeyError in eval): refused as a usage error
+    (exit 2) naming the choices, before the store is read (this store is empty)."""
+    result = run_cli(*command, "--precision", "fp8", env={"CTRLORA_HOME": str(tmp_path / "empty"), "COLUMNS": "200"},
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "store" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "Invalid value for '--precision'" in line]
+    assert "'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'" in line

@@ -212,3 +212,45 @@ def test_images_with_their_own_prompts_and_conditions_equal_each_made_alone(pipe
     assert (together[0] - together[1]).abs().max() > 0.1
     with pytest.raises(UsageError, match="one prompt and one condition image per image"):
         pipe([Condition("edge", images, 1.0)], PROMPT, batch=3, steps=1, output_type="latent")
+
+
+def test_without_a_controlnet_it_samples_plain_sd(model):
+    # The demo's toy SD checks itself this way: no ControlNet, so the UNet alone (the reference
+    # with no conditions never touches its ControlNet either).
+    sd, _ = model
+    plain_pipe = CtrLoraPipeline(sd, None)
+    kw = dict(steps=3, seed=5, batch=2, guidance=4.0, output_type="latent")
+    ours = plain_pipe([], PROMPT, NEGATIVE, **kw).latents
+    _, plain, _ = reference_sample(sd, None, [], PROMPT, NEGATIVE, **kw)
+    assert_same(ours, plain)
+    with pytest.raises(UsageError, match="no ControlNet"):
+        plain_pipe([Condition("edge", torch.zeros(3, SIZE, SIZE))], PROMPT, steps=1)
+
+
+def test_borrowed_model_is_used_as_it_trains():
+    # fit's validation: frozen weights in bf16 under autocast beside the adapter's fp32 master
+    # weights, which require grad. The pipeline must leave all of that (and every weight) as it was.
+    sd = build_sd("tiny", seed=1)
+    controlnet = BaseControlNetModel.from_unet(sd.unet)
+    adapters.add_adapter(controlnet, "new", rank=4)
+    params = adapters.adapter_parameters(controlnet, "new")
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.1)  # a non-zero adapter: fusing and unfusing it would round the base weights
+    sd.unet.to(torch.bfloat16)
+    for p in controlnet.parameters():
+        if not any(p is q for q in params.values()):
+            p.data = p.data.to(torch.bfloat16)
+    for p in params.values():
+        p.requires_grad_(True)
+    before = {k: v.clone() for k, v in controlnet.state_dict().items()}
+    dtypes = {k: v.dtype for k, v in before.items()}
+    pipe = CtrLoraPipeline(sd, controlnet, borrow=True)
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = pipe([Condition("new", image)], PROMPT, steps=2, output_type="latent").latents
+    assert torch.isfinite(latents).all()
+    after = controlnet.state_dict()
+    assert {k: v.dtype for k, v in after.items()} == dtypes and sd.unet.dtype == torch.bfloat16
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in params.values())

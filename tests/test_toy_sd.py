@@ -8,9 +8,11 @@ from safetensors.torch import save as safetensors_bytes
 
 from conftest import run_cli
 from engine.demo import toy_sd
+from engine.images import image_grid
 from engine.models.adapters import add_adapter, adapter_state_dict, base_state_dict
 from engine.models.arch import arch_id
 from engine.models.controlnet import BaseControlNetModel
+from engine.models.encoders import encode_text, tokenize
 from engine.models.presets import build_sd, unet_config, vae_config
 from engine.demo.toy_sd import ToySDSettings, WorldImages, render_world
 
@@ -102,7 +104,7 @@ def test_unet_steps_lower_the_noise_prediction_loss(world):
     moments = toy_sd.encode_moments(sd.vae, world.scenes)
     toy_sd.set_scaling_factor(sd.vae, moments)
     latents = toy_sd.sample_latents(moments, torch.Generator().manual_seed(0)) * sd.vae.config.scaling_factor
-    ids = toy_sd.tokenize(sd.tokenizer, world.captions)
+    ids = tokenize(sd.tokenizer, world.captions)
 
     def loss():  # the same noise and timesteps each time
         with torch.no_grad():
@@ -137,12 +139,16 @@ def test_train_toy_sd_saves_a_loadable_sd(tmp_path):
         saved, trained = getattr(sd, name).state_dict(), getattr(result.sd, name).state_dict()
         assert all(torch.equal(saved[k], trained[k]) for k in trained)
     base = BaseControlNetModel.from_unet(sd.unet)
-    text = sd.text_encoder(toy_sd.tokenize(sd.tokenizer, ["a red circle on a blue background"]))[0]
+    text = encode_text(sd.text_encoder, sd.tokenizer, ["a red circle on a blue background"])
     down, mid = base(torch.zeros(1, 4, 8, 8), torch.tensor([500]), text, return_dict=False)
     assert len(down) == 12
-    images = toy_sd.sample(sd, ["a red circle on a blue background", ""], steps=2, seed=0)
+    prompts = ["a red circle on a blue background", ""]
+    images = toy_sd.sample(sd, prompts, steps=2, seed=0)
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
-    assert toy_sd.image_grid(images, columns=2).size == (68, 34)
+    # The generation pipeline's seeding: image k is the same prompt drawn alone from seed + k.
+    alone = toy_sd.sample(sd, prompts[1:], steps=2, seed=1)
+    assert (alone[0] - images[1]).abs().max() < 1e-4
+    assert image_grid(list(images), columns=2, gap=2).size == (68, 34)
 
 
 def test_settings_are_checked():

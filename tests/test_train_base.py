@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -10,7 +11,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO, run_cli
-from engine.training.launcher import Topology, expand_nodelist, topology_from_slurm
+from engine.training.launcher import (Topology, choose_topology, expand_nodelist, read_worker_args, topology_from_slurm,
+                                     worker_args)
+from engine.training.settings import FitConfig, TrainBaseSettings
 from engine.training.worker import condition_at, sample_indices
 
 
@@ -48,6 +51,38 @@ def test_print_command_for_four_nodes(tiny_store, tmp_path):
         assert f"--node-rank {rank} --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id ctrlora-big" in line
         assert " -m engine.training.worker " in line and f"--data {data}" in line
     assert len({line.replace(f"--node-rank {r}", "") for r, line in enumerate(lines)}) == 1  # only the rank differs
+    # The worker reads back what the command meant: the data, the run folder, the defaults.
+    settings = read_worker_args(shlex.split(lines[0].split(" -m engine.training.worker ")[1]))
+    assert settings.data == (str(data),) and settings.out == str(tiny_store.root / "runs" / "train-base" / "big")
+    assert settings.sd == str(tiny_store.folder("tiny-sd")) and settings.init_base.endswith("controlnet")
+    assert (settings.steps, settings.save_every, settings.precision) == (1000, 1000, "auto")
+
+
+def test_worker_arguments_are_the_settings_written_and_read_back():
+    settings = TrainBaseSettings(sd="/sd", out="/run", data=("a=/x", "/y"), shards=("/s/*.tar",), steps=8, lr=3e-3,
+                                 precision="bf16", grad_checkpointing=True, resume=True, drop_prompt=0.0, seed=5)
+    args = worker_args(settings)
+    assert args[:4] == ["--sd", "/sd", "--out", "/run"] and args.count("--data") == 2
+    assert "--batch" not in args  # a default is left to the worker, which has the same one
+    assert read_worker_args(args) == settings
+    # One default for the rank everywhere: the models', fit's and train-base's.
+    from engine.models.adapters import DEFAULT_RANK
+
+    assert TrainBaseSettings().rank == FitConfig().rank == DEFAULT_RANK
+
+
+def test_settings_out_of_range_are_refused_naming_the_flag(tiny_store, tmp_path):
+    data = make_pairs(tmp_path / "edges")
+    for flag, value, message in [("--grad-accum", "0", "--grad-accum: must be at least 1, not 0"),
+                                 ("--resolution", "100", "--resolution: must be a multiple of 8, not 100"),
+                                 ("--save-every", "-1", "--save-every: must be at least 0, not -1")]:
+        result = run_cli("train-base", str(data), "--out", "x", "--init", "tiny", flag, value, "--print-command")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    # The worker started by hand refuses the same way (argparse's usage error, exit 2).
+    worker = subprocess.run([sys.executable, "-m", "engine.training.worker", "--sd", "/sd", "--out", "/run",
+                             "--batch", "0"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert worker.returncode == 2 and "--batch: must be at least 1, not 0" in worker.stderr
 
 
 def test_several_nodes_need_an_endpoint(tiny_store, tmp_path):
@@ -59,10 +94,15 @@ def test_several_nodes_need_an_endpoint(tiny_store, tmp_path):
 
 def test_slurm_environment():
     assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
-    topo = topology_from_slurm({"SLURM_JOB_ID": "42", "SLURM_NNODES": "3", "SLURM_NODEID": "1",
-                                "SLURM_JOB_NODELIST": "n[8-10]", "SLURM_GPUS_ON_NODE": "4"})
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "3", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[8-10]",
+             "SLURM_GPUS_ON_NODE": "4"}
+    topo = topology_from_slurm(slurm)
     assert topo == Topology(nodes=3, nproc_per_node=4, node_rank=1, rdzv_endpoint="n8:29500", rdzv_id="slurm-42")
     assert topology_from_slurm({}) is None
+    # The command's options win over SLURM's; outside SLURM the defaults are one process, one node.
+    assert choose_topology(None, None, None, None, None, None, "ctrlora-x", env=slurm) == topo
+    assert choose_topology(None, 2, None, None, "mine", None, "ctrlora-x", env=slurm).nproc_per_node == 2
+    assert choose_topology(None, None, None, None, None, None, "ctrlora-x", env={}) == Topology(rdzv_id="ctrlora-x")
 
 
 def test_schedule_visits_every_condition_and_positions_do_not_repeat():

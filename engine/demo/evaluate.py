@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine.images import image_to_tensor
+from engine.images import image_to_tensor, save_image
 from engine.training.pairs import Pair
 from engine.demo.fidelity import PRIMARY, aggregate, fidelity
 from engine.progress import ProgressCallback, report
@@ -66,8 +66,7 @@ def evaluate(pipe, adapter: str | None, pairs: list[Pair], kind: str, settings: 
                       scheduler=s.scheduler, seed=s.seed + start, batch=len(chunk))
         for (condition, pair), image in zip(chunk, result.images):
             if save_dir is not None:
-                Path(save_dir).mkdir(parents=True, exist_ok=True)
-                image.save(Path(save_dir) / f"{Path(pair.source).stem}.png")
+                save_image(image, Path(save_dir) / f"{Path(pair.source).stem}.png")
             scores.append(fidelity(kind, image, condition))
             target = Image.open(pair.target).convert("RGB").crop((0, 0, *condition.size))
             ceiling.append(fidelity(kind, target, condition))

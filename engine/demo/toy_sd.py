@@ -17,7 +17,7 @@ seed and thread count):
    probability 0.1 so classifier-free guidance works. Sampling uses an exponential moving
    average of their weights, which is what gets saved.
 
-``sample`` is a small DDIM loop with guidance, to check that the result draws world scenes.
+``sample`` draws with the generation pipeline (no ControlNet), to check that the result draws world scenes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from diffusers.training_utils import EMAModel
 
 from engine.training.objective import PREDICTION_TYPES, add_noise, prediction_target
 from engine.errors import UsageError
+from engine.files import write_atomic
+from engine.models.encoders import tokenize
 from engine.models.presets import SDComponents, build_sd
 from engine.progress import ProgressCallback, report
 
@@ -197,12 +199,6 @@ def trivial_mse(data: WorldImages) -> float:
 # Stage 2: text encoder and UNet
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's length, as the pipelines pad them (engine.generation.sampling)."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor,
                    generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
     """SD's training loss at a uniform random timestep, against the scheduler's prediction type.
@@ -280,39 +276,18 @@ def _recent(history: list[float], window: int = 50) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling (a check, not the product's pipeline: that is ``ctrlora gen``)
+# Sampling (a check that the result draws world scenes)
 
 
-@torch.no_grad()
 def sample(sd: SDComponents, prompts: list[str], steps: int = 25, guidance: float = 4.0, seed: int = 0) -> torch.Tensor:
-    """DDIM (eta 0) with classifier-free guidance; images (B, 3, H, W) in [0, 1]."""
-    from diffusers import DDIMScheduler
+    """Images (B, 3, H, W) in [0, 1], one per prompt, at the UNet's native size: the generation
+    pipeline with no ControlNet (DDIM, eta 0; classifier-free guidance against ""); image k from
+    noise seed ``seed + k``."""
+    from engine.generation.pipeline import CtrLoraPipeline
 
-    scheduler = DDIMScheduler.from_config(sd.scheduler.config)
-    scheduler.set_timesteps(steps)
-    text = sd.text_encoder(tokenize(sd.tokenizer, prompts + [""] * len(prompts)))[0]
-    side = sd.unet.config.sample_size
-    latents = torch.randn((len(prompts), sd.unet.config.in_channels, side, side),
-                          generator=torch.Generator().manual_seed(seed))
-    for t in scheduler.timesteps:
-        cond, uncond = sd.unet(torch.cat([latents, latents]), t, encoder_hidden_states=text).sample.chunk(2)
-        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, eta=0.0).prev_sample
-    images = sd.vae.decode(latents / sd.vae.config.scaling_factor).sample
-    return (images / 2 + 0.5).clamp(0, 1)
-
-
-def image_grid(images: torch.Tensor, columns: int = 8):
-    """(B, 3, H, W) in [0, 1] -> one PIL image, ``columns`` images a row, 2-pixel gaps."""
-    from PIL import Image
-
-    count, _, h, w = images.shape
-    rows = math.ceil(count / columns)
-    canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 255, dtype=np.uint8)
-    arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    for i, array in enumerate(arrays):
-        r, c = divmod(i, columns)
-        canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = array
-    return Image.fromarray(canvas)
+    pipe = CtrLoraPipeline(sd, None, device=sd.unet.device, dtype=sd.unet.dtype)
+    return pipe([], list(prompts), steps=steps, guidance=guidance, seed=seed, batch=len(prompts),
+                output_type="pt").images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,13 +336,11 @@ def train_toy_sd(settings: ToySDSettings | None = None, out: str | Path | None =
 
 def save_toy_sd(sd: SDComponents, out: str | Path, summary: dict) -> Path:
     """The SD folder (diffusers layout) plus ``toy_sd.json`` saying how it was made."""
-    from engine.files import atomic_path
     from engine.models.storage import save_sd
 
     out = Path(out)
     save_sd(sd, out)
-    with atomic_path(out / "toy_sd.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "toy_sd.json", json.dumps(summary, indent=2) + "\n")
     return out
 
 

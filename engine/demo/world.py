@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from engine.errors import UsageError
 from engine.demo.extractors import draw_boxes, extract
-from engine.files import atomic_path
+from engine.files import write_atomic
 from engine.images import save_image
 from engine.progress import ProgressCallback, report
 
@@ -307,11 +307,6 @@ def write_dataset(folder: str | Path, condition: str, count: int, size: int = 64
                 path.unlink()
     about = {"world": 1, "condition": condition, "count": count, "size": size, "seed": seed,
              "base": condition in BASE_CONDITIONS}
-    _write_text(folder / "world.json", json.dumps(about, indent=2) + "\n")
-    _write_text(index_file, "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(folder / "world.json", json.dumps(about, indent=2) + "\n")
+    write_atomic(index_file, "".join(json.dumps(r) + "\n" for r in records))
     return index_file
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

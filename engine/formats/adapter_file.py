@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.errors import CheckpointError
+from engine.files import atomic_path
 
 FORMAT = "ctrlora-adapter"
 FORMAT_VERSION = "1"
@@ -39,8 +40,6 @@ def save_adapter_file(path: str | Path, state_dict: dict[str, torch.Tensor], *, 
         "provenance": json.dumps(provenance or {}, sort_keys=True),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    from engine.files import atomic_path
-
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

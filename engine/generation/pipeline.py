@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.models import adapters as adapters_lib
-from engine.models.encoders import encode_condition
+from engine.models.encoders import encode_condition, encode_text
 from engine.errors import UsageError
 from engine.generation.premerge import premerged
 from engine.generation.prepacked import available as prepacked_available
 from engine.generation.prepacked import prepacked_convs
 from engine.progress import ProgressCallback, report
-from engine.generation.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
-                             make_scheduler, step_kwargs, to_pil, vae_scale_factor)
+from engine.generation.sampling import (Condition, decode, generation_size, generators, initial_latents,
+                                        make_scheduler, step_kwargs, to_pil, vae_scale_factor)
 
 
 @dataclass
@@ -50,11 +50,18 @@ class GenerationResult:
 
 
 class CtrLoraPipeline:
-    """SD components + a Base ControlNet with adapters loaded, on one device and dtype."""
+    """SD components + a Base ControlNet with adapters loaded, on one device and dtype.
+
+    ``controlnet=None``: plain SD sampling, no conditions (how the demo's toy SD checks that it
+    draws). ``borrow=True``: the modules are used where and as they are, and nothing touches their
+    weights (no moving or casting, fusing, premerging, prepacking or channels_last): how ``fit``
+    draws validation images from the model it is training, whose frozen weights may be bf16 (run
+    under the caller's autocast) beside the adapter's fp32 master weights. ``device`` must then be
+    theirs."""
 
     def __init__(self, sd, controlnet, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool | None = None, compile: bool = False, fuse_single: bool = True,
-                 premerge: bool = True, prepack: bool = True):
+                 premerge: bool = True, prepack: bool = True, borrow: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
         self.sd = sd
@@ -67,15 +74,22 @@ class CtrLoraPipeline:
         self.premerge = premerge and not compile
         # CPU fp32: wide low-resolution convolutions with weights reordered once (engine.generation.prepacked).
         self.prepack = prepack and not compile and prepacked_available(self.device, dtype)
-        for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
-            _move(module, self.device, dtype)
+        if borrow:
+            # Fusing and unfusing would leave the base weights off by rounding; a model in training
+            # must compute exactly as it trains.
+            self.channels_last = self.fuse_single = self.premerge = self.prepack = compile = False
+        else:
+            for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
+                if module is not None:
+                    _move(module, self.device, dtype)
         if self.channels_last:
             for module in (sd.unet, controlnet, sd.vae):
-                module.to(memory_format=torch.channels_last)
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
         self._unet, self._controlnet = sd.unet, controlnet
         if compile:
             self._unet = torch.compile(sd.unet)
-            self._controlnet = torch.compile(controlnet)
+            self._controlnet = torch.compile(controlnet) if controlnet is not None else None
 
     def load_adapter(self, name: str, state_dict: dict[str, torch.Tensor], alpha: float | None = None) -> None:
         adapters_lib.load_adapter(self.controlnet, name, state_dict, alpha=alpha)
@@ -90,7 +104,7 @@ class CtrLoraPipeline:
         for c in conditions:
             images = c.image if c.image.ndim == 4 else c.image[None].expand(count, -1, -1, -1)
             latent = encode_condition(self.sd.vae, images, generator=generator, mode=mode)
-            latents.append(latent.to(self.dtype))
+            latents.append(latent.to(self.device, self.dtype))
         return latents
 
     @torch.no_grad()
@@ -111,7 +125,9 @@ class CtrLoraPipeline:
         prompts = prompt if isinstance(prompt, list) else [prompt] * per
         if len(prompts) != per or any(c.image.ndim == 4 and len(c.image) != batch for c in conditions):
             raise UsageError(f"give one prompt and one condition image per image of the batch ({batch})")
-        loaded = set(adapters_lib.adapter_names(self.controlnet))
+        if conditions and self.controlnet is None:
+            raise UsageError("this pipeline has no ControlNet: it takes no conditions")
+        loaded = set(adapters_lib.adapter_names(self.controlnet)) if self.controlnet is not None else set()
         for c in conditions:
             if c.adapter is not None and c.adapter not in loaded:
                 raise UsageError(f"adapter {c.adapter!r} is not loaded")
@@ -128,7 +144,8 @@ class CtrLoraPipeline:
 
         cfg = guidance > 1.0
         texts = [negative_prompt] * per + prompts if cfg else prompts
-        text = encode_text(self.sd.text_encoder, self.sd.tokenizer, texts).to(self.dtype)  # (branches * per, 77, D)
+        text = encode_text(self.sd.text_encoder, self.sd.tokenizer, texts)  # (branches * per, 77, D)
+        text = text.to(self.device, self.dtype)  # a borrowed text encoder may sit elsewhere
         branches = 2 if cfg else 1
         unet_text = text.repeat_interleave(batch // per, dim=0)  # [uncond x batch, cond x batch]
         cond_gen = generators(condition_seed, per) if per_image else torch.Generator("cpu").manual_seed(condition_seed)
@@ -149,7 +166,7 @@ class CtrLoraPipeline:
             elif self.premerge:
                 stack.enter_context(premerged(self.controlnet, used))
             if self.prepack:
-                stack.enter_context(prepacked_convs([self.sd.unet, self.controlnet]))
+                stack.enter_context(prepacked_convs([m for m in (self.sd.unet, self.controlnet) if m is not None]))
             for i, t in enumerate(sched.timesteps):
                 start = time.perf_counter()
                 active = [k for k, c in enumerate(conditions) if c.acts_at(i, len(sched.timesteps))]

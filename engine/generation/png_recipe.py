@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from engine.errors import UsageError
+from engine.files import write_atomic
 
 FORMAT, VERSION = "ctrlora-gen", 1
 _CONDITION_KEY = "ctrlora.condition.{}"
@@ -51,14 +52,6 @@ def save_png(path: str | Path, image: Image.Image, recipe: dict | None = None,
     return write_atomic(path, png_bytes(image, info))
 
 
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    from engine.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def read_recipe(path: str | Path) -> tuple[dict, list[Image.Image]]:
     """(recipe, condition images) from a PNG written by ``save_png``."""
     try:
@@ -84,13 +77,3 @@ def read_recipe(path: str | Path) -> tuple[dict, list[Image.Image]]:
         images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
     return recipe, images
 
-
-def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """The images side by side (rows of ``columns``), each cell the size of the largest."""
-    columns = columns or len(images)
-    rows = -(-len(images) // columns)
-    w, h = max(i.width for i in images), max(i.height for i in images)
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for k, image in enumerate(images):
-        sheet.paste(image.convert("RGB"), ((k % columns) * w, (k // columns) * h))
-    return sheet

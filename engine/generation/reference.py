@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from engine.models.encoders import encode_condition
+from engine.models.encoders import encode_condition, encode_text
 from engine.progress import ProgressCallback, report
-from engine.generation.sampling import (Condition, decode, encode_text, generation_size, generators, initial_latents,
-                             make_scheduler, step_kwargs, to_pil, vae_scale_factor)
+from engine.generation.sampling import (Condition, decode, generation_size, generators, initial_latents,
+                                        make_scheduler, step_kwargs, to_pil, vae_scale_factor)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""What every sampler here shares: conditions and their windows, schedulers, seeded noise, the text
-encoder and the VAE decoder. ``engine.generation.pipeline`` (the fast path) and ``engine.generation.reference``
-(the plain baseline) both build on these, so they differ only in how a step is computed.
+"""What every sampler here shares: conditions and their windows, schedulers, seeded noise and the
+VAE decoder (the text encoder is ``engine.models.encoders.encode_text``). ``engine.generation.pipeline``
+(the fast path) and ``engine.generation.reference`` (the plain baseline) both build on these, so
+they differ only in how a step is computed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import UsageError
+from engine.images import tensor_to_image
 
 # Scheduler names the CLI offers -> (diffusers class name, extra config).
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -92,14 +94,6 @@ def prompt_overflow(tokenizer, prompt: str) -> int:
     return max(0, len(tokenizer(prompt).input_ids) - tokenizer.model_max_length)
 
 
-@torch.no_grad()
-def encode_text(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """CLIP last hidden states (len(prompts), 77, width); long prompts are cut at 77 tokens."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
 def generation_size(conditions: list[Condition], width: int | None, height: int | None, unet, vae) -> tuple[int, int]:
     """(width, height): given, else the first condition image's, else the UNet's native size.
     Both must be multiples of the VAE's downsampling (8 for SD)."""
@@ -133,7 +127,5 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
-
-    arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    return [Image.fromarray(a) for a in arrays]
+    """(B, 3, H, W) in [0, 1] -> B PIL images."""
+    return [tensor_to_image(image) for image in images]

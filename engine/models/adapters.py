@@ -54,6 +54,17 @@ class _Routed:
             raise KeyError(f"adapter {name!r} is not loaded")
         return self.adapter_weight[name], self.adapter_bias[name]
 
+    def _routed_norm(self, x: torch.Tensor, norm, shape: tuple[int, ...]) -> torch.Tensor:
+        """``norm(x, weight, bias)`` with each batch slice's adapter affine: one adapter passes its
+        own weight and bias to the fused kernel; several normalise once without an affine and
+        apply each sample's weight and bias (viewed to ``shape``) after."""
+        segments = self.routing.segments(x.shape[0])
+        if len(segments) == 1:
+            w, b = self.params_for(segments[0][0])
+            return norm(x, w, b)
+        w, b = self._per_sample_affine(segments, x.dtype)
+        return norm(x, None, None) * w.view(shape) + b.view(shape)
+
     def _per_sample_affine(self, segments, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         ws, bs = [], []
         for name, start, stop in segments:
@@ -70,13 +81,8 @@ class RoutedGroupNorm(_Routed, nn.GroupNorm):
         self._init_routed(routing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segments = self.routing.segments(x.shape[0])
-        if len(segments) == 1:
-            w, b = self.params_for(segments[0][0])
-            return F.group_norm(x, self.num_groups, w, b, self.eps)
-        w, b = self._per_sample_affine(segments, x.dtype)
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-        return F.group_norm(x, self.num_groups, None, None, self.eps) * w.view(shape) + b.view(shape)
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)  # per-sample affine over channels
+        return self._routed_norm(x, lambda x, w, b: F.group_norm(x, self.num_groups, w, b, self.eps), shape)
 
 
 class RoutedLayerNorm(_Routed, nn.LayerNorm):
@@ -86,13 +92,8 @@ class RoutedLayerNorm(_Routed, nn.LayerNorm):
         self._init_routed(routing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segments = self.routing.segments(x.shape[0])
-        if len(segments) == 1:
-            w, b = self.params_for(segments[0][0])
-            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-        w, b = self._per_sample_affine(segments, x.dtype)
-        shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
-        return F.layer_norm(x, self.normalized_shape, None, None, self.eps) * w.view(shape) + b.view(shape)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)  # per-sample affine over features
+        return self._routed_norm(x, lambda x, w, b: F.layer_norm(x, self.normalized_shape, w, b, self.eps), shape)
 
 
 class RoutedConv2d(_Routed, nn.Conv2d):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from engine.files import atomic_path
 from engine.models.adapters import base_state_dict
 from engine.models.controlnet import BaseControlNetModel
 from engine.models.presets import SDComponents
@@ -73,8 +74,6 @@ def save_fp16_copy(src: str | Path, dst: str | Path) -> Path:
     kept): how the packaged demo halves its size. Loaders upcast on ``from_pretrained``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from engine.files import atomic_path
 
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata()

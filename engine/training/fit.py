@@ -22,61 +22,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from engine.models import adapters
-from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, encode_prompts, load_image
-from engine.training.objective import controlled_eps, diffusion_loss
+from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, load_image
+from engine.training.objective import diffusion_loss
+from engine.training.settings import FitConfig  # its defaults and ranges; imported from here too
 from engine.errors import UsageError
-from engine.files import atomic_path
+from engine.files import atomic_path, write_atomic, write_json
+from engine.images import image_grid, save_image
 from engine.progress import ProgressCallback, report
 
 ADAPTER = "new"  # the adapter's name inside the model (store names may hold '.', adapter names not)
 CHECKPOINT_FORMAT = 1
 # Settings that must not change when a run is resumed (steps, validation and saving may).
 RESUME_FIXED = ("rank", "batch", "grad_accum", "lr", "resolution", "precision", "drop_prompt", "seed")
-
-
-@dataclass
-class FitConfig:
-    condition: str = "new"
-    rank: int = adapters.DEFAULT_RANK
-    steps: int = 1000
-    batch: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-5
-    resolution: int = 512
-    precision: str | None = None  # "bf16" | "fp32"; None: bf16 on CUDA, fp32 elsewhere
-    grad_checkpointing: bool = False
-    drop_prompt: float = 0.3
-    val_every: int = 0
-    val_prompts: list[str] = field(default_factory=list)
-    val_conds: list[str] = field(default_factory=list)
-    val_steps: int = 20
-    val_guidance: float = 7.5
-    save_every: int = 100
-    seed: int = 0
-    workers: int = 4
-    device: str | None = None
-
-    def resolved(self) -> "FitConfig":
-        """A copy with device and precision decided."""
-        from engine.runtime import resolve_device, resolve_precision
-
-        dev = resolve_device(self.device)
-        device = str(dev)
-        precision = resolve_precision(self.precision, dev, training=True, allowed=("fp32", "bf16"))
-        for name in ("steps", "batch", "grad_accum", "rank", "resolution"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.resolution % 8:
-            raise UsageError(f"--resolution must be a multiple of 8, not {self.resolution}")
-        if not 0 <= self.drop_prompt <= 1:
-            raise UsageError("--drop-prompt must be between 0 and 1")
-        return FitConfig(**{**asdict(self), "device": device, "precision": precision})
 
 
 @dataclass
@@ -224,16 +187,16 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
     data = encode_pairs(pairs, vae, text_encoder, sd.tokenizer, config.resolution, LatentCache(cache_dir),
                         batch_size=8 if device.type == "cuda" else 2, workers=config.workers, callback=callback,
                         condition=config.condition)
-    validation = _Validation.build(config, pairs, vae, text_encoder, sd.tokenizer, sd.scheduler, run_dir)
-    sd.text_encoder = text_encoder.to("cpu")  # not needed any more: give its memory back
+    validation = _Validation.build(config, pairs, run_dir)
+    # Training needs no text encoder: its device memory back (validation encodes its few prompts on the CPU)
+    sd.text_encoder = text_encoder.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
     if not resume:  # written once setup has worked, so a failed start leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "run.json", json.dumps({"identity": identity, "config": asdict(config)},
-                                                       indent=2).encode())
+        write_json(run_dir / "run.json", {"identity": identity, "config": asdict(config)}, sort_keys=False)
     trainer = AdapterTrainer(sd.unet, controlnet, sd.scheduler, data, config)
     smooth = _Smoother()
     metrics_path = run_dir / "metrics.jsonl"
@@ -261,7 +224,7 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
             metrics.flush()
             report(callback, "train", step, config.steps, **info)
             if validation and (step % config.val_every == 0 or step == config.steps):
-                validation.run(trainer, step, vae, callback)
+                validation.run(trainer, step, sd, callback)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 _save_checkpoint(checkpoint_path, trainer, smooth, identity)
 
@@ -305,17 +268,12 @@ def _save_checkpoint(path: Path, trainer: AdapterTrainer, smooth: "_Smoother", i
                     "identity": json.dumps(identity)}, tmp)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines a killed run logged after its last checkpoint: they are done again."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    _write_atomic(path, "".join(line + "\n" for line in kept).encode())
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _write_adapter(path: Path, trainer: AdapterTrainer, controlnet, config: FitConfig, identity: dict,
@@ -349,86 +307,50 @@ class _Smoother:
 # -- validation --------------------------------------------------------------------------------
 
 class _Validation:
-    """Images from fixed conditions, prompts and noise every N steps, saved as one grid per step.
+    """Images from fixed conditions, prompts and noise every N steps, saved as one grid per step: a
+    row per condition, its image then one result per prompt.
 
-    A deliberately minimal DDIM loop (eta 0, classifier-free guidance whose unconditional branch
-    keeps the condition, as the reference); ``ctrlora gen`` owns the full pipeline."""
+    Drawn by the generation pipeline borrowing the model in training (``CtrLoraPipeline(borrow=True)``,
+    under the trainer's autocast): DDIM, classifier-free guidance whose unconditional branch keeps
+    the condition, as ``ctrlora gen`` draws with the saved adapter. Every validation uses the same
+    condition latents (seed + 1) and noise (seed + 2), so the grids show the adapter change."""
 
-    def __init__(self, config, conds, cond_images, prompts, text, empty, scheduler, folder):
-        self.config, self.conds, self.cond_images = config, conds, cond_images
-        self.prompts, self.text, self.empty = prompts, text, empty
-        self.scheduler, self.folder = scheduler, folder
+    def __init__(self, config: FitConfig, cond_images: list[torch.Tensor], prompts: list[str], folder: Path):
+        self.config, self.cond_images, self.prompts, self.folder = config, cond_images, prompts, folder
 
     @classmethod
-    def build(cls, config: FitConfig, pairs: PairSet, vae, text_encoder, tokenizer, scheduler, run_dir: Path):
+    def build(cls, config: FitConfig, pairs: PairSet, run_dir: Path) -> "_Validation | None":
         if not config.val_every:
             return None
-        from diffusers import DDIMScheduler
-
-        from engine.models.encoders import encode_condition
-
         cond_paths = [Path(p) for p in config.val_conds] or [p.source for p in pairs.pairs[:2]]
         for path in cond_paths:
             if not path.is_file():
                 raise UsageError(f"validation condition {path} does not exist")
         prompts = list(config.val_prompts) or [pairs.pairs[0].prompt]
         try:
-            images = torch.stack([load_image(p, config.resolution) for p in cond_paths])
+            images = [load_image(p, config.resolution) for p in cond_paths]
         except OSError as exc:
             raise UsageError(f"cannot read a validation condition: {exc}") from None
-        g = torch.Generator(vae.device).manual_seed(config.seed + 1)
-        conds = encode_condition(vae, images, generator=g)
-        text = encode_prompts(text_encoder, tokenizer, prompts)
-        empty = encode_prompts(text_encoder, tokenizer, [""])
-        sampler = DDIMScheduler.from_config(scheduler.config)
-        return cls(config, conds, images, prompts, text, empty, sampler, run_dir / "val")
+        return cls(config, images, prompts, run_dir / "val")
 
     @torch.no_grad()
-    def run(self, trainer: AdapterTrainer, step: int, vae, callback) -> Path:
-        rows = []
-        total = len(self.conds) * len(self.prompts)
-        for i, cond in enumerate(self.conds):
-            row = [self.cond_images[i]]
-            for j in range(len(self.prompts)):
-                latent = self._sample(trainer, cond[None], self.text[j:j + 1])
-                image = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample
-                row.append(((image[0].float().cpu() + 1) / 2).clamp(0, 1))
-                report(callback, "validate", i * len(self.prompts) + j + 1, total, step=step)
-            rows.append(row)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step-{step:06d}.png"
-        _grid(rows).save(path)
-        return path
+    def run(self, trainer: AdapterTrainer, step: int, sd, callback) -> Path:
+        from engine.generation.pipeline import CtrLoraPipeline
+        from engine.generation.sampling import Condition, decode
 
-    def _sample(self, trainer: AdapterTrainer, cond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         c = self.config
-        device = trainer.device
-        g = torch.Generator(device).manual_seed(c.seed + 2)  # the same noise at every validation
-        shape = (1, trainer.unet.config.in_channels, *cond.shape[-2:])
-        latent = torch.randn(shape, generator=g, device=device)
-        self.scheduler.set_timesteps(c.val_steps, device=device)
-        cond2, text2 = torch.cat([cond, cond]).to(device), torch.cat([self.empty, text]).to(device)
-        for t in self.scheduler.timesteps:
-            with trainer.autocast(), trainer.controlnet.routing.use(ADAPTER):
-                eps = controlled_eps(trainer.unet, trainer.controlnet, torch.cat([latent, latent]), t.expand(2),
-                                     text2, cond2).float()
-            uncond, conditioned = eps.chunk(2)
-            eps = uncond + c.val_guidance * (conditioned - uncond)
-            latent = self.scheduler.step(eps, t, latent).prev_sample
-        return latent
-
-
-def _grid(rows: list[list[torch.Tensor]]):
-    from PIL import Image
-
-    h, w = rows[0][0].shape[-2:]
-    columns = max(len(r) for r in rows)
-    grid = Image.new("RGB", (columns * w, len(rows) * h), "white")
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            grid.paste(Image.fromarray(array), (j * w, i * h))
-    return grid
+        pipe = CtrLoraPipeline(sd, trainer.controlnet, device=trainer.device, borrow=True)
+        cells, total = [], len(self.cond_images) * len(self.prompts)
+        for i, cond_image in enumerate(self.cond_images):
+            cells.append(cond_image)
+            for j, prompt in enumerate(self.prompts):
+                with trainer.autocast():
+                    result = pipe([Condition(ADAPTER, cond_image)], prompt, steps=c.val_steps,
+                                  guidance=c.val_guidance, seed=c.seed + 2, condition_seed=c.seed + 1,
+                                  output_type="latent")
+                cells.extend(decode(sd.vae, result.latents))  # outside autocast: the VAE decodes in its dtype
+                report(callback, "validate", i * len(self.prompts) + j + 1, total, step=step)
+        return save_image(image_grid(cells, columns=1 + len(self.prompts)), self.folder / f"step-{step:06d}.png")
 
 
 # -- the loss curve ----------------------------------------------------------------------------
@@ -468,6 +390,4 @@ def draw_loss_curve(history: list[dict], path: Path, size: tuple[int, int] = (80
         draw.text((left, height - bottom + 8), f"step {s0}", fill="black")
         draw.text((width - right - 80, height - bottom + 8), f"step {s1}", fill="black")
     draw.text((left + 8, top + 4), "loss (light) and moving average (dark)", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return save_image(image, path)

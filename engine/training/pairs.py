@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine.images import image_to_tensor, resize_center_crop
 from engine.errors import UsageError
+from engine.files import atomic_path, sha256_bytes
+from engine.images import image_to_tensor, resize_center_crop
+from engine.models.encoders import encode_text
+from engine.models.state import weights_digest
 from engine.progress import ProgressCallback, report
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -76,10 +79,8 @@ class PairSet:
     @property
     def digest(self) -> str:
         """Identifies the training data by content: the pairs' image digests and prompts."""
-        h = hashlib.sha256()
-        for pair in sorted(self.pairs, key=lambda p: (p.target_digest, p.source_digest, p.prompt or "")):
-            h.update(json.dumps([pair.source_digest, pair.target_digest, pair.prompt]).encode())
-        return "sha256:" + h.hexdigest()
+        pairs = sorted(self.pairs, key=lambda p: (p.target_digest, p.source_digest, p.prompt or ""))
+        return sha256_bytes(b"".join(json.dumps([p.source_digest, p.target_digest, p.prompt]).encode() for p in pairs))
 
 
 def scan_folder(folder: str | Path, skip_bad: bool = False, workers: int = 4,
@@ -205,7 +206,7 @@ def _check_pair(pair: Pair) -> tuple[Pair, Problem | None]:
                 sizes.append(image.size)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             return pair, Problem(pair.label, f"unreadable {role} image {path.name} ({type(exc).__name__})")
-        setattr(pair, f"{role}_digest", "sha256:" + hashlib.sha256(data).hexdigest())
+        setattr(pair, f"{role}_digest", sha256_bytes(data))
     if sizes[0] != sizes[1]:
         (sw, sh), (tw, th) = sizes
         return pair, Problem(pair.label, f"source is {sw}x{sh} but target is {tw}x{th}")
@@ -225,28 +226,17 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 
 # -- the cache ---------------------------------------------------------------------------------
 
-def module_digest(*parts) -> str:
-    """Identifies frozen encoders by their weights (and any strings given, e.g. a tokenizer's
-    vocabulary), so a cache entry is reused only for the very same encoder."""
-    h = hashlib.sha256(CACHE_VERSION.encode())
-    for part in parts:
-        if isinstance(part, torch.nn.Module):
-            for name, tensor in part.state_dict().items():
-                t = tensor.detach().to("cpu", torch.float32).contiguous()
-                h.update(f"{name}:{tuple(t.shape)}".encode())
-                h.update(t.view(-1).view(torch.uint8).numpy().data)
-        else:
-            h.update(str(part).encode())
-    return h.hexdigest()
-
+# The frozen encoders are identified by their weights (and the tokenizer by its vocabulary), so a
+# cache entry is reused only for the very same encoder; the cache version leads, so bumping it
+# retires every entry.
 
 def vae_identity(vae) -> str:
-    return module_digest(type(vae).__name__, vae.encoder, vae.quant_conv)
+    return weights_digest(CACHE_VERSION, type(vae).__name__, vae.encoder, vae.quant_conv)
 
 
 def text_identity(text_encoder, tokenizer) -> str:
     vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return module_digest(type(text_encoder).__name__, text_encoder, vocab, tokenizer.model_max_length)
+    return weights_digest(CACHE_VERSION, type(text_encoder).__name__, text_encoder, vocab, tokenizer.model_max_length)
 
 
 def cache_key(*parts) -> str:
@@ -276,8 +266,6 @@ class LatentCache:
 
     def put(self, key: str, value: torch.Tensor) -> None:
         from safetensors.torch import save_file
-
-        from engine.files import atomic_path
 
         with atomic_path(self.path(key)) as tmp:
             save_file({"value": value.detach().to("cpu").contiguous()}, str(tmp))
@@ -334,14 +322,6 @@ def posterior_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters.float()
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """CLIP's last hidden states, padded to the tokenizer's length (the reference's text input)."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0].float()
-
-
 def encode_pairs(pairs: PairSet, vae, text_encoder, tokenizer, resolution: int, cache: LatentCache,
                  batch_size: int = 4, workers: int = 4, callback: ProgressCallback | None = None,
                  condition: str = "") -> EncodedPairs:
@@ -385,7 +365,8 @@ def encode_pairs(pairs: PairSet, vae, text_encoder, tokenizer, resolution: int, 
             report(callback, "encode", done, total)
     for start in range(0, len(missing_prompts), batch_size * 4):
         chunk = missing_prompts[start:start + batch_size * 4]
-        for prompt, embedding in zip(chunk, encode_prompts(text_encoder, tokenizer, chunk).cpu()):
+        # float32 whatever the encoder's dtype: a cache entry must not depend on how it was loaded
+        for prompt, embedding in zip(chunk, encode_text(text_encoder, tokenizer, chunk).float().cpu()):
             cache.put(prompt_keys[prompt], embedding)
             values[prompt_keys[prompt]] = embedding
         done += len(chunk)

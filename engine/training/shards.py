@@ -17,7 +17,6 @@ when first drawn and cached the same way, keyed by content.
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
 import tarfile
@@ -27,7 +26,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from engine.files import sha256_bytes
 from engine.images import image_to_tensor, resize_center_crop
+from engine.models.encoders import encode_text
 from engine.errors import UsageError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -108,7 +109,7 @@ class ShardData:
         from engine.training.pairs import cache_key, posterior_moments
 
         data = member.read()
-        key = cache_key(role, "sha256:" + hashlib.sha256(data).hexdigest(), self.resolution, self.vae_id)
+        key = cache_key(role, sha256_bytes(data), self.resolution, self.vae_id)
         value = self.cache.get(key)
         if value is None:
             with Image.open(io.BytesIO(data)) as image:
@@ -118,14 +119,14 @@ class ShardData:
         return value
 
     def _text(self, prompts: list[str]) -> torch.Tensor:
-        from engine.training.pairs import cache_key, encode_prompts
+        from engine.training.pairs import cache_key
 
         out = []
         for prompt in prompts:
             key = cache_key("text", prompt, self.text_id)
             value = self.cache.get(key)
             if value is None:
-                value = encode_prompts(self.text_encoder, self.tokenizer, [prompt])[0]
+                value = encode_text(self.text_encoder, self.tokenizer, [prompt])[0].float()  # as encode_pairs
                 self.cache.put(key, value)
             out.append(value)
         return torch.stack(out)

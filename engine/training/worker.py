@@ -2,6 +2,9 @@
 
     python -m torch.distributed.run ... -m engine.training.worker --sd SD --data canny=DIR ... --out RUN
 
+Its arguments are the fields of ``engine.training.settings.TrainBaseSettings`` (defaults and
+ranges there; ``python -m engine.training.worker --help`` lists them).
+
 The reference schedule: every micro-batch holds ONE condition and switches that condition's
 adapter in; all ranks draw the same condition at each micro-step from a seeded schedule (each
 round of micro-steps visits every condition once, in random order). The base and every
@@ -22,7 +25,6 @@ the CLI to render.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,39 +37,11 @@ import torch
 import torch.distributed as dist
 
 from engine.models import adapters
+from engine.training.launcher import CHECKPOINT, METRICS, RENDEZVOUS_MARKER, RESULT, read_worker_args
 from engine.training.objective import diffusion_loss
-from engine.files import atomic_path
-
-RENDEZVOUS_MARKER = "rendezvous.json"
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RESULT = "result"
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="engine.training.worker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sd", required=True, help="SD folder (diffusers layout): frozen UNet, VAE, text encoder")
-    p.add_argument("--init-base", help="an existing Base ControlNet folder to continue (default: copy the UNet)")
-    p.add_argument("--data", action="append", default=[], metavar="COND=DIR", help="a condition's fit-layout folder")
-    p.add_argument("--shards", action="append", default=[], metavar="GLOB", help="WebDataset-style tar shards")
-    p.add_argument("--conditions", help="comma-separated subset/order of conditions")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, result")
-    p.add_argument("--cache", help="latent cache folder (default: <out>/cache)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=1, help="per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--rank", type=int, default=128, help="LoRA rank of each condition")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--drop-prompt", type=float, default=0.3)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate preemption
-    return p.parse_args(argv)
+from engine.training.settings import TrainBaseSettings
+from engine.files import atomic_path, write_json
+from engine.models.state import weights_digest
 
 
 # -- the schedule and the data positions -------------------------------------------------------
@@ -137,19 +111,6 @@ def broadcast_from_rank0(tensors: list[torch.Tensor], world: int) -> None:
         offset += t.numel()
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-
-
 def _save_atomic(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -158,7 +119,7 @@ def _save_atomic(obj, path: Path) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = read_worker_args(argv, description=__doc__.split("\n\n")[0])
     out = Path(args.out)
     cuda = torch.cuda.is_available()
     dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -169,14 +130,14 @@ def main(argv=None) -> None:
         torch.cuda.set_device(device)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        _write_json_atomic(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
+        write_json(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
     try:
         _train(args, out, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def _train(args, out: Path, rank: int, world: int, device: torch.device) -> None:
+def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> None:
     from engine.models.storage import load_base, load_sd, save_base
     from engine.training.shards import load_condition_data
 
@@ -288,8 +249,8 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> None
 
     # Evidence for tests and logs: each rank's schedule and weights.
     (out / "ranks").mkdir(exist_ok=True)
-    _write_json_atomic(out / "ranks" / f"rank{rank}.json",
-                       {"drawn": drawn, "weights": weights_digest(controlnet), "start_step": step - len(drawn) // args.grad_accum})
+    write_json(out / "ranks" / f"rank{rank}.json", {"drawn": drawn, "weights": weights_digest(controlnet),
+                                                    "start_step": step - len(drawn) // args.grad_accum})
     if step >= args.steps:
         eval_end = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
         if rank == 0:
@@ -342,9 +303,9 @@ def _write_result(controlnet, conditions, args, out: Path, save_base, eval_start
                           adapters.adapter_state_dict(controlnet, condition), rank=args.rank, alpha=args.rank,
                           base_arch=arch, condition=condition,
                           provenance={"source": "train-base", "steps": args.steps, "seed": args.seed})
-    _write_json_atomic(tmp / "summary.json", {"conditions": conditions, "steps": args.steps, "arch": arch,
-                                              "eval_loss_start": eval_start, "eval_loss_end": eval_end,
-                                              "base_zero_convs_from": conditions[0]})
+    write_json(tmp / "summary.json", {"conditions": conditions, "steps": args.steps, "arch": arch,
+                                      "eval_loss_start": eval_start, "eval_loss_end": eval_end,
+                                      "base_zero_convs_from": conditions[0]})
     shutil.rmtree(result, ignore_errors=True)
     os.replace(tmp, result)
 

@@ -1,5 +1,5 @@
 """The recipe of the demo model that ships with ctrlora (``ctrlora pull demo``), and of the
-fidelity table in README: every stage is one of the project's own commands.
+fidelity table in docs/demo.md: every stage is one of the project's own commands.
 
 1. ``ctrlora world train-sd``: a toy Stable Diffusion (VAE, text encoder, v-prediction UNet of
    the ``demo`` preset) trained on 32 x 32 world scenes.
@@ -19,7 +19,7 @@ fidelity table in README: every stage is one of the project's own commands.
 
 Every stage is skipped when its result exists in the work folder, so an interrupted recipe
 continues where it stopped. ``--quick`` runs every stage with tiny settings (the CI test).
-The full settings take about an hour on 2 quiet CPU cores (README: The demo model).
+The full settings take about an hour on 2 quiet CPU cores (docs/demo.md, "The demo model").
 """
 
 from __future__ import annotations
@@ -36,13 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # run as a script from a checkout: the project beside it
 
-from engine.files import atomic_path  # noqa: E402
-
-
-def write_json(path: Path, data) -> None:
-    """Whole or absent: the recipe resumes from these files."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+from engine.files import atomic_path, write_json  # noqa: E402  (write_json: whole or absent, the recipe resumes from these)
 
 
 FULL = dict(
@@ -87,7 +81,7 @@ def main() -> None:
                  "--resolution", s["size"], "--save-every", 0, "--run-dir", recipe.work / "runs" / "base", "--json")
 
     table = recipe.compare(s)
-    write_json(recipe.work / "fidelity.json", table)
+    write_json(recipe.work / "fidelity.json", table, sort_keys=False)
     print(markdown_table(table))
     preview = recipe.preview((*conditions, s["held"]))
     if not args.no_export:
@@ -148,7 +142,7 @@ class Recipe:
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
         def save():
-            write_json(results_file, results)
+            write_json(results_file, results, sort_keys=False)
 
         held = s["held"]
         if "bare" not in results:

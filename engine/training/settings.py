@@ -1,0 +1,118 @@
+"""The settings of ``fit`` and ``train-base``: the one place that holds each one's default and range.
+
+The CLI reads its defaults from these classes (this module loads no torch, so ``ctrlora --help``
+stays fast); the ranges are checked here, for the CLI and for Python callers alike, and a wrong
+value raises ``SettingError`` naming the setting, which the CLI words as the flag
+(``--grad-accum: must be at least 1, not 0``). ``train-base``'s worker receives its settings as a
+command line written from these fields and read back by them (``engine.training.launcher``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from engine.errors import SettingError
+
+# The paper's LoRA rank: engine.models.adapters.DEFAULT_RANK, which cannot be imported here
+# without loading torch (a test checks that the two agree).
+PAPER_RANK = 128
+
+
+def at_least(settings, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value < minimum:
+            raise SettingError(name, f"must be at least {minimum}, not {value}")
+
+
+def check_training(settings) -> None:
+    """The ranges every training run shares (``fit``'s and ``train-base``'s fields of these names)."""
+    at_least(settings, 1, "steps", "batch", "grad_accum", "rank")
+    at_least(settings, 0, "save_every")
+    if settings.resolution < 8 or settings.resolution % 8:
+        raise SettingError("resolution", f"must be a multiple of 8, not {settings.resolution}")
+    if not 0 <= settings.drop_prompt <= 1:
+        raise SettingError("drop_prompt", f"must be between 0 and 1, not {settings.drop_prompt}")
+
+
+@dataclass
+class FitConfig:
+    """``fit``: one new condition's adapter on a frozen base."""
+
+    condition: str = "new"
+    rank: int = PAPER_RANK
+    steps: int = 1000
+    batch: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    resolution: int = 512
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere; fit trains in fp32 or bf16 only
+    grad_checkpointing: bool = False
+    drop_prompt: float = 0.3
+    val_every: int = 0
+    val_prompts: list[str] = field(default_factory=list)
+    val_conds: list[str] = field(default_factory=list)
+    val_steps: int = 20
+    val_guidance: float = 7.5
+    save_every: int = 100
+    seed: int = 0
+    workers: int = 4
+    device: str = "auto"
+
+    def resolved(self) -> "FitConfig":
+        """A copy with the ranges checked and device and precision decided."""
+        from engine.runtime import resolve_device, resolve_precision
+
+        dev = resolve_device(self.device)
+        precision = resolve_precision(self.precision, dev, training=True, allowed=("fp32", "bf16"))
+        check_training(self)
+        return FitConfig(**{**asdict(self), "device": str(dev), "precision": precision})
+
+
+def _help(text: str | None, **more) -> dict:
+    """A field's metadata: its help on the worker's command line (None: not listed)."""
+    return {"help": text, **more}
+
+
+@dataclass(frozen=True)
+class TrainBaseSettings:
+    """``train-base``: a run of the distributed worker. Paths are as the worker sees them (the
+    command makes them absolute); flags default to False."""
+
+    sd: str | None = field(default=None, metadata=_help("SD folder (diffusers layout): frozen UNet, VAE, text encoder",
+                                                 required=True))
+    out: str | None = field(default=None, metadata=_help("run folder: checkpoints, metrics, result", required=True))
+    init_base: str | None = field(default=None, metadata=_help("a Base ControlNet folder to continue "
+                                                               "(default: copy the UNet's encoder)"))
+    data: tuple[str, ...] = field(default=(), metadata=_help("a condition's fit-layout folder: COND=DIR, or DIR "
+                                                             "(named after it); repeatable"))
+    shards: tuple[str, ...] = field(default=(), metadata=_help("WebDataset-style tar shards (glob); repeatable"))
+    conditions: str | None = field(default=None, metadata=_help("comma-separated subset and order of the "
+                                                                "conditions"))
+    cache: str | None = field(default=None, metadata=_help("latent cache folder (default: <out>/cache)"))
+    steps: int = field(default=1000, metadata=_help("optimizer steps"))
+    batch: int = field(default=1, metadata=_help("pairs per micro-batch, per process"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    lr: float = field(default=1e-5, metadata=_help("AdamW learning rate"))
+    rank: int = field(default=PAPER_RANK, metadata=_help("LoRA rank of every condition"))
+    precision: str = field(default="auto", metadata=_help("auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16"))
+    grad_checkpointing: bool = field(default=False, metadata=_help("recompute activations: less memory, slower"))
+    save_every: int = field(default=1000, metadata=_help("write a checkpoint every N steps (0: only at the end)"))
+    resume: bool = field(default=False, metadata=_help("continue the run in the run folder from its checkpoint"))
+    seed: int = field(default=0, metadata=_help("seed of the schedule, the data order and the noise"))
+    resolution: int = field(default=512, metadata=_help("training size (short side resized, centre crop)"))
+    drop_prompt: float = field(default=0.3, metadata=_help("probability of training on the empty prompt"))
+    log_every: int = field(default=1, metadata=_help("write a metrics line every N steps"))
+    stop_after: int = field(default=0, metadata=_help(None))  # tests: stop after N steps, as if preempted
+
+    def checked(self) -> "TrainBaseSettings":
+        check_training(self)
+        at_least(self, 1, "log_every")
+        at_least(self, 0, "stop_after")
+        return self
+
+    @classmethod
+    def help_of(cls, name: str) -> str:
+        """A setting's help, capitalised, for the command's own option."""
+        text = cls.__dataclass_fields__[name].metadata["help"]
+        return text[0].upper() + text[1:] + "."
