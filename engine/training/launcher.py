@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from engine.errors import CtrloraError, SettingError
-from engine.training.settings import TrainBaseSettings, at_least
+from engine.checks import at_least
+from engine.training.settings import TrainBaseSettings
 
 DEFAULT_PORT = 29500
 WORKER_MODULE = "engine.training.worker"
@@ -41,7 +42,8 @@ class Topology:
     rdzv_timeout: int | None = None  # seconds to wait for every node to join
 
     def check(self) -> "Topology":
-        at_least(self, 1, "nodes", "nproc_per_node")
+        at_least("nodes", self.nodes, 1)
+        at_least("nproc_per_node", self.nproc_per_node, 1)
         if not 0 <= self.node_rank < self.nodes:
             raise SettingError("node_rank", f"{self.node_rank} is outside 0..{self.nodes - 1}")
         if self.nodes > 1 and not self.rdzv_endpoint:

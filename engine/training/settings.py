@@ -11,28 +11,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from engine.errors import SettingError
+from engine.checks import above, at_least, between, multiple_of
 
 # The paper's LoRA rank: engine.models.adapters.DEFAULT_RANK, which cannot be imported here
 # without loading torch (a test checks that the two agree).
 PAPER_RANK = 128
 
 
-def at_least(settings, minimum: float, *names: str) -> None:
-    for name in names:
-        value = getattr(settings, name)
-        if value < minimum:
-            raise SettingError(name, f"must be at least {minimum}, not {value}")
-
-
 def check_training(settings) -> None:
     """The ranges every training run shares (``fit``'s and ``train-base``'s fields of these names)."""
-    at_least(settings, 1, "steps", "batch", "grad_accum", "rank")
-    at_least(settings, 0, "save_every")
-    if settings.resolution < 8 or settings.resolution % 8:
-        raise SettingError("resolution", f"must be a multiple of 8, not {settings.resolution}")
-    if not 0 <= settings.drop_prompt <= 1:
-        raise SettingError("drop_prompt", f"must be between 0 and 1, not {settings.drop_prompt}")
+    for name in ("steps", "batch", "grad_accum", "rank"):
+        at_least(name, getattr(settings, name), 1)
+    at_least("save_every", settings.save_every, 0)
+    above("lr", settings.lr, 0)
+    multiple_of("resolution", settings.resolution, 8)
+    between("drop_prompt", settings.drop_prompt, 0, 1)
 
 
 @dataclass
@@ -107,8 +100,8 @@ class TrainBaseSettings:
 
     def checked(self) -> "TrainBaseSettings":
         check_training(self)
-        at_least(self, 1, "log_every")
-        at_least(self, 0, "stop_after")
+        at_least("log_every", self.log_every, 1)
+        at_least("stop_after", self.stop_after, 0)
         return self
 
     @classmethod
