@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -49,6 +50,10 @@ def _at_a_terminal(args: list[str], env: dict, answer: str | None, timeout: floa
     seen, answered, deadline = b"", False, time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
+            # select first: a child waiting on a question we never saw must not hang the suite
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
             try:
                 chunk = os.read(master, 4096)
             except OSError:  # the child closed the terminal
@@ -62,6 +67,14 @@ def _at_a_terminal(args: list[str], env: dict, answer: str | None, timeout: floa
                 else:
                     os.write(master, answer.encode() + b"\n")
                 answered = True
+        if answer is None and answered:
+            # A SIGINT that lands between printing the question and reading the answer can be
+            # swallowed on its way (a person would press Ctrl-C again): repeat it a few times.
+            for _ in range(5):
+                try:
+                    return proc.wait(timeout=2), seen.decode(errors="replace").replace("\r", "")
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGINT)
         return proc.wait(timeout=timeout), seen.decode(errors="replace").replace("\r", "")
     finally:
         os.close(master)
