@@ -363,6 +363,15 @@ def test_a_run_killed_with_sigkill_resumes_exactly(runs):
                       env=env)
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
     assert ("(--seed 5 -> 6; --lr 0.003 -> 0.001; total batch (--batch x processes) 2 -> 4)" in changed.stderr)
+    changed = run_cli("train-base", f"mask={runs['tmp'] / 'mask'}", f"edges={runs['tmp'] / 'edges'}", "--init", "tiny",
+                      "--nproc-per-node", "2", "--run-dir", str(killed), "--out", "changed", "--resume", *COMMON,
+                      "--rank", "8", "--resolution", "32", "--precision", "bf16", "--conditions", "mask", env=env)
+    assert changed.returncode == 2 and ("(--rank 4 -> 8; --resolution 64 -> 32; --precision 'auto' -> 'bf16'; "
+                                        "conditions ['edges', 'mask'] -> ['mask'])") in changed.stderr, changed.stderr
+    changed = run_cli("train-base", data[0], "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(killed),
+                      "--out", "changed", "--resume", *COMMON, env=env)
+    assert changed.returncode == 2 and ("data folders {'edges': '%s', 'mask': '%s'} -> {'edges': '%s'}"
+                                        % (data[0], data[1][5:], data[0])) in changed.stderr, changed.stderr
     store = runs["store"]
     by_hand = subprocess.run([sys.executable, "-m", "engine.training.worker", "--sd", str(store.folder("tiny-sd")),
                               "--data", data[0], "--data", data[1], "--out", str(killed), "--resume", *COMMON,

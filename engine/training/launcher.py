@@ -169,10 +169,12 @@ def check_data(settings: TrainBaseSettings) -> tuple[list[str], bool]:
 
 def run_identity(settings: TrainBaseSettings, world_size: int) -> dict:
     """What a resumed run must keep, as JSON: the settings that shape the result (by flag), the
-    total batch (a run may resume on another number of processes with the same total), and the
-    data by its folders and its shard files with their sizes, not by content (the worker adds
-    the pair count of each condition once it has read them)."""
+    conditions trained and their order (``--conditions``, else the folders'; the shards' are in
+    their files), the total batch (a run may resume on another number of processes with the same
+    total), and the data by its folders and its shard files with their sizes, not by content (the
+    worker adds the pair count of each condition once it has read them)."""
     identity = {_flag(name): getattr(settings, name) for name in TrainBaseSettings.RESUME_FIXED}
+    identity["conditions"] = check_data(settings)[0]
     identity["total batch (--batch x processes)"] = settings.batch * world_size
     identity["data folders"] = {c: str(Path(f).absolute()) for c, f in sorted(settings.folders().items())}
     identity["shard files (path, bytes)"] = [[str(p.absolute()), p.stat().st_size]

@@ -103,12 +103,12 @@ class TrainBaseSettings:
     # tests: after N steps, wait to be killed (a machine lost mid-run, at a known step)
     pause_after: int = field(default=0, metadata=_help(None))
 
-    # What shapes the result, besides the data and the total batch: a resumed run must keep them
-    # (``engine.training.launcher.run_identity``). Not here: steps (a run may be extended), saving
-    # and logging, the cache, grad checkpointing (the same numbers, recomputed), and --init (the
-    # checkpoint holds every weight).
+    # What shapes the result, besides the data, the conditions and the total batch: a resumed run
+    # must keep them (``engine.training.launcher.run_identity``). Not here: steps (a run may be
+    # extended), saving and logging, the cache, grad checkpointing (the same numbers, recomputed),
+    # and --init (the checkpoint holds every weight).
     RESUME_FIXED: ClassVar[tuple[str, ...]] = ("sd", "seed", "lr", "grad_accum", "rank", "resolution", "precision",
-                                               "drop_prompt", "conditions")
+                                               "drop_prompt")
 
     def checked(self) -> "TrainBaseSettings":
         check_training(self)
