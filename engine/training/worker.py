@@ -16,8 +16,10 @@ are all-reduced explicitly once per step, in the schedule's order (identical on 
 unused-parameter search, and idle adapters keep ``grad=None`` so AdamW leaves them untouched.
 
 Randomness is a pure function of (seed, micro-step, rank), and data positions are counters per
-condition, so a checkpoint holds everything needed to continue exactly, also with another number
-of processes (positions are counted globally; each rank takes its own slice).
+condition, so a checkpoint holds everything needed to continue exactly, bit for bit. With another
+number of processes (the same total batch) the schedule and the samples of each step are the same
+(positions are counted globally; each rank takes its own slice), but not the noise, which is
+drawn per rank.
 
 Rank 0 writes checkpoints and the result atomically; ``<run>/metrics.jsonl`` carries progress for
 the CLI to render. A run keeps its folder: a new run refuses a folder that holds one, and
