@@ -30,10 +30,11 @@ def make_data(folder: Path, conditions=("edges", "mask"), count=8, size=64) -> l
 
 
 def run(nproc: int, args, sd: str, data: list[str], out: Path) -> dict:
-    from engine.training.launcher import METRICS, Topology, worker_command
+    from engine.training.launcher import METRICS, Topology, worker_command, worker_env
     from engine.training.settings import TrainBaseSettings
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
+    # The threads of each process as ctrlora train-base gives them (its share of the cores).
+    env = worker_env(nproc, dict(os.environ, PYTHONPATH=str(REPO)))
     settings = TrainBaseSettings(sd=sd, out=str(out), data=tuple(data), steps=args.steps, rank=args.rank,
                                  resolution=args.resolution, cache=str(out.parent / "cache")).checked()
     command = worker_command(Topology(nproc_per_node=nproc), settings)  # what ctrlora train-base runs on one node
@@ -41,7 +42,8 @@ def run(nproc: int, args, sd: str, data: list[str], out: Path) -> dict:
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     steady = records[2:] or records  # the first steps warm up
     per_process = sum(sum(r["per_rank_samples_per_s"]) / len(r["per_rank_samples_per_s"]) for r in steady) / len(steady)
-    return {"processes": nproc, "samples_per_s_per_process": per_process, "samples_per_s": per_process * nproc}
+    return {"processes": nproc, "threads_per_process": int(env["OMP_NUM_THREADS"]),
+            "samples_per_s_per_process": per_process, "samples_per_s": per_process * nproc}
 
 
 def main() -> None:

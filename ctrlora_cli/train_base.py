@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,7 +49,10 @@ def train_base(
     grad_checkpointing: bool = typer.Option(TRAIN.grad_checkpointing, "--grad-checkpointing",
                                             help=_help("grad_checkpointing")),
     save_every: int = typer.Option(TRAIN.save_every, "--save-every", help=_help("save_every")),
-    resume: bool = typer.Option(TRAIN.resume, "--resume", help="Continue the run in --run-dir from its checkpoint."),
+    resume: bool = typer.Option(TRAIN.resume, "--resume", help="Continue the run in --run-dir from its checkpoint "
+                                "(with the settings and data it began with; --steps may grow)."),
+    force: bool = typer.Option(False, "--force", help="Replace store entries OUT and OUT-COND, and start over in a "
+                               "run folder that holds a run."),
     resolution: int = typer.Option(TRAIN.resolution, "--resolution", help=_help("resolution")),
     seed: TrainSeedOpt = TRAIN.seed,
     run_dir: Path = typer.Option(None, "--run-dir", help="Checkpoints and logs (default: the store's runs/ folder)."),
@@ -63,43 +67,55 @@ def train_base(
     from ctrlora_cli.store.results import add_trained_base, resolve_init
     from engine.training import launcher
 
-    # Ranges first: nobody should answer a question only to have --lr refused after it.
+    # Bad input before any question or work: ranges, then the data (the workers may run
+    # elsewhere, other nodes or another folder: every path absolute).
     settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                                  rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
-                                 save_every=save_every, resume=resume, resolution=resolution, seed=seed).checked()
+                                 save_every=save_every, resume=resume, resolution=resolution, seed=seed,
+                                 data=tuple(_absolute_data(item) for item in data or []),
+                                 shards=tuple(str(Path(pattern).expanduser().absolute()) for pattern in shards)
+                                 ).checked()
+    known_conditions, _ = launcher.check_data(settings)
     store = Store()
     out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME")
     validate_name(out_name)
     init = init or ask("SD model or base to start from (store name)", "missing --init; pass --init NAME")
-    if not data and not shards:
-        raise UsageError("no training data: give condition folders (COND=DIR) and/or --shards GLOB")
     topo = launcher.choose_topology(nodes, nproc_per_node, node_rank, rdzv_endpoint, rdzv_id, rdzv_timeout,
                                     default_id=f"ctrlora-{out_name}")
-
     sd_name, init_base = resolve_init(store, init, sd)
-    run = Path(run_dir) if run_dir else store.root / "runs" / "train-base" / out_name
-    # The workers may run elsewhere (other nodes, another folder): every path absolute.
+    # The store's one rule for names, before any work. The conditions of shards are known only
+    # once they are read: without --conditions their adapters' names are claimed by
+    # add_trained_base, before anything is stored.
+    for name in (out_name, *(f"{out_name}-{c}" for c in known_conditions)):
+        store.claim(name, force, "--out")
+    run = Path(run_dir).absolute() if run_dir else store.run_folder(out_name, "train-base")
     settings = replace(settings, sd=str(store.folder(sd_name)), out=str(run),
-                       init_base=str(init_base) if init_base else None,
-                       data=tuple(_absolute_data(item) for item in data or []),
-                       shards=tuple(str(Path(pattern).expanduser().absolute()) for pattern in shards))
+                       init_base=str(init_base) if init_base else None)
+    if topo.node_rank == 0 or print_command:  # node 0 owns the run folder (the others' see its files appear)
+        if print_command and force and not resume and launcher.holds_run(run):
+            raise UsageError(f"--print-command does not clear run folders: delete {run} first, or choose another "
+                             f"--run-dir")
+        launcher.check_run_folder(run, settings, topo.world_size, force,
+                                  remove_hint=_removal_hint(store, run) if launcher.holds_run(run) else "")
     if print_command:
         for line in launcher.all_node_commands(topo, settings, python=sys.executable):
             typer.echo(line)
         return
 
+    if topo.node_rank == 0 and force and not resume:
+        launcher.clear_run(run)
     run.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run / launcher.RENDEZVOUS_MARKER).unlink(missing_ok=True)
     started = time.time()
     code = _run_with_progress(launcher.worker_command(topo, settings), run / launcher.METRICS, steps,
-                              show=interactive() and not as_json)
+                              show=interactive() and not as_json, env=launcher.worker_env(topo.nproc_per_node))
     if code != 0:
         raise launcher.explain_failure(code, run, topo)
     if topo.node_rank != 0:
         out.print(f"node {topo.node_rank} done; node 0 writes the result into its store")
         return
-    summary = add_trained_base(store, run / launcher.RESULT, run, out_name, sd_name, steps)
+    summary = add_trained_base(store, run / launcher.RESULT, run, out_name, sd_name, steps, force=force)
     summary["seconds"] = round(time.time() - started, 1)
     if as_json:
         print_json(summary)
@@ -108,15 +124,25 @@ def train_base(
                   f"(eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f})", highlight=False)
 
 
+def _removal_hint(store, run: Path) -> str:
+    """How else to clear a run folder that holds a run: ``ctrlora rm`` of the entries made in it
+    when that removes it (it lies in the store's runs/), else deleting it."""
+    real = Path(os.path.realpath(run))
+    made_here = [m.name for m in store.list() if store.run_of(m) == real]
+    if made_here and real in store.runs_freed_by(made_here)[0]:
+        return f"`ctrlora rm {' '.join(made_here)}` (which removes the run folder with them)"
+    return "delete the folder"
+
+
 def _absolute_data(item: str) -> str:
     """COND=DIR or DIR, with DIR absolute."""
     condition, sep, folder = item.partition("=")
     return f"{condition}={Path(folder).resolve()}" if sep else str(Path(item).resolve())
 
 
-def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool) -> int:
+def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool, env: dict[str, str]) -> int:
     """Run torchrun; rank 0's metrics lines become progress events (total and per-rank throughput)."""
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     if not show:
         return process.wait()
     from ctrlora_cli.progress import progress_bars

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO, run_cli
-from engine.training.launcher import (Topology, choose_topology, expand_nodelist, read_worker_args, topology_from_slurm,
-                                     worker_args)
+from engine.training.launcher import (Topology, choose_topology, expand_nodelist, parse_nodelist, read_worker_args,
+                                     topology_from_slurm, truncate_metrics, worker_args, worker_env)
 from engine.training.settings import FitConfig, TrainBaseSettings
 from engine.training.worker import condition_at, sample_indices
 
@@ -93,7 +93,7 @@ def test_several_nodes_need_an_endpoint(tiny_store, tmp_path):
 
 
 def test_slurm_environment():
-    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert parse_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     slurm = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "3", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[8-10]",
              "SLURM_GPUS_ON_NODE": "4"}
     topo = topology_from_slurm(slurm)
@@ -103,6 +103,125 @@ def test_slurm_environment():
     assert choose_topology(None, None, None, None, None, None, "ctrlora-x", env=slurm) == topo
     assert choose_topology(None, 2, None, None, "mine", None, "ctrlora-x", env=slurm).nproc_per_node == 2
     assert choose_topology(None, None, None, None, None, None, "ctrlora-x", env={}) == Topology(rdzv_id="ctrlora-x")
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("rack[1-2]-node[1-2]", ["rack1-node1", "rack1-node2", "rack2-node1", "rack2-node2"]),  # several groups in a name
+    ("gpu[001-003]", ["gpu001", "gpu002", "gpu003"]),  # zero padding
+    ("n[1,3-5]", ["n1", "n3", "n4", "n5"]),  # single values and ranges mixed
+    ("a[1-2],b3,c[08-09]-x", ["a1", "a2", "b3", "c08-x", "c09-x"]),  # top-level commas; commas in brackets do not split
+    ("login1", ["login1"]),
+])
+def test_slurm_host_lists(nodelist, hosts):
+    assert parse_nodelist(nodelist) == hosts
+
+
+def test_slurm_hosts_come_from_scontrol_where_it_exists(tmp_path, monkeypatch):
+    """A real executable first on the PATH stands in for SLURM's scontrol: it is asked, and its
+    first line is the meeting point; without it the parser answers."""
+    script = tmp_path / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "asked"}\nprintf "alpha-7\\nbeta-2\\n"\n')
+    script.chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "9", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "rack[1-2]-node1"}
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert expand_nodelist("rack[1-2]-node1") == ["alpha-7", "beta-2"]
+    assert (tmp_path / "asked").read_text().split() == ["show", "hostnames", "rack[1-2]-node1"]
+    assert topology_from_slurm(slurm).rdzv_endpoint == "alpha-7:29500"
+    script.unlink()
+    assert topology_from_slurm(slurm).rdzv_endpoint == "rack1-node1:29500"
+
+
+def test_each_worker_gets_its_share_of_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert worker_env(2, {})["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert worker_env(4 * cores, {})["OMP_NUM_THREADS"] == "1"
+    assert worker_env(1, {"OMP_NUM_THREADS": "3", "X": "y"}) == {"OMP_NUM_THREADS": "3", "X": "y"}  # the user's wins
+
+
+def test_resume_drops_metrics_past_the_checkpoint(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    truncate_metrics(metrics, 4)  # a killed run: checkpoint at 4, lines to 6, a torn 7th
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_names_data_and_run_folders_are_checked_before_any_work(tiny_store, tmp_path):
+    """``--out`` and every ``OUT-COND`` by the store's rule, the data, the run folder: one line,
+    exit 2, in --print-command too (it starts nothing)."""
+    from ctrlora_cli.store.store import Store
+
+    edges = make_pairs(tmp_path / "edges")
+    base = ["--init", "tiny", "--print-command"]
+
+    def refused(*args):
+        result = run_cli("train-base", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, \
+            result.stderr
+        return result.stderr
+
+    assert "'tiny' is already in the store (base from random tiny); use another --out, or --force" in \
+        refused(str(edges), "--out", "tiny", *base)
+    tiny_store.remove(["tiny"])  # OUT free, OUT-COND taken: the adapter 'tiny-canny' would be replaced
+    assert "'tiny-canny' is already in the store (adapter" in \
+        refused(f"canny={edges}", "--out", "tiny", "--init", "tiny-sd", "--print-command")
+    # --conditions decides which adapters are made: tiny-canny is not one of them
+    assert run_cli("train-base", f"canny={edges}", f"other={edges}", "--conditions", "other", "--out", "tiny",
+                   "--init", "tiny-sd", "--print-command").returncode == 0
+    assert run_cli("train-base", f"canny={edges}", "--out", "tiny", "--init", "tiny-sd", "--print-command",
+                   "--force").returncode == 0
+    base = ["--init", "tiny-sd", "--print-command"]
+    assert f"data folder {tmp_path / 'nope'} does not exist" in refused(str(edges), str(tmp_path / "nope"), "--out", "x",
+                                                                         *base)
+    assert "is not a folder" in refused(f"e={edges / 'prompt.json'}", "--out", "x", *base)
+    assert "condition 'edges' is given twice" in refused(str(edges), f"edges={edges}", "--out", "x", *base)
+    assert f"--shards '{tmp_path}/s-*.tar' matches no file" in refused(str(edges), "--shards", str(tmp_path / "s-*.tar"),
+                                                                       "--out", "x", *base)
+    assert "--conditions: names ['seg'] with no data (have: ['edges'])" in \
+        refused(str(edges), "--conditions", "edges,seg", "--out", "x", *base)
+    assert "nothing to resume in" in refused(str(edges), "--out", "x", "--resume", *base)
+
+    # A run folder left by an entry removed since (or a killed run) names itself and both ways out.
+    left = tiny_store.run_folder("gone", "train-base")
+    left.mkdir(parents=True)
+    (left / "metrics.jsonl").write_text('{"step": 1}\n')
+    message = refused(str(edges), "--out", "gone", *base)
+    assert f"run folder {left} already holds a run; continue it with --resume, or start over with --force" in message
+    assert "delete the folder" in message
+    assert "stopped before its first checkpoint; start it again with --force" in \
+        refused(str(edges), "--out", "gone", "--resume", *base)
+    assert "--print-command does not clear run folders" in refused(str(edges), "--out", "gone", "--force", *base)
+    # A run folder in the store that entries were made in: `ctrlora rm` of them clears it too.
+    store = Store(tiny_store.root)
+    store.add("made", "base", {"controlnet/config.json": tiny_store.folder("tiny-sd") / "unet" / "config.json"},
+              source={"type": "train-base", "run": str(left)})
+    assert "`ctrlora rm made` (which removes the run folder with them)" in \
+        refused(str(edges), "--out", "other", "--run-dir", str(left), *base)
+
+
+def test_adapters_of_shard_conditions_are_claimed_before_storing(tiny_store, tmp_path):
+    """The conditions of shards are known only after the run: ``add_trained_base`` claims every
+    name before it stores any; then the adapters record their base's digest, and the result folder
+    goes (the store holds it)."""
+    import shutil
+
+    from ctrlora_cli.store.results import add_trained_base
+    from ctrlora_cli.store.store import NameTaken
+
+    result = tmp_path / "run" / "result"
+    shutil.copytree(tiny_store.folder("tiny") / "controlnet", result / "controlnet")
+    (result / "adapters").mkdir()
+    shutil.copyfile(tiny_store.file("tiny-canny", "adapter.safetensors"), result / "adapters" / "canny.safetensors")
+    (result / "summary.json").write_text(json.dumps({"conditions": ["canny"], "arch": tiny_store.get("tiny").arch,
+                                                     "base_zero_convs_from": "canny"}))
+    tiny_store.remove(["tiny"])  # OUT free, OUT-COND taken
+    with pytest.raises(NameTaken, match="'tiny-canny' is already in the store.*the trained run is kept in"):
+        add_trained_base(tiny_store, result, tmp_path / "run", "tiny", "tiny-sd", 8)
+    assert not tiny_store.exists("tiny") and result.is_dir()  # nothing stored, nothing lost
+    summary = add_trained_base(tiny_store, result, tmp_path / "run", "tiny", "tiny-sd", 8, force=True)
+    base, adapter = tiny_store.get("tiny"), tiny_store.get("tiny-canny")
+    assert summary["base_digest"] == base.weights_digest and adapter.source["type"] == "train-base"
+    assert adapter.made_for == {"name": "tiny", "digest": base.weights_digest}
+    assert not result.exists()
 
 
 def test_schedule_visits_every_condition_and_positions_do_not_repeat():
@@ -118,42 +237,181 @@ def test_schedule_visits_every_condition_and_positions_do_not_repeat():
     assert sorted(int(i) for i in sample_indices(0, 0, 8, 8, 0, "a")) == list(range(8))
 
 
-def _torchrun(*args, nproc=2):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                           "--nproc-per-node", str(nproc), "-m", "engine.training.worker", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+COMMON = ["--steps", "8", "--rank", "4", "--lr", "3e-3", "--resolution", "64", "--grad-accum", "2", "--save-every", "4",
+          "--seed", "5"]
+
+
+def _worker_env(**more):
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **more)
+
+
+def _processes_of(run) -> list[int]:
+    """Live processes whose command line names the run folder (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if entry.isdigit() and int(entry) != os.getpid() and str(run) in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _last_step(run) -> int:
+    """The last step in the metrics so far (a line still being written is not counted)."""
+    path = run / "metrics.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.endswith("}")] if path.is_file() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _rank0(run) -> dict:
+    return json.loads((run / "ranks" / "rank0.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_store_template, tmp_path_factory):
+    """Two runs of the same 8 steps on 2 processes (tiny preset, 64 px, checkpoint every 4 steps):
+    one through ``ctrlora train-base`` uninterrupted; one through torchrun, killed with SIGKILL
+    (the whole process group) at step 6, i.e. two steps after its checkpoint; ``killed-copy`` is
+    a copy of the killed folder for a second resume."""
+    import shutil
+    import signal
+    import time
+
+    from ctrlora_cli.store.store import Store
+
+    tmp = tmp_path_factory.mktemp("train-base")
+    shutil.copytree(tiny_store_template, tmp / "home", ignore=shutil.ignore_patterns("views", ".lock"))
+    store, env = Store(tmp / "home"), {"CTRLORA_HOME": str(tmp / "home")}
+    edges, masks = make_pairs(tmp / "edges"), make_pairs(tmp / "mask", kind="mask", seed=1)
+    data = [str(edges), f"mask={masks}"]
+    # OMP_NUM_THREADS left unset: the launcher gives each process its share of the cores.
+    done = run_cli("train-base", *data, "--out", "toybase", "--init", "tiny", "--nproc-per-node", "2",
+                   "--run-dir", str(tmp / "run"), "--json", *COMMON, env={**env, "OMP_NUM_THREADS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp / "killed"
+    worker = ["--sd", str(store.folder("tiny-sd")), "--init-base", str(store.folder("tiny") / "controlnet"),
+              "--data", f"edges={edges}", "--data", f"mask={masks}", "--out", str(killed), *COMMON, "--pause-after", "6"]
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                                "--nproc-per-node", "2", "-m", "engine.training.worker", *worker],
+                               env=_worker_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _last_step(killed) < 6:  # --pause-after holds it there until killed
+        assert process.poll() is None and time.time() < deadline, "the run to kill ended early"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    # torchrun starts its workers in sessions of their own: they end themselves once it is gone
+    deadline = time.time() + 30
+    while _processes_of(killed) and time.time() < deadline:
+        time.sleep(0.1)
+    left = _processes_of(killed)
+    assert not left, f"workers outlived torchrun: {left}"
+    shutil.copytree(killed, tmp / "killed-copy")
+    return {"tmp": tmp, "store": store, "env": env, "data": data, "summary": json.loads(done.stdout),
+            "run": tmp / "run", "killed": killed}
 
 
 @pytest.mark.slow
-def test_two_processes_train_resume_and_land_in_the_store(tiny_store, tmp_path):
-    edges, masks = make_pairs(tmp_path / "edges"), make_pairs(tmp_path / "mask", kind="mask", seed=1)
-    common = ["--steps", "8", "--rank", "4", "--lr", "3e-3", "--resolution", "64", "--grad-accum", "2",
-              "--save-every", "4", "--seed", "5"]
-    result = run_cli("train-base", str(edges), f"mask={masks}", "--out", "toybase", "--init", "tiny",
-                     "--nproc-per-node", "2", "--run-dir", str(tmp_path / "run"), "--json", *common)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout)
-    ranks = [json.loads((tmp_path / "run" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+def test_two_processes_train_and_land_in_the_store(runs):
+    run, store, summary = runs["run"], runs["store"], runs["summary"]
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP + the explicit adapter all-reduce
     assert ranks[0]["drawn"] == ranks[1]["drawn"] and set(ranks[0]["drawn"]) == {"edges", "mask"}
     assert summary["eval_loss_end"] < summary["eval_loss_start"] - 1e-3
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = _metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, 9)) and all(len(m["per_rank_samples_per_s"]) == 2 for m in metrics)
-    assert tiny_store.get("toybase").kind == "base" and tiny_store.get("toybase").sd == "tiny-sd"
-    assert tiny_store.get("toybase-mask").condition == "mask"
+    # Each of the 2 processes got its share of the cores (OMP_NUM_THREADS unset).
+    cores = len(os.sched_getaffinity(0))
+    assert [r["threads"] for r in ranks] == [max(1, cores // 2)] * 2
+    base = store.get("toybase")
+    assert base.kind == "base" and base.sd == "tiny-sd" and summary["base_digest"] == base.weights_digest
+    for condition in ("edges", "mask"):
+        adapter = store.get(f"toybase-{condition}")
+        assert adapter.condition == condition
+        assert adapter.made_for == {"name": "toybase", "digest": base.weights_digest}
+    # The store holds the result; the run folder keeps the last checkpoint (to extend the run), no second copy.
+    assert not (run / "result").exists() and (run / "checkpoint.pt").is_file()
+    assert store.run_of(base) == run.resolve()
 
-    # Preempted after 4 steps, then resumed: the same weights as the uninterrupted run.
-    sd = str(tiny_store.folder("tiny-sd"))
-    base = str(tiny_store.folder("tiny") / "controlnet")
-    worker = ["--sd", sd, "--init-base", base, "--data", f"edges={edges}", "--data", f"mask={masks}",
-              "--out", str(tmp_path / "run2"), *common]
-    first = _torchrun(*worker, "--stop-after", "4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((tmp_path / "run2" / "ranks" / "rank0.json").read_text())["weights"] != ranks[0]["weights"]
-    second = _torchrun(*worker, "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert json.loads((tmp_path / "run2" / "ranks" / "rank0.json").read_text())["weights"] == ranks[0]["weights"]
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_exactly(runs):
+    """SIGKILL of torchrun's process group at step 6 (checkpoint at 4): ``--resume`` drops the two
+    metrics lines past the checkpoint, redoes steps 5-8 and ends bit for bit on the uninterrupted
+    run's weights; a changed setting or a new run over the folder is refused first."""
+    import torch
+
+    killed, env, data = runs["killed"], runs["env"], runs["data"]
+    assert [m["step"] for m in _metrics(killed)] == list(range(1, 7)) and not (killed / "ranks").exists()
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 4
+    again = ["train-base", *data, "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(killed), "--json"]
+
+    # Refused before any work: a new run over it, other settings, and (in a worker started by hand) the same.
+    fresh = run_cli(*again, "--out", "fresh", *COMMON, env=env)
+    assert fresh.returncode == 2 and fresh.stderr.count("\n") == 1, fresh.stderr
+    assert f"run folder {killed} already holds a run" in fresh.stderr
+    assert "--resume" in fresh.stderr and "--force" in fresh.stderr and "delete the folder" in fresh.stderr
+    changed = run_cli(*again, "--out", "changed", "--resume", *COMMON, "--seed", "6", "--lr", "1e-3", "--batch", "2",
+                      env=env)
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
+    assert ("(--seed 5 -> 6; --lr 0.003 -> 0.001; total batch (--batch x processes) 2 -> 4)" in changed.stderr)
+    changed = run_cli("train-base", f"mask={runs['tmp'] / 'mask'}", f"edges={runs['tmp'] / 'edges'}", "--init", "tiny",
+                      "--nproc-per-node", "2", "--run-dir", str(killed), "--out", "changed", "--resume", *COMMON,
+                      "--rank", "8", "--resolution", "32", "--precision", "bf16", "--conditions", "mask", env=env)
+    assert changed.returncode == 2 and ("(--rank 4 -> 8; --resolution 64 -> 32; --precision 'auto' -> 'bf16'; "
+                                        "conditions ['edges', 'mask'] -> ['mask'])") in changed.stderr, changed.stderr
+    changed = run_cli("train-base", data[0], "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(killed),
+                      "--out", "changed", "--resume", *COMMON, env=env)
+    assert changed.returncode == 2 and ("data folders {'edges': '%s', 'mask': '%s'} -> {'edges': '%s'}"
+                                        % (data[0], data[1][5:], data[0])) in changed.stderr, changed.stderr
+    store = runs["store"]
+    by_hand = subprocess.run([sys.executable, "-m", "engine.training.worker", "--sd", str(store.folder("tiny-sd")),
+                              "--data", data[0], "--data", data[1], "--out", str(killed), "--resume", *COMMON,
+                              "--grad-accum", "1"], capture_output=True, text=True, env=_worker_env())
+    assert by_hand.returncode == 2 and "--grad-accum 2 -> 1" in by_hand.stderr, by_hand.stderr
+    assert [m["step"] for m in _metrics(killed)] == list(range(1, 7))  # nothing touched
+
+    resumed = run_cli(*again, "--out", "resumed", "--resume", *COMMON, env={**env, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _rank0(killed)["weights"] == _rank0(runs["run"])["weights"] and _rank0(killed)["start_step"] == 4
+    metrics = _metrics(killed)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in _metrics(runs["run"])]  # one run, as uninterrupted
+    assert store.get("resumed-edges").made_for["digest"] == store.get("resumed").weights_digest
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes(runs):
+    """The killed 2-process run (batch 1 each) resumed on 1 process with batch 2: the same total
+    batch. Exact: the condition schedule, which samples each step reads (data positions are
+    global; rank r reads its slice) and the step count. Not exact: the noise, timesteps and prompt
+    dropout, drawn per (seed, micro-step, rank), so a sample that rank 1 drew before is now drawn
+    by rank 0 with rank 0's noise; the weights differ from the uninterrupted run's after the resume
+    (and the gradient sums are ordered differently)."""
+    import torch
+
+    folder, env = runs["tmp"] / "killed-copy", runs["env"]
+    resumed = run_cli("train-base", *runs["data"], "--init", "tiny", "--out", "oneproc", "--run-dir", str(folder),
+                      "--json", "--resume", *COMMON, "--nproc-per-node", "1", "--batch", "2",
+                      env={**env, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    mine, uninterrupted = _rank0(folder), _rank0(runs["run"])
+    assert (mine["world_size"], mine["threads"], mine["start_step"]) == (1, 1, 4)  # the user's OMP_NUM_THREADS kept
+    assert mine["drawn"] == uninterrupted["drawn"][8:]  # steps 5-8 x grad-accum 2: the same schedule
+    end, reference = (torch.load(f / "checkpoint.pt", weights_only=True) for f in (folder, runs["run"]))
+    assert end["step"] == reference["step"] == 8 and end["cursors"] == reference["cursors"]
+    assert mine["weights"] != uninterrupted["weights"]  # other noise after step 4
+    assert [(m["step"], m["world_size"]) for m in _metrics(folder)] == [(s, 2 if s <= 4 else 1) for s in range(1, 9)]
+    summary = json.loads(resumed.stdout)
+    assert summary["eval_loss_end"] < summary["eval_loss_start"] - 1e-3
 
 
 def test_shards_are_indexed_by_condition(tmp_path):

@@ -4,9 +4,10 @@ model a run starts from, and its results as store entries."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from ctrlora_cli.store.store import Manifest, Store
+from ctrlora_cli.store.store import Manifest, NameTaken, Store
 from engine.errors import UsageError
 
 
@@ -42,26 +43,37 @@ def resolve_init(store: Store, init: str, sd: str | None) -> tuple[str, Path | N
     raise UsageError(f"--init {init!r} is an adapter; give an SD model or a base")
 
 
-def add_trained_base(store: Store, result: Path, run: Path, out_name: str, sd_name: str, steps: int) -> dict:
+def add_trained_base(store: Store, result: Path, run: Path, out_name: str, sd_name: str, steps: int,
+                     force: bool = False) -> dict:
     """``train-base``'s result folder as the official split: base ``out_name`` and adapters
-    ``out_name-COND``; returns the run's summary with the entries' names."""
+    ``out_name-COND``, each adapter recording its base by name and weights digest; returns the
+    run's summary with the entries' names. Every name is claimed before anything is stored (the
+    command claimed those it knew up front; the conditions of shards are known only now). The
+    result folder is removed once stored: the store holds it, and nothing keeps a second copy."""
     from engine.formats.adapter_file import read_adapter_metadata
 
     summary = json.loads((result / "summary.json").read_text())
+    names = {condition: f"{out_name}-{condition}" for condition in summary["conditions"]}
+    try:
+        for name in (out_name, *names.values()):
+            store.claim(name, force, "--out")
+    except NameTaken as exc:
+        raise NameTaken(f"{exc}; the trained run is kept in {run}: store it by running the same command with "
+                        f"--resume and --force, or another --out") from None
     source = {"type": "train-base", "run": str(run)}
     files = {f"controlnet/{p.name}": p for p in sorted((result / "controlnet").iterdir()) if p.is_file()}
-    store.add(out_name, "base", files, arch=summary["arch"], sd=sd_name, source=source,
-              extra={"steps": steps, "conditions": summary["conditions"],
-                     "zero_convs_and_norms_from": summary["base_zero_convs_from"]})
-    names = []
-    for condition in summary["conditions"]:
-        name = f"{out_name}-{condition}"
+    base = store.add(out_name, "base", files, arch=summary["arch"], sd=sd_name, source=source,
+                     extra={"steps": steps, "conditions": summary["conditions"],
+                            "zero_convs_and_norms_from": summary["base_zero_convs_from"]})
+    for condition, name in names.items():
         path = result / "adapters" / f"{condition}.safetensors"
         meta = read_adapter_metadata(path)
         store.add(name, "adapter", {"adapter.safetensors": path}, arch=summary["arch"], condition=condition,
-                  rank=meta["rank"], source=source, extra={"base": out_name, "steps": steps})
-        names.append(name)
-    return {"base": out_name, "adapters": names, "run": str(run), **summary}
+                  rank=meta["rank"], source=source,
+                  extra={"base": out_name, "base_digest": base.weights_digest, "steps": steps})
+    shutil.rmtree(result)
+    return {"base": out_name, "base_digest": base.weights_digest, "adapters": list(names.values()), "run": str(run),
+            **summary}
 
 
 def add_toy_sd(store: Store, name: str, settings, out_dir: Path | None = None, progress=None) -> dict:

@@ -11,15 +11,20 @@ exist once.
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from engine.errors import CtrloraError, SettingError
+from engine.errors import CtrloraError, SettingError, UsageError
 from engine.checks import at_least
+from engine.files import write_atomic
 from engine.training.settings import TrainBaseSettings
 
 DEFAULT_PORT = 29500
@@ -27,9 +32,13 @@ WORKER_MODULE = "engine.training.worker"
 
 # The run folder, as the worker writes it and the command reads it.
 RENDEZVOUS_MARKER = "rendezvous.json"  # written by rank 0 once every node has joined
+RUN_JSON = "run.json"  # written by rank 0 when a new run has read its data: what a resume must keep
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"  # one JSON line per logged step, from rank 0
-RESULT = "result"  # controlnet/, adapters/COND.safetensors, summary.json
+RESULT = "result"  # controlnet/, adapters/COND.safetensors, summary.json; removed once stored
+RANKS = "ranks"  # rank<R>.json: each rank's schedule, weights digest and threads (evidence for tests)
+# What a run writes into its folder (``--force`` clears these; the latent cache, keyed by content, stays).
+RUN_FILES = (RUN_JSON, CHECKPOINT, METRICS, RESULT, f".{RESULT}.tmp", RANKS, RENDEZVOUS_MARKER)
 
 
 @dataclass
@@ -77,6 +86,23 @@ def torchrun_args(topo: Topology) -> list[str]:
     return args
 
 
+def threads_per_process(nproc_per_node: int) -> int:
+    """CPU threads for each of a node's workers: its share of the cores this process may use, so
+    that several workers on one machine do not oversubscribe OpenMP."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // nproc_per_node)
+
+
+def worker_env(nproc_per_node: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of torchrun and its workers: ``OMP_NUM_THREADS`` is each worker's share of
+    the cores (``threads_per_process``) unless the user set it. torchrun alone would give every
+    worker 1 thread when there are several, and all the cores to a single one."""
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(threads_per_process(nproc_per_node))
+    return env
+
+
 def worker_command(topo: Topology, settings: TrainBaseSettings, python: str | None = None) -> list[str]:
     """The full command for one node: ``python -m torch.distributed.run <topology> -m engine.training.worker ...``."""
     return [python or sys.executable, "-m", "torch.distributed.run", *torchrun_args(topo), "-m", WORKER_MODULE,
@@ -103,6 +129,126 @@ def explain_failure(code: int, run: Path, topo: Topology) -> CtrloraError:
             f"{topo.nodes} nodes were started with the same --rdzv-id, and rerun with NCCL_DEBUG=INFO for details")
     return CtrloraError(f"training failed (torchrun exit {code}); the workers' messages are above; the run folder "
                         f"is {run} (continue with --resume)")
+
+
+# -- the data and the run folder, checked before any work -------------------------------------
+
+def shard_files(patterns) -> list[Path]:
+    """The files the ``--shards`` globs match, sorted; a glob that matches none is refused."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        found = {Path(p) for p in glob.glob(pattern) if Path(p).is_file()}
+        if not found:
+            raise UsageError(f"--shards {pattern!r} matches no file")
+        files |= found
+    return sorted(files)
+
+
+def check_data(settings: TrainBaseSettings) -> tuple[list[str], bool]:
+    """Refuse data that cannot be read (a folder missing or not a folder, a shard glob that
+    matches nothing, ``--conditions`` naming a condition no folder has while there are no
+    shards). Returns the conditions known before reading any shard, and whether they are all of
+    the run's: shards name their conditions inside, so without ``--conditions`` theirs are known
+    only once the worker has indexed them."""
+    if not settings.data and not settings.shards:
+        raise UsageError("no training data: give condition folders (COND=DIR) and/or --shards GLOB")
+    folders = settings.folders()
+    for folder in folders.values():
+        if not folder.exists():
+            raise UsageError(f"data folder {folder} does not exist")
+        if not folder.is_dir():
+            raise UsageError(f"data folder {folder} is not a folder")
+    shard_files(settings.shards)
+    wanted = settings.wanted_conditions()
+    if wanted and not settings.shards:
+        unknown = sorted(set(wanted) - set(folders))
+        if unknown:
+            raise SettingError("conditions", f"names {unknown} with no data (have: {sorted(folders)})")
+    return (wanted or sorted(folders)), bool(wanted) or not settings.shards
+
+
+def run_identity(settings: TrainBaseSettings, world_size: int) -> dict:
+    """What a resumed run must keep, as JSON: the settings that shape the result (by flag), the
+    conditions trained and their order (``--conditions``, else the folders'; the shards' are in
+    their files), the total batch (a run may resume on another number of processes with the same
+    total), and the data by its folders and its shard files with their sizes, not by content (the
+    worker adds the pair count of each condition once it has read them)."""
+    identity = {_flag(name): getattr(settings, name) for name in TrainBaseSettings.RESUME_FIXED}
+    identity["conditions"] = check_data(settings)[0]
+    identity["total batch (--batch x processes)"] = settings.batch * world_size
+    identity["data folders"] = {c: str(Path(f).absolute()) for c, f in sorted(settings.folders().items())}
+    identity["shard files (path, bytes)"] = [[str(p.absolute()), p.stat().st_size]
+                                             for p in shard_files(settings.shards)]
+    return json.loads(json.dumps(identity))
+
+
+def resume_changes(saved: dict, now: dict) -> list[str]:
+    """``KEY OLD -> NEW`` for each part of a run's identity that differs (keys in both)."""
+    return [f"{key} {saved[key]!r} -> {value!r}" for key, value in now.items() if key in saved and saved[key] != value]
+
+
+def refuse_changes(run: Path, changes: list[str]) -> None:
+    """The one refusal of a resume with other settings or data (the command's and the worker's)."""
+    if changes:
+        raise UsageError(f"cannot resume {run} with other settings or data ({'; '.join(changes)}); use the "
+                         f"original ones, or start over with --force or another --run-dir")
+
+
+def saved_run(run: Path) -> dict | None:
+    """The run folder's ``run.json`` (None when the run never got that far)."""
+    path = Path(run) / RUN_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def holds_run(run: Path) -> bool:
+    """A run started in this folder (its settings, a checkpoint or metrics are there)."""
+    return any((Path(run) / name).exists() for name in (RUN_JSON, CHECKPOINT, METRICS))
+
+
+def check_run_folder(run: Path, settings: TrainBaseSettings, world_size: int, force: bool = False,
+                     remove_hint: str = "delete the folder") -> None:
+    """What a run may do with its folder, checked before any work, by the command and again by
+    every worker: a new run never replaces an old one's checkpoint and metrics unless ``force``
+    (the command then clears them); ``resume`` needs a checkpoint, and the settings and data the
+    run started with (``run.json``). ``remove_hint``: how else the user can clear the folder."""
+    run = Path(run)
+    if not settings.resume:
+        if holds_run(run) and not force:
+            raise UsageError(f"run folder {run} already holds a run; continue it with --resume, or start over "
+                             f"with --force (which clears it) or {remove_hint}")
+        return
+    if not (run / CHECKPOINT).is_file():
+        why = ("the run stopped before its first checkpoint; start it again with --force" if holds_run(run)
+               else "start without --resume")
+        raise UsageError(f"nothing to resume in {run}: no {CHECKPOINT} there ({why})")
+    saved = saved_run(run)
+    if saved is not None:
+        refuse_changes(run, resume_changes(saved["identity"], run_identity(settings, world_size)))
+
+
+def clear_run(run: Path) -> None:
+    """``--force``: remove what an earlier run wrote into the folder (``RUN_FILES``), nothing else."""
+    for name in RUN_FILES:
+        path = Path(run) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume: drop the metrics lines a killed run wrote after its last checkpoint (they are
+    done again, so the file reads as one run), and a line torn by the kill."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_atomic(path, "".join(kept))
 
 
 # -- the worker's arguments: TrainBaseSettings' fields ------------------------------------------
@@ -173,7 +319,7 @@ def topology_from_slurm(env: dict[str, str] | None = None, port: int = DEFAULT_P
     if "SLURM_JOB_ID" not in env or "SLURM_NNODES" not in env:
         return None
     nodes = int(env["SLURM_NNODES"])
-    hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "")
+    hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "", env)
     gpus = _gpus_per_node(env)
     endpoint = f"{hosts[0]}:{port}" if hosts and nodes > 1 else None
     return Topology(nodes=nodes, nproc_per_node=gpus, node_rank=int(env.get("SLURM_NODEID", "0")),
@@ -189,20 +335,64 @@ def _gpus_per_node(env) -> int:
     return 1
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list, e.g. ``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03 gpu07 login1."""
+def expand_nodelist(nodelist: str, env: dict[str, str] | None = None) -> list[str]:
+    """SLURM's compressed host list as hosts, in order: ``scontrol show hostnames`` where SLURM's
+    own tool is on the PATH (it knows every form), else ``parse_nodelist``."""
+    env = os.environ if env is None else env
+    scontrol = shutil.which("scontrol", path=env.get("PATH"))
+    if scontrol and nodelist:
+        try:
+            done = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                                  timeout=30)
+            hosts = done.stdout.split()
+            if done.returncode == 0 and hosts:
+                return hosts
+        except (OSError, subprocess.SubprocessError):
+            pass  # a broken scontrol: the parser below knows the forms SLURM writes
+    return parse_nodelist(nodelist)
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03 gpu07 login1; ``rack[1-2]-node[1-2]`` ->
+    rack1-node1 rack1-node2 rack2-node1 rack2-node2. Commas split hosts only outside brackets; a
+    range keeps its zero padding (``[001-003]``)."""
     hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        match = re.match(r"^(.*?)\[([^\]]*)\](.*)$", part)
-        if not match:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            if not hi:
-                hosts.append(f"{prefix}{lo}{suffix}")
-                continue
-            width = len(lo)
-            hosts.extend(f"{prefix}{n:0{width}d}{suffix}" for n in range(int(lo), int(hi) + 1))
+    for group in _split_outside_brackets(nodelist):
+        hosts += _expand_host(group)
     return hosts
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p]
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """Every name of one host pattern: each bracket group in turn, the first varying slowest."""
+    open_at = pattern.find("[")
+    if open_at < 0:
+        return [pattern]
+    close_at = pattern.find("]", open_at)
+    if close_at < 0:
+        return [pattern]  # not a pattern SLURM writes: taken as a name
+    prefix, values, rest = pattern[:open_at], pattern[open_at + 1:close_at], pattern[close_at + 1:]
+    tails = _expand_host(rest)
+    return [f"{prefix}{value}{tail}" for value in _range_values(values) for tail in tails]
+
+
+def _range_values(spec: str) -> list[str]:
+    """``1,3-5`` -> 1 3 4 5; ``001-003`` -> 001 002 003 (the low end's width)."""
+    values = []
+    for item in spec.split(","):
+        lo, _, hi = item.partition("-")
+        if not hi:
+            values.append(lo)
+        else:
+            values += [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1)]
+    return values

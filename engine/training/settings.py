@@ -10,8 +10,11 @@ command line written from these fields and read back by them (``engine.training.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from engine.checks import above, at_least, between, multiple_of
+from engine.errors import UsageError
 
 # The paper's LoRA rank: engine.models.adapters.DEFAULT_RANK, which cannot be imported here
 # without loading torch (a test checks that the two agree).
@@ -97,12 +100,40 @@ class TrainBaseSettings:
     drop_prompt: float = field(default=0.3, metadata=_help("probability of training on the empty prompt"))
     log_every: int = field(default=1, metadata=_help("write a metrics line every N steps"))
     stop_after: int = field(default=0, metadata=_help(None))  # tests: stop after N steps, as if preempted
+    # tests: after N steps, wait to be killed (a machine lost mid-run, at a known step)
+    pause_after: int = field(default=0, metadata=_help(None))
+
+    # What shapes the result, besides the data, the conditions and the total batch: a resumed run
+    # must keep them (``engine.training.launcher.run_identity``). Not here: steps (a run may be
+    # extended), saving and logging, the cache, grad checkpointing (the same numbers, recomputed),
+    # and --init (the checkpoint holds every weight).
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = ("sd", "seed", "lr", "grad_accum", "rank", "resolution", "precision",
+                                               "drop_prompt")
 
     def checked(self) -> "TrainBaseSettings":
         check_training(self)
         at_least("log_every", self.log_every, 1)
         at_least("stop_after", self.stop_after, 0)
+        at_least("pause_after", self.pause_after, 0)
         return self
+
+    def folders(self) -> dict[str, Path]:
+        """The condition folders of ``data``: ``COND=DIR``, or ``DIR`` named after the folder. A
+        condition given twice is refused (one would silently replace the other)."""
+        folders: dict[str, Path] = {}
+        for item in self.data:
+            condition, sep, folder = item.partition("=")
+            if not sep:
+                folder, condition = item, Path(item).name
+            if condition in folders:
+                raise UsageError(f"condition {condition!r} is given twice ({folders[condition]} and {folder}); "
+                                 "give each condition one folder")
+            folders[condition] = Path(folder)
+        return folders
+
+    def wanted_conditions(self) -> list[str]:
+        """``conditions`` as a list (empty: all the data has)."""
+        return [c.strip() for c in (self.conditions or "").split(",") if c.strip()]
 
     @classmethod
     def help_of(cls, name: str) -> str:

@@ -156,12 +156,7 @@ def load_condition_data(args, sd, device, rank: int, world: int) -> dict:
     from engine.training.pairs import LatentCache, encode_pairs, scan_folder
 
     cache = LatentCache(args.cache or Path(args.out) / "cache")
-    folders: dict[str, Path] = {}
-    for item in args.data:
-        condition, sep, folder = item.partition("=")
-        if not sep:
-            folder, condition = item, Path(item).name
-        folders[condition] = Path(folder)
+    folders = args.folders()
 
     def encode_folders():
         return {c: encode_pairs(scan_folder(f), sd.vae, sd.text_encoder, sd.tokenizer, args.resolution, cache,

@@ -16,11 +16,16 @@ are all-reduced explicitly once per step, in the schedule's order (identical on 
 unused-parameter search, and idle adapters keep ``grad=None`` so AdamW leaves them untouched.
 
 Randomness is a pure function of (seed, micro-step, rank), and data positions are counters per
-condition, so a checkpoint holds everything needed to continue exactly, also with another number
-of processes (positions are counted globally; each rank takes its own slice).
+condition, so a checkpoint holds everything needed to continue exactly, bit for bit. With another
+number of processes (the same total batch) the schedule and the samples of each step are the same
+(positions are counted globally; each rank takes its own slice), but not the noise, which is
+drawn per rank.
 
 Rank 0 writes checkpoints and the result atomically; ``<run>/metrics.jsonl`` carries progress for
-the CLI to render.
+the CLI to render. A run keeps its folder: a new run refuses a folder that holds one, and
+``--resume`` needs a checkpoint and the settings and data the run began with (``run.json``,
+written by rank 0 once the data is read); the command checks this before launching, and every
+worker checks it again (``engine.training.launcher.check_run_folder``).
 """
 
 from __future__ import annotations
@@ -28,20 +33,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.models import adapters
-from engine.training.launcher import CHECKPOINT, METRICS, RENDEZVOUS_MARKER, RESULT, read_worker_args
-from engine.training.objective import diffusion_loss
+from engine.errors import UsageError
+from engine.training import launcher
+from engine.training.launcher import CHECKPOINT, METRICS, RANKS, RENDEZVOUS_MARKER, RESULT, RUN_JSON, read_worker_args
 from engine.training.settings import TrainBaseSettings
 from engine.files import atomic_path, write_json
-from engine.models.state import weights_digest
+
+# The models (peft, diffusers) are imported where they are used: a worker that refuses its run
+# folder does so in a second or two, before loading them.
 
 
 # -- the schedule and the data positions -------------------------------------------------------
@@ -119,8 +130,36 @@ def _save_atomic(obj, path: Path) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
+    _end_with_torchrun()
     args = read_worker_args(argv, description=__doc__.split("\n\n")[0])
     out = Path(args.out)
+    try:
+        # The command checked this already; a worker started by hand (--print-command) checks it too.
+        launcher.check_run_folder(out, args, int(os.environ.get("WORLD_SIZE", "1")))
+        _run(args, out)
+    except UsageError as exc:  # one line, exit 2, as the command's own refusals
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _end_with_torchrun() -> None:
+    """torchrun starts each worker in a session of its own, so killing the command's process
+    group with SIGKILL (or losing torchrun any other way) would leave its workers training on,
+    writing checkpoints into the folder that a resumed run then uses. A worker started by
+    torchrun ends itself, as by SIGKILL, once its parent is gone."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-torchrun", daemon=True).start()
+
+
+def _run(args: TrainBaseSettings, out: Path) -> None:
     cuda = torch.cuda.is_available()
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -138,7 +177,10 @@ def main(argv=None) -> None:
 
 
 def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> None:
+    from engine.models import adapters
+    from engine.models.state import weights_digest
     from engine.models.storage import load_base, load_sd, save_base
+    from engine.training.objective import diffusion_loss
     from engine.training.shards import load_condition_data
 
     from engine.runtime import resolve_precision
@@ -147,12 +189,22 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     sd = load_sd(args.sd, device=device)
     data = load_condition_data(args, sd, device, rank, world)
     conditions = list(data)
-    if args.conditions:
-        wanted = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    wanted = args.wanted_conditions()
+    if wanted:
         unknown = sorted(set(wanted) - set(conditions))
         if unknown:
-            raise SystemExit(f"--conditions names {unknown} with no data (have: {conditions})")
+            raise UsageError(f"--conditions names {unknown} with no data (have: {conditions})")
         conditions = wanted
+    # The run's identity, now with what only the data tells (its pairs) and the precision decided here.
+    identity = {**launcher.run_identity(args, world), "pairs per condition": {c: len(d) for c, d in data.items()},
+                "precision used": precision}
+    if args.resume:
+        saved = launcher.saved_run(out)
+        if saved is not None:
+            launcher.refuse_changes(out, launcher.resume_changes(saved["identity"], identity))
+    elif rank == 0:
+        write_json(out / RUN_JSON, {"identity": identity, "conditions": conditions, "world_size": world,
+                                    "settings": asdict(args)}, sort_keys=False)
 
     from engine.models.controlnet import BaseControlNetModel
 
@@ -184,17 +236,21 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
 
     step, cursors, eval_start = 0, {c: 0 for c in conditions}, None
     checkpoint_path = out / CHECKPOINT
-    if args.resume and checkpoint_path.is_file():
+    metrics = out / METRICS
+    if args.resume:  # check_run_folder made sure there is a checkpoint
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if state["conditions"] != conditions:
-            raise SystemExit(f"checkpoint conditions {state['conditions']} differ from {conditions}")
+            raise UsageError(f"cannot resume {out}: its checkpoint has the conditions {state['conditions']}, "
+                             f"not {conditions}")
+        if int(state["step"]) > args.steps:
+            raise UsageError(f"cannot resume {out}: its checkpoint is at step {state['step']}, past --steps "
+                             f"{args.steps}")
         controlnet.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, cursors = int(state["step"]), {c: int(v) for c, v in state["cursors"].items()}
         eval_start = state.get("eval_start")
-    metrics = out / METRICS
-    if rank == 0 and not args.resume:
-        metrics.unlink(missing_ok=True)
+        if rank == 0:
+            launcher.truncate_metrics(metrics, step)
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
@@ -245,12 +301,15 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
             t0, samples_since = time.perf_counter(), 0
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
+        while args.pause_after and step == args.pause_after:  # tests: killed here, as by a lost machine
+            time.sleep(1)
     _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
 
     # Evidence for tests and logs: each rank's schedule and weights.
-    (out / "ranks").mkdir(exist_ok=True)
-    write_json(out / "ranks" / f"rank{rank}.json", {"drawn": drawn, "weights": weights_digest(controlnet),
-                                                    "start_step": step - len(drawn) // args.grad_accum})
+    (out / RANKS).mkdir(exist_ok=True)
+    write_json(out / RANKS / f"rank{rank}.json", {"drawn": drawn, "weights": weights_digest(controlnet),
+                                                  "start_step": step - len(drawn) // args.grad_accum,
+                                                  "world_size": world, "threads": torch.get_num_threads()})
     if step >= args.steps:
         eval_end = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
         if rank == 0:
@@ -269,6 +328,8 @@ def _checkpoint(controlnet, optimizer, step, cursors, conditions, args, path: Pa
 @torch.no_grad()
 def _eval_loss(sd, controlnet, data, conditions, args, device, autocast) -> float:
     """Loss on a fixed set (first samples of each condition, fixed noise): comparable across a run."""
+    from engine.training.objective import diffusion_loss
+
     total = 0.0
     for i, condition in enumerate(conditions):
         source = data[condition]
@@ -284,6 +345,7 @@ def _write_result(controlnet, conditions, args, out: Path, save_base, eval_start
     """The official split: a base folder plus one adapter file per condition. The base's own
     zero convs and norms (the starting point of future conditions) are the first condition's."""
     from engine.formats.adapter_file import save_adapter_file
+    from engine.models import adapters
     from engine.models.arch import arch_id
 
     result = out / RESULT

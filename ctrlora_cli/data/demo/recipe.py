@@ -76,9 +76,11 @@ def main() -> None:
         recipe.make_data(condition, condition, s["pairs"], seed=0)
     recipe.make_data("eval", s["held"], s["eval_pairs"], seed=1)
     data = [f"{c}={recipe.data(c)}" for c in conditions]
+    # --force: the stage starts over from what an interrupted attempt left (it saves no checkpoint to resume).
     recipe.stage("base", recipe.has("demo"), "train-base", *data, "--init", "demo-sd", "--out", "demo",
                  "--steps", s["base_steps"], "--batch", s["base_batch"], "--lr", s["base_lr"], "--rank", s["rank"],
-                 "--resolution", s["size"], "--save-every", 0, "--run-dir", recipe.work / "runs" / "base", "--json")
+                 "--resolution", s["size"], "--save-every", 0, "--run-dir", recipe.work / "runs" / "base", "--json",
+                 "--force")
 
     table = recipe.compare(s)
     write_json(recipe.work / "fidelity.json", table, sort_keys=False)
@@ -163,10 +165,12 @@ class Recipe:
                     adapter, base = name, "demo"
                 else:
                     base = f"scratch-{steps}"
+                    # --force: the first stage starts over from what an interrupted attempt left; a later
+                    # one resumes the run's last checkpoint and replaces an entry an interrupted attempt stored.
                     self.run("train-base", f"{held}={self.data(held)}", "--init", "demo-sd", "--out", base,
                              "--steps", steps, "--batch", s["batch"], "--lr", s["lr"], "--rank", s["rank"],
                              "--resolution", s["size"], "--save-every", 0, "--run-dir", self.work / "runs" / "scratch",
-                             "--json", *resume)
+                             "--json", "--force", *resume)
                     adapter = f"{base}-{held}"
                 trained = time.time() - t0
                 results[key] = {**self.evaluate(adapter, base), "train_seconds": round(trained, 1)}
