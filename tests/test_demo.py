@@ -59,8 +59,8 @@ def test_eval_scores_do_not_depend_on_its_batch(tiny_store, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("none", "{data}", "--kind", "depthx"), "no fidelity measure for 'depthx'"),
-    (("none", "{data}", "--count", "0"), "--count must be at least 1"),
-    (("none", "{data}", "--batch", "0"), "--batch must be at least 1"),
+    (("none", "{data}", "--count", "0"), "--count: must be at least 1, not 0"),
+    (("none", "{data}", "--batch", "0"), "--batch: must be at least 1, not 0"),
     (("missing-adapter", "{data}"), "not in the store"),
     (("none", "{empty}"), "cannot tell which fidelity measure"),
 ])
