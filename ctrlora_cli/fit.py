@@ -138,7 +138,8 @@ def fit(
     except UsageError as exc:
         raise UsageError(f"{exc} (the adapter is in {result.adapter_file})") from None
     add_fitted_adapter(store, name, result, base_manifest, config, data, run_dir)
-    out.print(f"fitted {name} ({config.condition}): {result.steps} steps on {result.pairs} pairs in "
+    about = f" (condition {config.condition})" if config.condition != name else ""
+    out.print(f"fitted {name}{about}: {result.steps} steps on {result.pairs} pairs in "
               f"{_duration(result.seconds)}, loss {result.final_loss:.4f} (moving average); run folder "
               f"{result.run_dir}", highlight=False)
     out.print(f"use it: ctrlora gen --cond {name}=CONDITION.png -p PROMPT", highlight=False)
