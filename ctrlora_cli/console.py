@@ -34,3 +34,24 @@ def ask(question: str, refusal: str, *, default=None, type=None, batch: bool = F
     if batch or not interactive():
         raise UsageError(refusal)
     return typer.prompt(question, default=default, type=type)
+
+
+def confirm(question: str) -> bool:
+    """A yes/no question for a person at a terminal, No by default (Ctrl-C: exit 130, in app.main)."""
+    import typer
+
+    return typer.confirm(question, default=False)
+
+
+def go_on_despite(warnings: list[str], yes: bool, *, batch: bool = False) -> None:
+    """Warnings about something the user may not mean (an adapter on another base than its own):
+    each printed; then, at a terminal and unless ``yes`` or ``batch`` (--json), a question whose
+    No stops the command (exit 1) before any work. Without a terminal the command goes on."""
+    import typer
+    from rich.markup import escape
+
+    for message in warnings:
+        warn(escape(message))
+    if warnings and not yes and not batch and interactive() and not confirm("Go on?"):
+        say("stopped; nothing was done")
+        raise typer.Exit(1)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import interactive, out
+from ctrlora_cli.console import go_on_despite, interactive, out
 from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
-from ctrlora_cli.options import print_json, retold
+from ctrlora_cli.options import YesOpt, print_json, retold
+from engine.demo.settings import EvalSettings
+from engine.generation.settings import SCHEDULERS
 from engine.errors import UsageError
 
+EVAL = EvalSettings()  # the defaults
 BARE = "none"  # ADAPTER value for the base alone, with no adapter
 EvalStepsOpt = retold(StepsOpt, "Denoising steps per image.")
 EvalSeedOpt = retold(SeedOpt, "Image i uses seed + i.")
@@ -31,42 +33,47 @@ def evaluate(
     kind: str | None = typer.Option(None, "--kind", help="Fidelity measure (default: the adapter's condition, else "
                                                          "the data set's, from its world.json)."),
     count: int | None = typer.Option(None, "--count", "-n", help="Evaluate the first N pairs (default: all)."),
-    steps: EvalStepsOpt = 20,
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | unipc | euler-a | dpm++"),
-    seed: EvalSeedOpt = 0,
-    batch: int = typer.Option(16, "--batch", help="Pairs generated together (memory, not the scores)."),
+    steps: EvalStepsOpt = EVAL.steps,
+    guidance: float = typer.Option(EVAL.guidance, "--guidance", help="Classifier-free guidance scale, at least 0."),
+    scheduler: str = typer.Option(EVAL.scheduler, "--scheduler", help=" | ".join(SCHEDULERS)),
+    seed: EvalSeedOpt = EVAL.seed,
+    batch: int = typer.Option(EVAL.batch, "--batch", help="Pairs generated together (memory, not the scores)."),
     save: Path | None = typer.Option(None, "--save", help="Also keep the generated images in this folder."),
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
+    yes: YesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Score an adapter on held-out pairs: generate from each condition, re-extract, compare."""
+    from engine.checks import at_least
+
+    # Ranges first, before anything loads.
+    settings = EvalSettings(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch=batch).check()
+    if count is not None:
+        at_least("count", count, 1)
+
     from ctrlora_cli.progress import progress_bars
-    from ctrlora_cli.store.resolve import adapter_file, base_folders, default_base, load_pipeline
+    from ctrlora_cli.store.resolve import adapter_file, base_folders, base_for, base_warning, load_pipeline
     from ctrlora_cli.store.store import NotInStore, Store
     from engine.files import sha256_file
     from engine.training.pairs import describe_problems, scan_folder
-    from engine.demo.evaluate import EvalSettings
     from engine.demo.evaluate import evaluate as run_eval
     from engine.demo.fidelity import KINDS
 
-    for flag, value in (("--count", count), ("--batch", batch)):  # --steps: its option's own check
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be at least 1, not {value}")
     store = Store()
     bare = adapter.lower() == BARE
-    adapters, condition = [], None
+    adapters, condition, warnings = [], None, []
     try:  # a missing model is bad input here (exit 2), as in gen
-        adapter_base = None if bare or Path(adapter).suffix == ".safetensors" else _adapter_base(store, adapter)
-        base_manifest, cn_dir, sd_dir = base_folders(store, base or adapter_base or default_base(store), sd)
+        base_manifest, cn_dir, sd_dir = base_folders(store, base_for(store, [] if bare else [adapter], base), sd)
         if not bare:
             path, meta = adapter_file(store, adapter, base_manifest)
             adapters.append((path, meta, sha256_file(path)))
             condition = meta.get("condition")
+            warnings = [w for w in [base_warning(store, adapter, base_manifest)] if w]
     except NotInStore as exc:
         raise UsageError(str(exc)) from None
     kind = _kind(kind, condition, data, KINDS)
+    go_on_despite(warnings, yes, batch=as_json)
 
     show = interactive() and not as_json
     with progress_bars(show) as callback:
@@ -77,7 +84,6 @@ def evaluate(
 
     pipe, names, _, _ = load_pipeline(sd_dir, cn_dir, adapters, device, precision.value, False)
     name = None if bare else next(iter(names.values()))
-    settings = EvalSettings(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch=batch)
     with progress_bars(show) as callback:
         result = run_eval(pipe, name, chosen, kind, settings, save_dir=save, callback=callback)
 
@@ -94,20 +100,13 @@ def evaluate(
     out.print(f"the data's own targets score {result.metric} {result.ceiling[result.metric]:.4f}", highlight=False)
 
 
-def _adapter_base(store, name: str) -> str | None:
-    """The base an adapter entry was made on, when it says so and the store still holds it."""
-    manifest = store.get(name)
-    base = (manifest.extra or {}).get("base")
-    return base if base and store.exists(base) else None
-
-
 def _kind(kind: str | None, condition: str | None, data: Path, kinds: tuple[str, ...]) -> str:
+    from engine.demo.world import recorded_condition
+
     if kind is None and condition in kinds:
         kind = condition
     if kind is None:
-        about = Path(data) / "world.json"
-        if about.is_file():
-            kind = json.loads(about.read_text(encoding="utf-8")).get("condition")
+        kind = recorded_condition(data)
     if kind is None:
         raise UsageError(f"cannot tell which fidelity measure to use; give --kind ({', '.join(kinds)})")
     if kind not in kinds:

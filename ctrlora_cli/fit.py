@@ -14,7 +14,8 @@ DATA_HELP = """Folder of training pairs: either prompt.json (JSON lines {"source
 source/ and target/, or source/ and target/ with matching file names and prompts in prompts.jsonl
 ({"name", "prompt"} lines) or one .txt per image."""
 FIT = FitConfig()  # the defaults
-FitBaseOpt = retold(BaseOpt, "Base ControlNet to fit on (default: the only one, or 'base').")
+FitBaseOpt = retold(BaseOpt, "Base ControlNet to fit on (default: with --resume, the run's; else the only one, or "
+                             "'base').")
 FitStepsOpt = retold(StepsOpt, "Optimizer steps.")
 FitSeedOpt = retold(SeedOpt, "Seed for the adapter's init, the data order and the noise.")
 FitPrecisionOpt = retold(PrecisionOpt, "auto: bf16 on GPU, fp32 on CPU; fp32 or bf16 (fit keeps fp32 master "
@@ -28,20 +29,23 @@ def register(app: typer.Typer) -> None:
 def fit(
     data: Path = typer.Argument(..., help=DATA_HELP, show_default=False),
     name: str | None = typer.Option(None, "--name", help="Store name of the new adapter (asked for when interactive)."),
+    condition: str | None = typer.Option(None, "--condition", help="The condition's name, recorded in the adapter "
+                                                                   "(what eval measures) [default: the data's own "
+                                                                   "(world.json), else NAME]", show_default=False),
     base: FitBaseOpt = None,
     sd: SdOpt = None,
-    rank: int = typer.Option(FIT.rank, "--rank", help="LoRA rank."),
+    rank: int = typer.Option(FIT.rank, "--rank", help="LoRA rank, at least 1."),
     steps: FitStepsOpt = FIT.steps,
     batch: int = typer.Option(FIT.batch, "--batch", help="Pairs per forward pass."),
     grad_accum: int = typer.Option(FIT.grad_accum, "--grad-accum", help="Forward passes per optimizer step."),
-    lr: float = typer.Option(FIT.lr, "--lr", help="AdamW learning rate."),
+    lr: float = typer.Option(FIT.lr, "--lr", help="AdamW learning rate, above 0."),
     resolution: int = typer.Option(FIT.resolution, "--resolution",
-                                   help="Training size (short side resized, centre crop)."),
+                                   help="Training size, a multiple of 8 (short side resized, centre crop)."),
     precision: FitPrecisionOpt = Precision(FIT.precision),
     grad_checkpointing: bool = typer.Option(FIT.grad_checkpointing, "--grad-checkpointing",
                                             help="Recompute activations: less memory, slower."),
     drop_prompt: float = typer.Option(FIT.drop_prompt, "--drop-prompt",
-                                      help="Probability of training on the empty prompt."),
+                                      help="Probability of training on the empty prompt, 0 to 1."),
     val_every: int = typer.Option(FIT.val_every, "--val-every", help="Save a validation grid every N steps (0: never)."),
     val_prompt: list[str] = typer.Option([], "--val-prompt",
                                          help="Validation prompt (repeatable; default: the first pair's)."),
@@ -50,6 +54,8 @@ def fit(
     save_every: int = typer.Option(FIT.save_every, "--save-every",
                                    help="Write a checkpoint every N steps (0: only at the end)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace an entry NAME in the store; without --resume, also "
+                                                      "start over a run left in --run-dir."),
     seed: FitSeedOpt = FIT.seed,
     workers: int = typer.Option(FIT.workers, "--workers", help="Threads that read and decode images."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out bad pairs instead of stopping."),
@@ -60,34 +66,47 @@ def fit(
     device: DeviceOpt = FIT.device,
 ) -> None:
     """Fit a new condition's adapter on a Base ControlNet from about 1,000 image pairs."""
-    from ctrlora_cli.store.resolve import base_folders, default_base
+    from dataclasses import replace
+
     from ctrlora_cli.store.names import validate_name
     from ctrlora_cli.store.store import Store
-    from ctrlora_cli.store.results import add_fitted_adapter, weights_digest
-    from engine.errors import UsageError
+    from engine.errors import SettingError, UsageError
 
+    # Ranges first (no torch): nobody should answer a question only to have --lr refused after it.
+    config = FitConfig(rank=rank, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr, resolution=resolution,
+                       precision=precision.value, grad_checkpointing=grad_checkpointing, drop_prompt=drop_prompt,
+                       val_every=val_every, val_prompts=list(val_prompt), val_conds=[str(p) for p in val_cond],
+                       save_every=save_every, seed=seed, workers=workers, device=device).check()
+    if condition is not None and not condition.strip():
+        raise SettingError("condition", "must not be empty")
     store = Store()
     if name is None:
         name = ask("Name for the new adapter", "missing --name: the store name for the new adapter")
     validate_name(name)
-    if store.exists(name):
-        raise UsageError(f"{name!r} is already in the store; pick another --name")
-    base_manifest, controlnet_dir, sd_dir = base_folders(store, base or default_base(store), sd)
-    # The cheap checks are done; now the heavy libraries.
+    store.claim(name, force, "--name")
+    run_dir = run_dir or store.run_folder(name, "fit")
+
+    from ctrlora_cli.store.resolve import base_folders, default_base
+    from ctrlora_cli.store.results import add_fitted_adapter, weights_digest
+    from engine.demo.world import recorded_condition
+    from engine.training import fit as fitting
+
+    try:
+        fitting.check_run_folder(run_dir, resume, restart=force)
+    except fitting.RunFolderTaken as exc:
+        raise SettingError("run_dir", f"{run_dir} already holds a run of {name!r} ({exc.progress}); continue it with "
+                                      "--resume, start over in it with --force, or delete the folder") from None
+    base = base or (_run_base(store, run_dir) if resume else None) or default_base(store)
+    base_manifest, controlnet_dir, sd_dir = base_folders(store, base, sd)
+    config = replace(config, condition=(condition or recorded_condition(data) or name).strip()).resolved()
+    cache_dir = cache_dir or store.root / "cache" / "latents"
+
+    # The cheap checks are done; now the heavy work.
     import torch
 
     from ctrlora_cli.progress import progress_bars
     from engine.training.pairs import describe_problems, scan_folder
-    from engine.training.fit import fit as run_fit
     from engine.models.storage import load_base, load_sd
-
-    config = FitConfig(condition=name, rank=rank, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
-                       resolution=resolution, precision=precision.value, grad_checkpointing=grad_checkpointing,
-                       drop_prompt=drop_prompt, val_every=val_every, val_prompts=list(val_prompt),
-                       val_conds=[str(p) for p in val_cond], save_every=save_every, seed=seed, workers=workers,
-                       device=device).resolved()
-    run_dir = run_dir or store.root / "runs" / name
-    cache_dir = cache_dir or store.root / "cache" / "latents"
 
     show = interactive()
     with progress_bars(show, describe=_describe) as callback:
@@ -95,16 +114,16 @@ def fit(
     if pairs.skipped:
         warn(f"left out {describe_problems(pairs.skipped, pairs.folder)}")
     if show:
-        err.print(f"{len(pairs.pairs)} pairs ({pairs.layout} layout); training on {config.device} in "
-                  f"{config.precision}; run folder {run_dir}", highlight=False)
+        err.print(f"{len(pairs.pairs)} pairs ({pairs.layout} layout) of condition {config.condition!r}; training on "
+                  f"{config.device} in {config.precision}; run folder {run_dir}", highlight=False)
 
     sd_components = load_sd(sd_dir)
     controlnet = load_base(controlnet_dir)
     try:
         with progress_bars(show, describe=_describe) as callback:
-            result = run_fit(pairs, sd=sd_components, controlnet=controlnet, run_dir=run_dir, cache_dir=cache_dir,
-                             config=config, resume=resume, base_digest=weights_digest(base_manifest),
-                             callback=callback)
+            result = fitting.fit(pairs, sd=sd_components, controlnet=controlnet, run_dir=run_dir, cache_dir=cache_dir,
+                                 config=config, resume=resume, restart=force,
+                                 base_digest=weights_digest(base_manifest), callback=callback)
     except KeyboardInterrupt:
         err.print(f"interrupted; continue from the last checkpoint with the same command and --resume "
                   f"(run folder {run_dir})", highlight=False)
@@ -114,10 +133,25 @@ def fit(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    try:  # again: the name may have been taken while this ran
+        store.claim(name, force, "--name")
+    except UsageError as exc:
+        raise UsageError(f"{exc} (the adapter is in {result.adapter_file})") from None
     add_fitted_adapter(store, name, result, base_manifest, config, data, run_dir)
-    out.print(f"fitted {name}: {result.steps} steps on {result.pairs} pairs in {_duration(result.seconds)}, "
-              f"loss {result.final_loss:.4f} (moving average); run folder {result.run_dir}", highlight=False)
-    out.print(f"use it: ctrlora gen --base {base_manifest.name} --cond {name}=CONDITION.png -p PROMPT", highlight=False)
+    about = f" (condition {config.condition})" if config.condition != name else ""
+    out.print(f"fitted {name}{about}: {result.steps} steps on {result.pairs} pairs in "
+              f"{_duration(result.seconds)}, loss {result.final_loss:.4f} (moving average); run folder "
+              f"{result.run_dir}", highlight=False)
+    out.print(f"use it: ctrlora gen --cond {name}=CONDITION.png -p PROMPT", highlight=False)
+
+
+def _run_base(store, run_dir: Path) -> str | None:
+    """The store's base with the weights the run in ``run_dir`` started on (``--resume``), if any."""
+    from ctrlora_cli.store.resolve import recorded_base
+    from engine.training.fit import saved_run
+
+    digest = ((saved_run(run_dir) or {}).get("identity") or {}).get("base_digest")
+    return recorded_base(store, {"name": "", "digest": digest}) if digest else None
 
 
 def _describe(event) -> str:

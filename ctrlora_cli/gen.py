@@ -7,12 +7,13 @@ from pathlib import Path
 
 import typer
 
-from ctrlora_cli.console import ask, err, interactive, out, warn
-from ctrlora_cli.gen_request import SCHEDULER_NAMES
+from ctrlora_cli.console import ask, err, go_on_despite, interactive, out, warn
+from engine.generation.settings import SCHEDULERS
 from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
-from ctrlora_cli.options import print_json, retold
+from ctrlora_cli.options import YesOpt, print_json, retold
 
-GenBaseOpt = retold(BaseOpt, "Base in the store (default: the image's with --from, else the only one, or 'base').")
+GenBaseOpt = retold(BaseOpt, "Base in the store (default: the image's with --from, else the one the adapters were "
+                             "made for, else the only one, or 'base').")
 GenStepsOpt = retold(StepsOpt, "Denoising steps (default: 20).", optional=True)
 GenSeedOpt = retold(SeedOpt, "Seed of the first image (image k: seed + k) (default: random).", optional=True)
 
@@ -31,14 +32,18 @@ def gen(
     base: GenBaseOpt = None,
     sd: SdOpt = None,
     steps: GenStepsOpt = None,
-    guidance: float | None = typer.Option(None, "--guidance", min=0.0, help="Classifier-free guidance (default: 7.5)."),
-    scheduler: str | None = typer.Option(None, "--scheduler", help=f"{' | '.join(SCHEDULER_NAMES)} (default: ddim)."),
+    guidance: float | None = typer.Option(None, "--guidance", help="Classifier-free guidance, at least 0 (default: 7.5)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help=f"{' | '.join(SCHEDULERS)} (default: ddim)."),
     seed: GenSeedOpt = None,
-    width: int | None = typer.Option(None, "--width", min=8, help="Width, a multiple of 8 (default: the first condition image's)."),
-    height: int | None = typer.Option(None, "--height", min=8, help="Height, a multiple of 8 (default: the first condition image's)."),
-    batch: int = typer.Option(1, "--batch", min=1, help="Images to make."),
+    width: int | None = typer.Option(None, "--width", help="Width, a multiple of 8 up to 4096 (default: the first "
+                                                          "condition image's)."),
+    height: int | None = typer.Option(None, "--height", help="Height, a multiple of 8 up to 4096 (default: the first "
+                                                            "condition image's)."),
+    batch: int = typer.Option(1, "--batch", help="Images to make."),
     strength: float | None = typer.Option(None, "--strength", help="Global control scale (default: 1.0)."),
-    out_path: Path | None = typer.Option(None, "--out", "-o", help="A .png file, or a folder (default: the current folder)."),
+    out_path: Path | None = typer.Option(None, "--out", "-o", help="A .png file, or a folder (default: the current "
+                                                                   "folder; new names there never replace a file)."),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet and ControlNet (slow first step)."),
@@ -46,6 +51,7 @@ def gen(
     from_png: Path | None = typer.Option(None, "--from", help="Make again from a PNG made by ctrlora gen (options given override)."),
     prep: list[str] = typer.Option(None, "--prep", metavar="[NAME=]KIND",
                                    help="Extract the condition from the image first (e.g. canny); NAME= picks one condition."),
+    yes: YesOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Generate images from one or more conditions."""
@@ -53,13 +59,14 @@ def gen(
 
     started = time.perf_counter()
     recipe, specs = read_conditions(from_png, cond or [], prep or [])
+    # Cheap checks first (no torch import): ranges, images, size, outputs; then the prompt, the store.
+    request = build_request(recipe, specs, None, dict(negative_prompt=negative, steps=steps, guidance=guidance,
+                                                      scheduler=scheduler, strength=strength),
+                            seed, width, height, batch, out_path, grid, force)
     prompt = prompt if prompt is not None else recipe.get("prompt")
     if prompt is None:
         prompt = ask("Prompt", "give a prompt with -p/--prompt", batch=json_output)
-    # Cheap checks first (no torch import): images, size, outputs, then the store.
-    request = build_request(recipe, specs, prompt, dict(negative_prompt=negative, steps=steps, guidance=guidance,
-                                                        scheduler=scheduler, strength=strength),
-                            seed, width, height, batch, out_path)
+    request.prompt = prompt
 
     from ctrlora_cli.gen_conditions import prepare
     from ctrlora_cli.store.lookup import find_models
@@ -68,6 +75,7 @@ def gen(
 
     store = Store()
     models = find_models(store, request.specs, base, sd, recipe, warn=warn)
+    go_on_despite(models.base_warnings, yes, batch=json_output)
     cond_images = [prepare(spec, image, request.width, request.height)
                    for spec, image in zip(request.specs, request.images)]
 
@@ -92,8 +100,8 @@ def gen(
                       condition_seed=request.condition_seed, width=request.width, height=request.height,
                       batch=batch, strength=settings["strength"], callback=callback)
 
-    written, grid_path = write_outputs(request.targets, result, recipe_of(request, models, precision, dev),
-                                       cond_images, grid)
+    written, grid_path = write_outputs(request.outputs, result, recipe_of(request, models, precision, dev),
+                                       cond_images, warn)
     if json_output:
         print_json(summary(request, result, written, grid_path, precision, dev, load_s))
         return

@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
+from engine.generation.settings import check_condition
 
 _WINDOW = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*-\s*([0-9]*\.?[0-9]+)\s*$")
 
@@ -29,35 +30,35 @@ class CondSpec:
 
 def parse_cond(spec: str) -> CondSpec:
     """Parse NAME=IMAGE[:WEIGHT[:START-END]]; an IMAGE that exists as a file is taken whole, so
-    paths with ':' work."""
+    paths with ':' work. The weight and window are checked (``check_condition``) here, before
+    any image is read."""
     name, sep, rest = spec.partition("=")
     if not sep or not name.strip() or not rest.strip():
-        raise UsageError(f"--cond {spec!r}: expected NAME=IMAGE[:WEIGHT[:START-END]]")
+        raise SettingError("cond", f"{spec!r}: expected NAME=IMAGE[:WEIGHT[:START-END]]")
     if Path(rest).is_file() or ":" not in rest:
         return CondSpec(name.strip(), rest)
     parts = rest.rsplit(":", 2)
-    if len(parts) == 3 and not _WINDOW.match(parts[2]) and not _is_number(parts[1]):
+    if len(parts) == 3 and not _WINDOW.match(parts[2]) and _number(parts[1]) is None:
         parts = [parts[0] + ":" + parts[1], parts[2]]  # 'a:b.png:0.5': the image holds a ':'
     image, weight_text = parts[0], parts[1]
-    if not _is_number(weight_text):
-        raise UsageError(f"--cond {spec!r}: weight {weight_text!r} is not a number")
-    weight = float(weight_text)
+    weight = _number(weight_text)
+    if weight is None:
+        raise SettingError("cond", f"{spec!r}: weight {weight_text!r} is not a number")
     start, end = 0.0, 1.0
     if len(parts) == 3:
         match = _WINDOW.match(parts[2])
         if not match:
-            raise UsageError(f"--cond {spec!r}: window {parts[2]!r} must be START-END, e.g. 0-0.5")
+            raise SettingError("cond", f"{spec!r}: window {parts[2]!r} must be START-END, e.g. 0-0.5")
         start, end = float(match[1]), float(match[2])
-        if not (0.0 <= start < end <= 1.0):
-            raise UsageError(f"--cond {spec!r}: window {parts[2]!r} must satisfy 0 <= START < END <= 1")
+    check_condition("cond", repr(spec), weight, start, end)
     return CondSpec(name.strip(), image, weight, start, end)
 
 
-def _is_number(text: str) -> bool:
+def _number(text: str) -> float | None:
     try:
-        return float(text) == float(text) and abs(float(text)) != float("inf")
+        return float(text)
     except ValueError:
-        return False
+        return None
 
 
 def recipe_specs(recipe: dict, images) -> list[CondSpec]:
@@ -66,6 +67,7 @@ def recipe_specs(recipe: dict, images) -> list[CondSpec]:
     for entry, image in zip(recipe.get("conditions", []), images):
         spec = CondSpec(entry["adapter"], entry.get("image", "(from recipe)"), float(entry["weight"]),
                         float(entry["start"]), float(entry["end"]), prep=entry.get("prep"), digest=entry.get("digest"))
+        check_condition("from", f"condition {spec.name!r} of the recipe", spec.weight, spec.start, spec.end)
         spec.loaded = image  # the exact condition image used (already prepared and sized)
         specs.append(spec)
     return specs
@@ -112,19 +114,22 @@ def read_image(spec: CondSpec):
 
 def output_size(first, width: int | None, height: int | None) -> tuple[int, int]:
     """Both given; or one, the other keeping the first image's aspect; or the image's own size,
-    rounded down to multiples of 8."""
-    for label, value in (("--width", width), ("--height", height)):
-        if value is not None and value % 8:
-            raise UsageError(f"{label} {value} is not a multiple of 8")
+    rounded down to multiples of 8 (``engine.generation.settings``: 8 to 4096)."""
+    from engine.generation.settings import MAX_SIDE, SIZE_FACTOR, check_side
+
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            check_side(name, value)
     if width is None and height is None:
         width, height = first.width, first.height
     elif width is None:
         width = round(first.width * height / first.height)
     elif height is None:
         height = round(first.height * width / first.width)
-    width, height = width - width % 8, height - height % 8
-    if width < 8 or height < 8:
-        raise UsageError(f"the condition image is too small ({first.width}x{first.height}); give --width/--height")
+    width, height = width - width % SIZE_FACTOR, height - height % SIZE_FACTOR
+    if min(width, height) < SIZE_FACTOR or max(width, height) > MAX_SIDE:
+        raise UsageError(f"the condition image's size ({first.width}x{first.height}) gives {width}x{height}, "
+                         f"outside {SIZE_FACTOR} to {MAX_SIDE}; give --width and --height")
     return width, height
 
 

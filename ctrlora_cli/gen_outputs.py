@@ -3,31 +3,76 @@ themselves, and the ``--json`` summary."""
 
 from __future__ import annotations
 
+import itertools
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
 
 
-def output_paths(out_path: Path | None, seeds: list[int]) -> list[Path]:
-    """Where each image goes: ``x.png`` (``x-K.png`` for a batch), or new names in a folder."""
+@dataclass(frozen=True)
+class Target:
+    """An output file: ``name`` numbered ``n`` (``numbered``); a name taken while generating
+    moves it on to the next free number."""
+
+    name: Path
+    n: int = 0
+
+    @property
+    def path(self) -> Path:
+        return numbered(self.name, self.n)
+
+
+@dataclass
+class Outputs:
+    """Where a generation's files go, decided before any model loads."""
+
+    images: list[Target]  # one per image of the batch
+    grid: Target | None  # with --grid
+    named: bool  # named by --out FILE (else new names in a folder)
+    replace: bool  # --force: named files are replaced
+
+
+def output_paths(out_path: Path | None, seeds: list[int], grid: bool = False, force: bool = False) -> Outputs:
+    """``--out x.png`` (``x-K.png`` for a batch, ``x-grid.png``): refused when one exists, unless
+    ``force``. A folder (default: the current one): ``ctrlora-<seed>.png`` and
+    ``<first>-grid.png``, each taking the next free number (``ctrlora-42-1.png``) when taken."""
     if out_path is not None and out_path.suffix:
         if out_path.suffix.lower() != ".png":
             raise UsageError(f"--out {out_path}: give a .png file or a folder (the recipe lives in PNG text)")
         if out_path.is_dir():
             raise UsageError(f"--out {out_path} is a folder; drop the .png suffix or pick a file name")
-        if len(seeds) == 1:
-            return [out_path]
-        return [out_path.with_name(f"{out_path.stem}-{k}.png") for k in range(len(seeds))]
+        images = [out_path] if len(seeds) == 1 else [out_path.with_name(f"{out_path.stem}-{k}.png")
+                                                     for k in range(len(seeds))]
+        grid_path = out_path.with_name(f"{out_path.stem}-grid.png") if grid else None
+        taken = [p for p in images + [grid_path] if p is not None and os.path.lexists(p)]
+        if taken and not force:
+            also = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+            raise SettingError("out", f"{taken[0]} already exists{also}; pass --force to replace it, or pick "
+                                      "another name")
+        return Outputs([Target(p) for p in images], Target(grid_path) if grid else None, named=True, replace=force)
     folder = out_path or Path.cwd()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} exists and is not a folder")
-    paths = []
+    images: list[Target] = []
     for s in seeds:
-        path, n = folder / f"ctrlora-{s}.png", 1
-        while path.exists() or path in paths:
-            path, n = folder / f"ctrlora-{s}-{n}.png", n + 1
-        paths.append(path)
-    return paths
+        images.append(first_free(Target(folder / f"ctrlora-{s}.png"), images))
+    grid_target = first_free(Target(images[0].path.with_name(f"{images[0].path.stem}-grid.png"))) if grid else None
+    return Outputs(images, grid_target, named=False, replace=False)
+
+
+def numbered(path: Path, n: int) -> Path:
+    """``path`` itself for 0, else ``stem-n.png`` beside it."""
+    return path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+
+
+def first_free(target: Target, taken=()) -> Target:
+    """``target``, or the first later number, whose file neither exists nor is in ``taken``."""
+    paths = {t.path for t in taken}
+    while os.path.lexists(target.path) or target.path in paths:
+        target = Target(target.name, target.n + 1)
+    return target
 
 
 def recipe_of(request, models, precision: str, device) -> dict:
@@ -42,18 +87,28 @@ def recipe_of(request, models, precision: str, device) -> dict:
     }
 
 
-def write_outputs(targets: list[Path], result, recipe: dict, cond_images, grid: bool) -> tuple[list[str], str | None]:
-    """Each image with its recipe (its own seed), and the grid; atomically, file by file."""
+def write_outputs(outputs: Outputs, result, recipe: dict, cond_images, warn) -> tuple[list[str], str | None]:
+    """Each image with its recipe (its own seed), and the grid; atomically, file by file, and never
+    over a file that appeared while generating (the next free name instead; a named one warns)."""
     from engine.images import image_grid as make_grid
     from engine.generation.png_recipe import save_png
 
-    written, grid_path = [], None
+    def write(target: Target, image, *args) -> str:
+        if outputs.replace:
+            return str(save_png(target.path, image, *args))
+        for n in itertools.count(target.n):
+            try:
+                written = save_png(numbered(target.name, n), image, *args, replace=False)
+            except FileExistsError:
+                continue
+            if n != target.n and outputs.named:
+                warn(f"{target.path} appeared while generating; wrote {written} instead")
+            return str(written)
+
     try:
-        for target, image, image_seed in zip(targets, result.images, result.seeds):
-            written.append(str(save_png(target, image, {**recipe, "seed": image_seed}, cond_images)))
-        if grid:
-            grid_path = str(save_png(targets[0].with_name(targets[0].stem + "-grid.png"),
-                                     make_grid(cond_images + list(result.images))))
+        written = [write(target, image, {**recipe, "seed": image_seed}, cond_images)
+                   for target, image, image_seed in zip(outputs.images, result.images, result.seeds)]
+        grid_path = write(outputs.grid, make_grid(cond_images + list(result.images))) if outputs.grid else None
     except OSError as exc:
         raise UsageError(f"cannot write the output: {exc}") from None
     return written, grid_path

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctrlora_cli.gen_conditions import CondSpec, apply_prep, check_prep, output_size, parse_cond, read_image, recipe_specs
-from ctrlora_cli.gen_outputs import output_paths
+from ctrlora_cli.gen_outputs import Outputs, output_paths
 from engine.errors import UsageError
+from engine.generation.settings import check_sampling
 
-SCHEDULER_NAMES = ("ddim", "unipc", "euler-a", "dpm++")  # engine.generation.sampling.SCHEDULERS (not imported: --help stays fast)
 DEFAULTS = dict(negative_prompt="", steps=20, guidance=7.5, scheduler="ddim", strength=1.0)
 
 
@@ -35,29 +35,30 @@ def read_conditions(from_png: Path | None, cond: list[str], prep: list[str]) -> 
 class GenRequest:
     specs: list[CondSpec]
     images: list  # each condition's image as read, before sizing and --prep
-    prompt: str
+    prompt: str | None  # None until asked for (after every other check)
     settings: dict  # DEFAULTS' keys, decided
     seed: int  # of the first image; image k: seed + k
     condition_seed: int  # of the conditions' latents (a recipe's, when it is made again)
     width: int
     height: int
-    targets: list[Path]  # one output file per image
+    outputs: Outputs
 
 
 def build_request(recipe: dict, specs: list[CondSpec], prompt: str, given: dict, seed: int | None,
-                  width: int | None, height: int | None, batch: int, out_path: Path | None) -> GenRequest:
+                  width: int | None, height: int | None, batch: int, out_path: Path | None, grid: bool = False,
+                  force: bool = False) -> GenRequest:
     """``given``: the options among DEFAULTS' keys (None: not given)."""
     settings = {k: recipe.get(k, v) for k, v in DEFAULTS.items()}
     settings.update({k: v for k, v in given.items() if v is not None})
-    if settings["scheduler"] not in SCHEDULER_NAMES:
-        raise UsageError(f"unknown scheduler {settings['scheduler']!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     seed = seed if seed is not None else recipe.get("seed", secrets.randbelow(2**31))
+    check_sampling(steps=settings["steps"], guidance=settings["guidance"], strength=settings["strength"],
+                   batch=batch, seed=seed, scheduler=settings["scheduler"])
     # The recipe's own image made again: its conditions' latents as they were.
     condition_seed = recipe.get("condition_seed", seed) if recipe and seed == recipe.get("seed") else seed
     if recipe and width is None and height is None:
         width, height = recipe.get("width"), recipe.get("height")
     images = [read_image(spec) for spec in specs]
     width, height = output_size(images[0], width, height)
-    targets = output_paths(out_path, [seed + k for k in range(batch)])
+    outputs = output_paths(out_path, [seed + k for k in range(batch)], grid, force)
     check_prep(specs)
-    return GenRequest(specs, images, prompt, settings, seed, condition_seed, width, height, targets)
+    return GenRequest(specs, images, prompt, settings, seed, condition_seed, width, height, outputs)

@@ -29,8 +29,12 @@ PrecisionOpt = Annotated[Precision, typer.Option("--precision", case_sensitive=F
                                                  help="auto: fp16 on GPU for generation, bf16 for training; "
                                                       "fp32 on CPU.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Random seed (the same seed gives the same result).")]
-StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Number of steps.")]
+# Numbers carry no Typer ranges: every command checks its numbers through engine.checks, so that
+# each refusal reads the same ("--steps: must be between 1 and 1000, not 0") and NaN is refused too.
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed, 0 to 2**32-1 (the same seed gives the same "
+                                                     "result).")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Number of steps.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; go on after warnings (as without a terminal).")]
 
 
 def print_json(data: Any) -> None:

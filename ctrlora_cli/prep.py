@@ -8,7 +8,7 @@ import typer
 
 from ctrlora_cli.console import ask, out
 from ctrlora_cli.options import JsonOpt, print_json
-from engine.errors import UsageError
+from engine.errors import SettingError
 
 
 def register(app: typer.Typer) -> None:
@@ -39,10 +39,11 @@ def prep(
         kind = kind or ask(f"Condition kind ({', '.join(extractors.SPECS)})", refusal, batch=as_json)
         image = image or Path(ask("Image file", refusal, batch=as_json))
 
+    name = extractors.resolve_kind(kind)
+    params = extractors.SPECS[name].check(_parse_params(param))  # before torch loads (engine.images)
+
     from engine.images import check_writable_image_path, load_image, save_image
 
-    name = extractors.resolve_kind(kind)
-    params = extractors.SPECS[name].check(_parse_params(param))
     output = check_writable_image_path(output or Path(f"{image.stem}-{name}.png"))
     picture = load_image(image)
     condition = extractors.extract(name, picture, **params)
@@ -59,7 +60,7 @@ def _parse_params(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--param expects KEY=VALUE, not {item!r}")
+            raise SettingError("param", f"expects KEY=VALUE, not {item!r}")
         params[key.strip()] = value.strip()
     return params
 

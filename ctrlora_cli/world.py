@@ -8,8 +8,10 @@ import typer
 
 from ctrlora_cli.console import ask, out
 from ctrlora_cli.options import JsonOpt, SeedOpt, print_json, retold
+from engine.demo.settings import ToySDSettings
 from engine.errors import UsageError
 
+TOY = ToySDSettings()  # the defaults
 WorldSeedOpt = retold(SeedOpt, "World seed: the same seed draws the same scenes.")
 TrainSdSeedOpt = retold(SeedOpt, "World and training seed.")
 
@@ -36,6 +38,7 @@ def make(
     """Write COUNT (condition, scene, caption) pairs in the fit layout: prompt.json, source/, target/."""
     from engine.demo import world
 
+    world.check_dataset(condition, count, size, seed)  # what is given, before asking for the rest
     if condition is None or count is None:
         missing = "--condition" if condition is None else "--count"
         refusal = f"give {missing}, e.g. ctrlora world make data/canny --condition canny --count 1000"
@@ -45,7 +48,7 @@ def make(
     from ctrlora_cli.progress import progress_bars
 
     with progress_bars(enabled=None if not as_json else False) as callback:
-        index = world.write_dataset(folder, condition, count, size=size, seed=seed, overwrite=force,
+        index = world.write_dataset(folder, condition, count, size=size, seed=seed, force=force,
                                     progress=callback)
     if as_json:
         print_json({"folder": str(folder), "prompt_file": str(index), "condition": condition, "count": count,
@@ -79,15 +82,15 @@ def conditions(as_json: JsonOpt = False) -> None:
 @world_app.command("train-sd")
 def train_sd(
     name: str | None = typer.Option(None, "--name", help="Store name of the sd entry to make, e.g. demo-sd."),
-    size: int = typer.Option(32, "--size", help="Image side in pixels (a multiple of 32, 32 to 256)."),
-    count: int | None = typer.Option(None, "--count", "-n", help="World scenes to train on (default 4000)."),
-    vae_steps: int | None = typer.Option(None, "--vae-steps", help="VAE training steps (default 800)."),
-    unet_steps: int | None = typer.Option(None, "--unet-steps", help="Text encoder + UNet steps (default 1000)."),
-    batch: int | None = typer.Option(None, "--batch", help="Scenes per text encoder + UNet step (default 64)."),
-    vae_batch: int | None = typer.Option(None, "--vae-batch", help="Images per VAE step (default 32)."),
-    prediction: str | None = typer.Option(None, "--prediction",
-                                          help="What the UNet predicts: v_prediction (default) or epsilon (SD1.5's)."),
-    seed: TrainSdSeedOpt = 0,
+    size: int = typer.Option(TOY.size, "--size", help="Image side in pixels (a multiple of 32, 32 to 256)."),
+    count: int = typer.Option(TOY.count, "--count", "-n", help="World scenes to train on."),
+    vae_steps: int = typer.Option(TOY.vae_steps, "--vae-steps", help="VAE training steps (0 or more)."),
+    unet_steps: int = typer.Option(TOY.unet_steps, "--unet-steps", help="Text encoder + UNet steps (0 or more)."),
+    batch: int = typer.Option(TOY.batch, "--batch", help="Scenes per text encoder + UNet step."),
+    vae_batch: int = typer.Option(TOY.vae_batch, "--vae-batch", help="Images per VAE step."),
+    prediction: str = typer.Option(TOY.prediction, "--prediction",
+                                   help="What the UNet predicts: v_prediction or epsilon (SD1.5's)."),
+    seed: TrainSdSeedOpt = TOY.seed,
     out_dir: Path | None = typer.Option(None, "--out", help="Also keep the SD folder (diffusers layout) here."),
     force: bool = typer.Option(False, "--force", help="Replace an entry NAME already in the store."),
     as_json: JsonOpt = False,
@@ -97,20 +100,20 @@ def train_sd(
     from ctrlora_cli.store.names import validate_name
     from ctrlora_cli.store.store import Store
 
+    # Ranges first, before the question and before torch loads.
+    settings = ToySDSettings(size=size, count=count, vae_steps=vae_steps, unet_steps=unet_steps, batch=batch,
+                             vae_batch=vae_batch, prediction=prediction, seed=seed).check()
     if name is None:
         name = ask("Store name for the toy SD", "give --name, e.g. ctrlora world train-sd --name demo-sd",
                    default="demo-sd", batch=as_json)
     validate_name(name)
     store = Store()
-    if store.exists(name) and not force:
-        raise UsageError(f"{name!r} is already in the store; pick another --name or add --force")
+    store.claim(name, force, "--name")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a folder; pick another --out")
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} is not empty; pick another --out or add --force")
 
-    settings = _settings(size=size, count=count, vae_steps=vae_steps, unet_steps=unet_steps, batch=batch,
-                         vae_batch=vae_batch, prediction=prediction, seed=seed)
     from ctrlora_cli.progress import progress_bars
     from ctrlora_cli.store.results import add_toy_sd
 
@@ -123,12 +126,6 @@ def train_sd(
               f"(trivial {summary['vae_mse_trivial']:.4f}), UNet loss {_fmt(summary['unet_loss_first'])} -> "
               f"{_fmt(summary['unet_loss_last'])}, latent scale {summary['scaling_factor']:.3f}", highlight=False,
               soft_wrap=True)
-
-
-def _settings(**given):
-    from engine.demo.toy_sd import ToySDSettings
-
-    return ToySDSettings(**{k: v for k, v in given.items() if v is not None}).check()
 
 
 def _fmt(value) -> str:

@@ -8,6 +8,7 @@ half of one, and an interrupted write leaves nothing behind. Every content diges
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,9 +21,11 @@ CHUNK = 1 << 20  # bytes read at a time when hashing
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, replace: bool = True) -> Iterator[Path]:
     """A temp path in ``path``'s folder to write to; renamed over ``path`` when the block ends
-    without an error, removed otherwise. Readers see the old file or the new, never half of one."""
+    without an error, removed otherwise. Readers see the old file or the new, never half of one.
+    ``replace=False``: an existing ``path`` is kept and ``FileExistsError`` raised instead, also
+    when another process creates it while the block runs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,10 +33,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_new(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _rename_new(tmp: Path, path: Path) -> None:
+    """``tmp`` renamed to ``path`` only if nothing is there: a hard link fails atomically on an
+    existing name; where links cannot be made, the name is checked right before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _umask() -> int:
@@ -42,9 +63,9 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
+def write_atomic(path: str | Path, data: str | bytes, replace: bool = True) -> Path:
     """Write text (as UTF-8, whatever the locale) or bytes to ``path`` through ``atomic_path``."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace) as tmp:
         if isinstance(data, bytes):
             tmp.write_bytes(data)
         else:

@@ -23,7 +23,7 @@ def test_unknown_command_is_a_usage_error():
 def test_every_usage_error_is_one_line_naming_the_flag():
     """Typer's own refusals read like ours: one line on stderr, exit 2, the command's --help named."""
     cases = [(("frobnicate",), "No such command 'frobnicate'", "'ctrlora --help'"),
-             (("gen", "--steps", "0"), "'--steps'", "'ctrlora gen --help'"),
+             (("gen", "--steps", "many"), "'--steps'", "'ctrlora gen --help'"),
              (("eval", "a", "b", "--precision", "fp8"), "'fp8' is not one of", "'ctrlora eval --help'"),
              (("rm",), "Missing argument", "'ctrlora rm --help'")]
     for args, what, hint in cases:

@@ -59,8 +59,8 @@ def test_eval_scores_do_not_depend_on_its_batch(tiny_store, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("none", "{data}", "--kind", "depthx"), "no fidelity measure for 'depthx'"),
-    (("none", "{data}", "--count", "0"), "--count must be at least 1"),
-    (("none", "{data}", "--batch", "0"), "--batch must be at least 1"),
+    (("none", "{data}", "--count", "0"), "--count: must be at least 1, not 0"),
+    (("none", "{data}", "--batch", "0"), "--batch: must be at least 1, not 0"),
     (("missing-adapter", "{data}"), "not in the store"),
     (("none", "{empty}"), "cannot tell which fidelity measure"),
 ])
@@ -134,23 +134,27 @@ def readme_first_command() -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_first_command_runs_offline_in_an_empty_store(tmp_path):
+@pytest.mark.parametrize("also", [[], ["ctrlora pull tiny"]], ids=["empty store", "after pull tiny"])
+def test_readme_first_command_runs_offline_in_an_empty_store(tmp_path, also):
     """README's first command as a new user meets it (past its two pip installs): every ctrlora
     step in an empty store with no network, with the demo model the package ships, ending in an
-    image the size of its condition that follows it."""
+    image the size of its condition that follows it. Also with a second base in the store (``pull
+    tiny`` after ``pull demo``): ``gen`` takes the base demo-seg was made for, with no --base."""
     import shlex
 
     steps = readme_first_command()
     assert steps[0] == "pip install torch==2.13.0" and steps[1] == "pip install -e ."
+    assert steps[2] == "ctrlora pull demo"
     home = {"CTRLORA_HOME": str(tmp_path / "home"), "CTRLORA_OFFLINE": "1", "CTRLORA_DEMO_DIR": ""}
     ran = []
-    for step in steps[2:]:
+    for step in steps[2:3] + also + steps[3:]:
         args = shlex.split(step)
         assert args[0] == "ctrlora"
         result = run_cli(*args[1:], env=home, cwd=tmp_path, timeout=300)
         assert result.returncode == 0, f"{step}: {result.stderr}"
         ran.append(args)
     gen = next(args for args in ran if args[1] == "gen")
+    assert ran[-1] is gen and "--base" not in gen and result.stderr == ""  # gen, last: no warning either
     condition_path = gen[gen.index("--cond") + 1].split("=", 1)[1]
     image = Image.open(tmp_path / gen[gen.index("--out") + 1]).convert("RGB")
     condition = Image.open(tmp_path / condition_path).convert("RGB")

@@ -151,7 +151,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_store, tmp_path,
     resumed = run_cli(*_fit_args(data, "resumed", run), "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "fitted resumed: 12 steps on 3 pairs" in resumed.stdout
-    assert "ctrlora gen --base tiny --cond resumed=" in resumed.stdout
+    assert "ctrlora gen --cond resumed=" in resumed.stdout
     _check_store_entry(tiny_store, "resumed", data)
 
     # The same fit, never interrupted (in this process, also on one thread).
@@ -235,3 +235,52 @@ def test_bf16_keeps_fp32_master_weights_for_the_adapter_only(one_thread):
     assert all(p.dtype == torch.bfloat16 for p in trainer.unet.parameters())
     after = trainer.adapter_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_names_and_run_folders_are_never_lost_or_silently_replaced(tiny_store, tmp_path):
+    """fit claims its name before any work (--force replaces the entry); a run left in a run folder
+    (here after ``rm`` of an entry whose run lies outside the store) is continued with --resume or
+    started over with --force, never silently; the adapter's condition is the data's own."""
+    env = {"CTRLORA_HOME": str(tiny_store.root), **ONE_THREAD}
+    data = tmp_path / "world"
+    assert run_cli("world", "make", str(data), "-c", "canny", "-n", "2", "--size", "64").returncode == 0
+    run = tmp_path / "run"
+    args = ["fit", str(data), "--name", "edges", "--run-dir", str(run), "--rank", "4", "--resolution", "64",
+            "--save-every", "0", "--steps", "2"]
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert tiny_store.get("edges").condition == "canny"  # world.json's, not the store name
+    assert "use it: ctrlora gen --cond edges=" in first.stdout  # gen finds the adapter's base itself
+
+    taken = run_cli(*args, env=env)
+    assert taken.returncode == 2 and taken.stderr.strip().startswith(
+        "error: 'edges' is already in the store (adapter from fit"), taken.stderr
+    assert taken.stderr.strip().endswith("use another --name, or --force to replace it")
+
+    removed = run_cli("rm", "edges", "-y", env=env)
+    assert removed.returncode == 0 and f"kept run folder {run}" in removed.stdout
+    before = sorted(p.name for p in run.iterdir())
+    left = run_cli(*args, env=env)
+    assert left.returncode == 2, left.stderr
+    assert left.stderr.strip() == (f"error: --run-dir: {run} already holds a run of 'edges' (finished, 2 steps); "
+                                   "continue it with --resume, start over in it with --force, or delete the folder")
+    assert sorted(p.name for p in run.iterdir()) == before and not tiny_store.exists("edges")
+
+    # --resume continues it (two more steps), and the entry is back.
+    more = run_cli(*[a if a != "2" else "4" for a in args], "--resume", env=env)
+    assert more.returncode == 0, more.stderr
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert tiny_store.get("edges").extra["steps"] == 4
+
+    # --force replaces the entry and starts the run over in the same folder.
+    again = run_cli(*args, "--force", "--condition", "outline", env=env)
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    entry = tiny_store.get("edges")
+    assert (entry.extra["steps"], entry.condition) == (2, "outline")
+    _, meta = load_adapter_file(tiny_store.folder("edges") / "adapter.safetensors")
+    assert meta["condition"] == "outline"
+    assert len([m for m in tiny_store.list() if m.name == "edges"]) == 1
+    blobs = {f.digest for m in tiny_store.list() for f in m.files}
+    assert len(list((tiny_store.root / "blobs").iterdir())) == len(blobs)  # the old adapter's blob is gone

@@ -104,12 +104,12 @@ BAD = [
     (["--cond", "nosuch={d}/a.png"], "unknown adapter 'nosuch'"),
     (["--cond", "alien={d}/a.png"], "made for a sd15 base"),
     (["--cond", "edge"], "expected NAME=IMAGE"),
-    (["--cond", "edge={d}/a.png:heavy"], "weight 'heavy' is not a number"),
+    (["--cond", "edge={d}/a.png:heavy"], "--cond: 'edge={d}/a.png:heavy': weight 'heavy' is not a number"),
     (["--cond", "edge={d}/a.png:1:0.5-1.5"], "0 <= START < END <= 1"),
     (["--cond", "edge={d}/a.png:1:late"], "must be START-END"),
-    (["--cond", "edge={d}/a.png", "--width", "60"], "not a multiple of 8"),
+    (["--cond", "edge={d}/a.png", "--width", "60"], "--width: must be a multiple of 8 from 8 to 4096, not 60"),
     (["--cond", "edge={d}/a.png", "--out", "{d}/out/x.jpg"], "give a .png file or a folder"),
-    (["--cond", "edge={d}/a.png", "--scheduler", "plms"], "unknown scheduler"),
+    (["--cond", "edge={d}/a.png", "--scheduler", "plms"], "--scheduler: must be one of ddim, unipc"),
     (["--cond", "edge={d}/a.png", "--prep", "depth"], "needs an annotator"),
     (["--from", "{d}/a.png"], "holds no ctrlora recipe"),
 ]
@@ -123,7 +123,7 @@ def test_bad_input_is_one_line_and_exit_2(gen_store, args, message):
         args += ["--out", str(folder / "out")]
     result = run_cli("gen", *args, "-p", "a cat", "--steps", "1")
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert message.format(d=folder) in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (folder / "out").exists() or not any((folder / "out").iterdir())
 
@@ -139,3 +139,153 @@ def test_an_unknown_precision_is_refused_alike_before_any_work(command, tmp_path
     assert "Traceback" not in result.stderr and "store" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if "Invalid value for '--precision'" in line]
     assert "'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'" in line
+
+
+# -- nothing a user makes is replaced ----------------------------------------------------------
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.slow
+def test_outputs_never_replace_a_file_unless_forced(gen_store):
+    folder, _ = gen_store
+    out = folder / "out"
+    args = ["gen", "--cond", f"edge={folder / 'a.png'}", "-p", "a cat", "--steps", "1", "--seed", "7"]
+    first = run_cli(*args, "--out", str(out), "--grid", env=ONE_THREAD)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [str(out / "ctrlora-7.png"), str(out / "ctrlora-7-grid.png")]
+    made = _files(out)
+    # The same seed again: the next free number, for the image and the grid alike.
+    again = run_cli(*args, "--out", str(out), "--grid", env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == [str(out / "ctrlora-7-1.png"), str(out / "ctrlora-7-1-grid.png")]
+    assert {k: v for k, v in _files(out).items() if k in made} == made  # the first ones untouched
+
+    # A file named by --out (or its grid) is refused before any model loads, and kept.
+    mine = folder / "mine.png"
+    mine.write_bytes(b"my own picture")
+    for extra in ([], ["--grid"]):
+        target = folder / "mine.png" if not extra else folder / "x.png"
+        if extra:
+            (folder / "x-grid.png").write_bytes(b"my own grid")
+        refused = run_cli(*args, "--out", str(target), *extra)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        taken = mine if not extra else folder / "x-grid.png"
+        assert refused.stderr.strip() == f"error: --out: {taken} already exists; pass --force to replace it, or pick " \
+                                         "another name"
+    assert mine.read_bytes() == b"my own picture" and not (folder / "x.png").exists()
+    forced = run_cli(*args, "--out", str(mine), "--force", env=ONE_THREAD)
+    assert forced.returncode == 0, forced.stderr
+    assert read_recipe(mine)[0]["seed"] == 7  # replaced, as asked
+
+
+def test_a_file_made_while_generating_is_not_replaced(tmp_path):
+    """The race: a name free when the outputs were decided is taken before the image is written.
+    The file there is kept; a default name moves on to the next number, a named one too, with a
+    warning; with --force it is replaced."""
+    from ctrlora_cli.gen_outputs import output_paths, write_outputs
+    from engine.files import atomic_path
+    from engine.generation.pipeline import GenerationResult
+
+    images = [Image.new("RGB", (8, 8), (k * 80, 0, 0)) for k in range(2)]
+    result = GenerationResult(images=images, latents=torch.zeros(2), seeds=[3, 4], condition_seed=3, width=8,
+                              height=8)
+    warnings = []
+    decided = output_paths(tmp_path, [3, 4], grid=True)
+    (tmp_path / "ctrlora-3.png").write_bytes(b"theirs")  # after the decision, before the write
+    written, grid = write_outputs(decided, result, {"prompt": "x"}, [], warnings.append)
+    assert written == [str(tmp_path / "ctrlora-3-1.png"), str(tmp_path / "ctrlora-4.png")] and not warnings
+    assert grid == str(tmp_path / "ctrlora-3-grid.png")
+    assert (tmp_path / "ctrlora-3.png").read_bytes() == b"theirs"
+
+    named = output_paths(tmp_path / "named.png", [3])
+    (tmp_path / "named.png").write_bytes(b"theirs")
+    written, _ = write_outputs(named, result, {"prompt": "x"}, [], warnings.append)
+    assert written == [str(tmp_path / "named-1.png")] and (tmp_path / "named.png").read_bytes() == b"theirs"
+    assert warnings == [f"{tmp_path / 'named.png'} appeared while generating; wrote {tmp_path / 'named-1.png'} instead"]
+    forced = output_paths(tmp_path / "named.png", [3], force=True)
+    assert write_outputs(forced, result, {"prompt": "x"}, [], warnings.append)[0] == [str(tmp_path / "named.png")]
+    assert read_recipe(tmp_path / "named.png")[0]["seed"] == 3
+
+    # engine.files: replace=False keeps a file another process made while this one wrote.
+    with pytest.raises(FileExistsError):
+        with atomic_path(tmp_path / "late.bin", replace=False) as tmp:
+            tmp.write_bytes(b"ours")
+            (tmp_path / "late.bin").write_bytes(b"theirs")
+    assert (tmp_path / "late.bin").read_bytes() == b"theirs"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+# -- adapters on their own base ----------------------------------------------------------------
+
+@pytest.fixture()
+def two_bases(gen_store, tiny_store):
+    """The gen store plus 'other': a base of the same architecture (tiny) with other weights."""
+    base = load_base(tiny_store.folder("tiny") / "controlnet")
+    with torch.no_grad():
+        for param in base.parameters():
+            param.mul_(1.01)
+    from engine.models.storage import save_base
+
+    folder = gen_store[0] / "other-base"
+    save_base(base, folder / "controlnet")
+    tiny_store.add_folder("other", "base", folder, arch="tiny", sd="tiny-sd")
+    return gen_store[0]
+
+
+def _on_a_terminal(args, answer: str, env: dict):
+    """Run ``ctrlora ARGS`` with a terminal as stdin and stdout, answering ``answer``."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    controller, terminal = pty.openpty()
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    proc = subprocess.Popen([sys.executable, "-m", "ctrlora_cli", *args], stdin=terminal, stdout=terminal,
+                            stderr=subprocess.PIPE, env=full_env, text=True)
+    os.close(terminal)
+    screen = b""
+    while b"Go on?" not in screen:
+        chunk = os.read(controller, 1024)
+        assert chunk, screen
+        screen += chunk
+    os.write(controller, answer.encode() + b"\n")
+    _, stderr = proc.communicate(timeout=120)
+    os.close(controller)
+    return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_an_adapter_runs_on_its_own_base_and_warns_on_another(two_bases, tiny_store, tmp_path):
+    folder = two_bases
+    cond = ["--cond", f"tiny-canny={folder / 'a.png'}", "-p", "a cat", "--steps", "1", "--seed", "1"]
+    # Two bases in the store, no --base: the adapter's own (it used to refuse to guess).
+    own = run_cli("gen", *cond, "--out", str(folder / "own.png"), env=ONE_THREAD)
+    assert own.returncode == 0 and own.stderr == "", own.stderr
+    assert read_recipe(folder / "own.png")[0]["base"]["name"] == "tiny"
+
+    # Another base of the same architecture: it runs, with a warning naming both.
+    warning = ("warning: adapter 'tiny-canny' was made for base 'tiny', not 'other' (same architecture, tiny): it "
+               "runs, but may follow its condition less well; pass --base tiny to use its own")
+    other = run_cli("gen", *cond, "--base", "other", "--out", str(folder / "other.png"), env=ONE_THREAD)
+    assert other.returncode == 0 and other.stderr.strip() == warning, other.stderr
+    assert read_recipe(folder / "other.png")[0]["base"]["name"] == "other"
+
+    # At a terminal it asks first; No stops before anything is written.
+    code, stderr = _on_a_terminal(["gen", *cond, "--base", "other", "--out", str(folder / "asked.png")], "n",
+                                  {"CTRLORA_HOME": str(tiny_store.root)})
+    assert code == 1 and warning in " ".join(stderr.split()) and not (folder / "asked.png").exists()
+
+    # eval alike: the adapter's base by default, a warning on another.
+    data = tmp_path / "world"
+    assert run_cli("world", "make", str(data), "-c", "canny", "-n", "1", "--size", "64").returncode == 0
+    scored = run_cli("eval", "tiny-canny", str(data), "--steps", "1", "--json", env=ONE_THREAD)
+    assert scored.returncode == 0 and json.loads(scored.stdout)["base"] == "tiny" and scored.stderr == ""
+    elsewhere = run_cli("eval", "tiny-canny", str(data), "--steps", "1", "--json", "--base", "other", "-y",
+                        env=ONE_THREAD)
+    assert elsewhere.returncode == 0 and json.loads(elsewhere.stdout)["base"] == "other"
+    assert elsewhere.stderr.strip() == warning

@@ -10,7 +10,7 @@ import torch
 
 from engine.models import adapters
 from engine.models.controlnet import BaseControlNetModel
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
 from engine.generation.pipeline import CtrLoraPipeline
 from engine.generation.premerge import premerged
 from engine.generation.prepacked import available as prepacked_available
@@ -161,7 +161,7 @@ def test_windows_follow_diffusers():
 @pytest.mark.parametrize("bad, message", [
     (dict(start=0.5, end=0.5), "window"),
     (dict(end=1.5), "window"),
-    (dict(weight=float("nan")), "not a finite number"),
+    (dict(weight=float("nan")), "weight must be a finite number, not nan"),
     (dict(adapter="missing"), "not loaded"),
 ])
 def test_bad_conditions_are_refused(pipe, bad, message):
@@ -170,10 +170,27 @@ def test_bad_conditions_are_refused(pipe, bad, message):
         pipe([cond], PROMPT, steps=1, output_type="latent")
 
 
+@pytest.mark.parametrize("bad, setting, message", [
+    (dict(steps=0), "steps", "must be between 1 and 1000, not 0"),
+    (dict(guidance=float("nan")), "guidance", "must be a finite number, not nan"),
+    (dict(guidance=-1.0), "guidance", "must be at least 0, not -1.0"),
+    (dict(strength=float("inf")), "strength", "must be a finite number, not inf"),
+    (dict(batch=0), "batch", "must be at least 1, not 0"),
+    (dict(scheduler="plms"), "scheduler", "must be one of ddim, unipc, euler-a, dpm\\+\\+, not 'plms'"),
+])
+def test_bad_settings_are_refused_naming_them(pipe, bad, setting, message):
+    """The pipeline checks its settings as the CLI does (engine.generation.settings), before any work."""
+    cond = Condition("edge", torch.zeros(3, SIZE, SIZE))
+    with pytest.raises(SettingError, match=message) as refused:
+        pipe([cond], PROMPT, **{"steps": 1, **bad, "output_type": "latent"})
+    assert refused.value.setting == setting
+
+
 def test_size_must_fit(pipe):
     cond = Condition("edge", torch.zeros(3, SIZE, SIZE))
-    with pytest.raises(UsageError, match="multiple of 8"):
+    with pytest.raises(SettingError, match="must be a multiple of 8 from 8 to 4096, not 60") as refused:
         pipe([cond], PROMPT, steps=1, width=60, height=64)
+    assert refused.value.setting == "width"
     with pytest.raises(UsageError, match="resize it first"):
         pipe([cond], PROMPT, steps=1, width=72, height=64)
 

@@ -53,7 +53,8 @@ def test_prep_list():
     (["canny", "{garbage}"], "cannot read"),
     (["depth", "{picture}"], "needs an annotator network"),
     (["canny", "{picture}", "-p", "low=abc"], "canny: low must be a number"),
-    (["canny", "{picture}", "-p", "low"], "--param expects KEY=VALUE"),
+    (["canny", "{picture}", "-p", "low"], "--param: expects KEY=VALUE"),
+    (["canny", "{picture}", "-p", "low=-1"], "--param: canny: low must be at least 0, not -1.0"),
     (["canny", "{picture}", "-o", "{tmp}/out.txt"], "cannot tell the image format"),
     ([], "give KIND and IMAGE"),
 ])

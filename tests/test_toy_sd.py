@@ -184,9 +184,11 @@ def test_cli_train_sd_adds_an_sd_entry(tiny_store, tmp_path):
 
     again = run_cli(*args)  # the name is taken
     assert again.returncode == 2 and "already in the store" in again.stderr and "Traceback" not in again.stderr
-    plain = run_cli(*args[:3], "demo-sd2", *args[4:])
-    assert plain.returncode == 0, plain.stderr
-    assert "added demo-sd2 (sd, demo preset, 32x32)" in plain.stdout
+    assert "--force to replace it" in again.stderr and tiny_store.get("demo-sd") == entry
+    forced = run_cli(*args, "--force")  # the store's rule: --force replaces it
+    assert forced.returncode == 0, forced.stderr
+    assert "added demo-sd (sd, demo preset, 32x32)" in forced.stdout
+    assert {f.path for f in tiny_store.get("demo-sd").files} == paths
 
 
 @pytest.mark.parametrize("args, message", [

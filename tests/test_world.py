@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from engine.demo import world
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
 from engine.demo.extractors import extract
 from engine.models.presets import _TINY_WORDS, build_tiny_tokenizer
 from engine.demo.world import (BASE_CONDITIONS, CLASS_COLOURS, COLOURS, CONDITIONS, HELD_OUT_CONDITIONS, make_scene,
-                          write_dataset)
+                               recorded_condition, write_dataset)
 
 
 def pixels(image):
@@ -108,10 +108,13 @@ def test_bad_condition_size_and_count(tmp_path):
         make_scene(0).condition("hed")
     with pytest.raises(UsageError, match="multiple of 8"):
         make_scene(0, size=60)
-    with pytest.raises(UsageError, match="--count must be at least 1"):
-        write_dataset(tmp_path / "d", "canny", 0)
-    with pytest.raises(UsageError, match="multiple of 8 from 32 to 512, not 1024"):
-        write_dataset(tmp_path / "d", "canny", 2, size=1024)
+    # Settings are refused naming the setting (the CLI words it as the flag: --count, --size).
+    for args, setting, message in [((0,), "count", "must be at least 1, not 0"),
+                                   ((2, 1024), "size", "must be a multiple of 8 from 32 to 512, not 1024"),
+                                   ((2, 64, -1), "seed", "must be between 0 and 4294967295, not -1")]:
+        with pytest.raises(SettingError, match=message) as refused:
+            write_dataset(tmp_path / "d", "canny", *args)
+        assert refused.value.setting == setting
     assert not (tmp_path / "d").exists()
 
 
@@ -136,12 +139,15 @@ def test_write_dataset_makes_the_fit_layout(tmp_path):
     assert sorted(p.name for p in (folder / "source").iterdir()) == sorted(f"{i}.png" for i in range(6))
 
 
-def test_write_dataset_refuses_to_clobber_and_replaces_with_overwrite(tmp_path):
+def test_write_dataset_refuses_to_clobber_and_replaces_with_force(tmp_path):
     folder = tmp_path / "d"
     write_dataset(folder, "seg", 5)
-    with pytest.raises(UsageError, match="already holds a data set"):
+    with pytest.raises(SettingError, match="needed to replace the data set already in") as refused:
         write_dataset(folder, "seg", 2)
-    write_dataset(folder, "depth", 2, overwrite=True)
+    assert refused.value.setting == "force"
+    assert recorded_condition(folder) == "seg"
+    write_dataset(folder, "depth", 2, force=True)
+    assert recorded_condition(folder) == "depth" and recorded_condition(tmp_path) is None
     assert len(read_index(folder)) == 2
     assert sorted(p.name for p in (folder / "target").iterdir()) == ["0.png", "1.png"]  # no stale pairs
 
@@ -159,7 +165,7 @@ def test_an_interrupted_run_leaves_no_index_pointing_at_missing_files(tmp_path):
     assert not (folder / "prompt.json").exists()
     write_dataset(folder, "palette", 3)
     with pytest.raises(KeyboardInterrupt):
-        write_dataset(folder, "sketch", 5, overwrite=True, progress=interrupt_at(2))
+        write_dataset(folder, "sketch", 5, force=True, progress=interrupt_at(2))
     assert not (folder / "prompt.json").exists()  # the old index went first
     assert not [p for p in folder.rglob("*.tmp")]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ctrlora_cli.store.resolve import adapter_file, base_folders, default_base
+from ctrlora_cli.store.resolve import adapter_file, base_folders, base_for, base_warning
 from ctrlora_cli.store.store import Manifest, NotInStore, Store
 from engine.errors import UsageError
 from engine.files import sha256_bytes
@@ -26,21 +26,25 @@ class Models:
     sd_dir: Path
     adapters: list[tuple[Path, dict, str]]  # (file, metadata, digest) of each condition's adapter
     made_with: dict  # the recipe's {"base": {"name", "digest"}, "sd": {"name", "digest"}}
+    base_warnings: list[str]  # adapters used on another base than the one they were made for
 
 
 def find_models(store: Store, specs: list, base: str | None, sd: str | None, recipe: dict,
                 warn: Callable[[str], None]) -> Models:
     """The models for ``specs``; ``recipe`` ({} unless ``--from``) names the ones that made the
     image. A model that differs from the recipe's is used with a ``warn``ing; a missing one is
-    bad input (exit 2)."""
+    bad input (exit 2). Without ``base`` (--base) or a recipe, the base is the one the adapters
+    were made for (``resolve.base_for``); an adapter used on another base is in ``base_warnings``."""
     try:
-        base_name = base or recipe.get("base", {}).get("name") or default_base(store)
+        base_name = base or recipe.get("base", {}).get("name")
         recipe_sd = recipe.get("sd", {}) if not base else {}  # another base: its own SD
         sd = sd or _find(store, "sd", recipe_sd, warn)
         if recipe_sd and not sd:
             warn(f"sd {recipe_sd.get('name')!r} that made the image is not in the store; using the base's")
-        if recipe.get("base", {}).get("name") == base_name:  # the very base that made it, if still here
+        if base_name and recipe.get("base", {}).get("name") == base_name:  # the base that made it, if still here
             base_name = _find(store, "base", recipe["base"], warn) or base_name
+        if not base_name:
+            base_name = base_for(store, [spec.name for spec in specs])
         manifest, controlnet_dir, sd_dir = base_folders(store, base_name, sd)
         adapters = [_adapter(store, spec, manifest, warn) for spec in specs]
     except NotInStore as exc:
@@ -48,7 +52,8 @@ def find_models(store: Store, specs: list, base: str | None, sd: str | None, rec
     sd_name = Path(sd_dir).name
     made_with = {"base": {"name": manifest.name, "digest": entry_digest(manifest)},
                  "sd": {"name": sd_name, "digest": entry_digest(store.get(sd_name))}}
-    return Models(manifest, controlnet_dir, sd_dir, adapters, made_with)
+    warnings = [w for w in dict.fromkeys(base_warning(store, spec.name, manifest) for spec in specs) if w]
+    return Models(manifest, controlnet_dir, sd_dir, adapters, made_with, warnings)
 
 
 def _find(store: Store, kind: str, wanted: dict, warn) -> str | None:

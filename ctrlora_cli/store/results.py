@@ -17,8 +17,9 @@ def weights_digest(manifest: Manifest) -> str:
 
 
 def add_fitted_adapter(store: Store, name: str, result, base: Manifest, config, data: Path, run_dir: Path) -> None:
-    """``fit``'s adapter (an ``engine.training.fit.FitResult``) as the store entry ``name``."""
-    store.add(name, "adapter", {"adapter.safetensors": result.adapter_file}, arch=base.arch, condition=name,
+    """``fit``'s adapter (an ``engine.training.fit.FitResult``) as the store entry ``name`` (an
+    entry of that name is replaced: ``fit`` claimed the name first)."""
+    store.add(name, "adapter", {"adapter.safetensors": result.adapter_file}, arch=base.arch, condition=config.condition,
               rank=config.rank,
               source={"type": "fit", "data": str(Path(data).resolve()), "run_dir": str(Path(run_dir).resolve())},
               notes=f"fitted on {base.name} from {result.pairs} pairs",

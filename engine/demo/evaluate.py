@@ -19,16 +19,7 @@ from engine.training.pairs import Pair
 from engine.demo.fidelity import PRIMARY, aggregate, fidelity
 from engine.progress import ProgressCallback, report
 from engine.generation.sampling import Condition
-
-
-@dataclass
-class EvalSettings:
-    steps: int = 20
-    guidance: float = 7.5
-    scheduler: str = "ddim"
-    seed: int = 0  # image i uses seed + i
-    weight: float = 1.0
-    batch: int = 16  # pairs per pipeline call (the scores do not depend on it)
+from engine.demo.settings import EvalSettings  # its defaults and ranges; imported from here too
 
 
 @dataclass
@@ -57,10 +48,10 @@ def evaluate(pipe, adapter: str | None, pairs: list[Pair], kind: str, settings: 
     Pair i's image comes from noise seed ``seed + i``, whatever ``settings.batch``: up to that
     many consecutive pairs of one size go through one pipeline call, each with its own prompt
     and condition (what the same call for pair i alone gives, up to float rounding)."""
-    s = settings or EvalSettings()
+    s = (settings or EvalSettings()).check()
     metric, higher = PRIMARY[kind]
     scores, ceiling = [], []
-    for start, chunk in _chunks(pairs, max(1, s.batch)):
+    for start, chunk in _chunks(pairs, s.batch):
         result = pipe([Condition(adapter, torch.stack([image_to_tensor(c) for c, _ in chunk]), weight=s.weight)],
                       [pair.prompt or "" for _, pair in chunk], steps=s.steps, guidance=s.guidance,
                       scheduler=s.scheduler, seed=s.seed + start, batch=len(chunk))

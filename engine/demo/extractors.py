@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from engine.errors import UsageError
+from engine.checks import at_least, between, finite, one_of, within
+from engine.errors import SettingError, UsageError
 
 Extractor = Callable[..., Image.Image]
 EXTRACTORS: dict[str, Extractor] = {}
@@ -44,6 +45,8 @@ class Param:
     choices: tuple[str, ...] = ()
 
     def parse(self, kind: str, value):
+        """``value`` (a string as typed, or the default) parsed and range-checked; a bad one is a
+        ``SettingError`` of ``param`` (the CLI's ``-p/--param``) naming the kind and parameter."""
         where = f"{kind}: {self.name}"
         if value is None and self.default is None:
             return None
@@ -52,32 +55,29 @@ class Param:
                 parsed = _parse_int(value)
             elif self.type == "float":
                 parsed = float(value)
-                if not math.isfinite(parsed):
-                    raise ValueError
             elif self.type == "bool":
                 parsed = _parse_bool(value)
             elif self.type == "choice":
                 parsed = str(value).lower()
-                if parsed not in self.choices:
-                    raise UsageError(f"{where} must be one of {', '.join(self.choices)}, not {value!r}")
             elif self.type == "box":
                 parsed = _parse_box(value)
                 if parsed is None:
-                    raise UsageError(f"{where} must be four fractions left,top,right,bottom with "
-                                     f"0 <= left < right <= 1 and 0 <= top < bottom <= 1, not {value!r}")
+                    raise SettingError("param", f"{where} must be four fractions left,top,right,bottom with "
+                                                f"0 <= left < right <= 1 and 0 <= top < bottom <= 1, not {value!r}")
             else:  # pragma: no cover - a declaration bug
                 raise AssertionError(self.type)
         except (TypeError, ValueError):
             expected = {"int": "a whole number", "float": "a number", "bool": "true or false"}[self.type]
-            raise UsageError(f"{where} must be {expected}, not {value!r}") from None
-        if self.min is not None and parsed < self.min or self.max is not None and parsed > self.max:
-            if self.max is None:
-                bounds = f"at least {_num(self.min)}"
-            elif self.min is None:
-                bounds = f"at most {_num(self.max)}"
-            else:
-                bounds = f"between {_num(self.min)} and {_num(self.max)}"
-            raise UsageError(f"{where} must be {bounds}, not {value!r}")
+            raise SettingError("param", f"{where} must be {expected}, not {value!r}") from None
+        with within("param", where):
+            if self.type == "choice":
+                one_of(self.name, parsed, self.choices)
+            elif self.type in ("int", "float"):
+                finite(self.name, parsed)
+                if self.max is not None:
+                    between(self.name, parsed, self.min, self.max)
+                elif self.min is not None:
+                    at_least(self.name, parsed, self.min)
         return parsed
 
     def describe(self) -> str:
@@ -98,7 +98,7 @@ class ExtractorSpec:
         unknown = sorted(set(params) - set(known))
         if unknown:
             accepted = ", ".join(known) or "none"
-            raise UsageError(f"{self.name} has no parameter {unknown[0]!r} (its parameters: {accepted})")
+            raise SettingError("param", f"{self.name} has no parameter {unknown[0]!r} (its parameters: {accepted})")
         return {name: p.parse(self.name, params.get(name, p.default)) for name, p in known.items()}
 
 
@@ -143,7 +143,7 @@ def extract(kind: str, image: Image.Image, **params) -> Image.Image:
 ))
 def canny(image: Image.Image, low: float, high: float, sigma: float) -> Image.Image:
     if low > high:
-        raise UsageError(f"canny: low ({_num(low)}) must not exceed high ({_num(high)})")
+        raise SettingError("param", f"canny: low ({_num(low)}) must not exceed high ({_num(high)})")
     return mask_to_image(canny_edges(to_array(image), low, high, sigma))
 
 

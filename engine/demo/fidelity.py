@@ -23,6 +23,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from engine.checks import at_least
 from engine.errors import UsageError
 from engine.demo.extractors import (ALIASES, canny_edges, component_boxes, extract, label_components, to_array)
 
@@ -48,8 +49,7 @@ def fidelity(kind: str, generated: Image.Image, condition: Image.Image, toleranc
     kind = ALIASES.get(kind.lower(), kind.lower())
     if kind not in KINDS:
         raise UsageError(f"no fidelity measure for {kind!r}; measured kinds: {', '.join(KINDS)}")
-    if tolerance < 0:
-        raise UsageError(f"tolerance must be at least 0, not {tolerance}")
+    at_least("tolerance", tolerance, 0)
     generated = generated.convert("RGB")
     if generated.size != condition.size:
         generated = generated.resize(condition.size, Image.BICUBIC)

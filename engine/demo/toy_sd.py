@@ -33,50 +33,14 @@ import torch.nn.functional as F
 
 from diffusers.training_utils import EMAModel
 
-from engine.training.objective import PREDICTION_TYPES, add_noise, prediction_target
-from engine.errors import UsageError
+from engine.training.objective import add_noise, prediction_target
+from engine.demo.settings import VAE_FACTOR, ToySDSettings  # its defaults and ranges; imported from here too
 from engine.files import write_atomic
 from engine.models.encoders import tokenize
 from engine.models.presets import SDComponents, build_sd
 from engine.progress import ProgressCallback, report
 
 PRESET = "demo"
-VAE_FACTOR = 4  # the demo VAE's downsampling (three blocks)
-
-
-@dataclass
-class ToySDSettings:
-    """Everything that decides the result (also written next to it as ``toy_sd.json``)."""
-
-    size: int = 32  # image side; latents are size / 4
-    count: int = 4000  # world scenes drawn (and as many condition images for the VAE)
-    vae_steps: int = 800
-    unet_steps: int = 1000
-    batch: int = 64  # UNet steps: at these sizes a step costs little more at 64 than at 16
-    vae_batch: int = 32
-    seed: int = 0  # world seed and training seed
-    vae_lr: float = 2e-3
-    vae_crop: int = 32  # VAE windows for the first 4/5 of its steps (0: whole images throughout)
-    unet_lr: float = 1e-3
-    warmup: int = 50  # steps of linear learning-rate warm-up (then cosine decay to a tenth)
-    kl_weight: float = 1e-4  # on the KL per latent element, next to the per-pixel MSE
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.995
-    snr_gamma: float | None = 5.0  # Min-SNR loss weighting (None: plain MSE)
-    prediction: str = "v_prediction"  # or "epsilon" (SD1.5's); the scheduler config carries it
-
-    def check(self) -> "ToySDSettings":
-        if self.size % 32 or not 32 <= self.size <= 256:
-            raise UsageError(f"toy SD size must be a multiple of 32 from 32 to 256, not {self.size}")
-        for name in ("count", "batch", "vae_batch"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be at least 1, not {getattr(self, name)}")
-        if self.prediction not in PREDICTION_TYPES:
-            raise UsageError(f"prediction must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction!r}")
-        for name in ("vae_steps", "unet_steps"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
-        return self
 
 
 @dataclass

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from engine.errors import UsageError
+from engine.checks import at_least, multiple_of, seed as check_seed
+from engine.errors import SettingError, UsageError
 from engine.demo.extractors import draw_boxes, extract
 from engine.files import write_atomic
-from engine.images import save_image
 from engine.progress import ProgressCallback, report
 
 BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")
@@ -209,8 +209,7 @@ class Scene:
 
 
 def check_size(size: int) -> int:
-    if not (SIZES[0] <= size <= SIZES[1]) or size % 8:
-        raise UsageError(f"world size must be a multiple of 8 from {SIZES[0]} to {SIZES[1]}, not {size}")
+    multiple_of("size", size, 8, *SIZES)
     return size
 
 
@@ -272,24 +271,34 @@ def _relation(a: Shape, b: Shape) -> str:
 _PAIR_FILE = re.compile(r"^\d+\.png$")
 
 
+def check_dataset(condition: str | None, count: int | None, size: int, seed: int) -> None:
+    """The settings of ``write_dataset`` (None: not known yet, not checked). No torch: the CLI
+    checks them before anything loads, and before asking for what is missing."""
+    if condition is not None and condition not in CONDITIONS:
+        raise UsageError(f"unknown world condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
+    if count is not None:
+        at_least("count", count, 1)
+    check_size(size)
+    check_seed("seed", seed)
+
+
 def write_dataset(folder: str | Path, condition: str, count: int, size: int = 64, seed: int = 0,
-                  overwrite: bool = False, progress: ProgressCallback | None = None) -> Path:
+                  force: bool = False, progress: ProgressCallback | None = None) -> Path:
     """Write ``count`` pairs in the fit layout: ``source/<i>.png`` (condition), ``target/<i>.png``
     (scene) and ``prompt.json`` (JSON lines with source, target and prompt), plus ``world.json``
     saying how it was made. ``prompt.json`` is written last and atomically, so an interrupted run
-    never leaves one that points at missing files."""
-    if condition not in CONDITIONS:
-        raise UsageError(f"unknown world condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
-    if count < 1:
-        raise UsageError(f"--count must be at least 1, not {count}")
-    check_size(size)
+    never leaves one that points at missing files. A data set already in ``folder`` is replaced
+    only with ``force``."""
+    from engine.images import save_image  # here: importing the world loads no torch
+
+    check_dataset(condition, count, size, seed)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} exists and is not a folder")
     index_file = folder / "prompt.json"
     if index_file.exists():
-        if not overwrite:
-            raise UsageError(f"{folder} already holds a data set (prompt.json); use --force to replace it")
+        if not force:
+            raise SettingError("force", f"needed to replace the data set already in {folder} (prompt.json)")
         index_file.unlink()  # first, so that stale pairs are never listed while files change
     for sub in ("source", "target"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -310,3 +319,14 @@ def write_dataset(folder: str | Path, condition: str, count: int, size: int = 64
     write_atomic(folder / "world.json", json.dumps(about, indent=2) + "\n")
     write_atomic(index_file, "".join(json.dumps(r) + "\n" for r in records))
     return index_file
+
+
+def recorded_condition(folder: str | Path) -> str | None:
+    """The condition a data folder says it holds (``world.json``, written by ``write_dataset``), or
+    None: what ``fit`` names its adapter's condition and ``eval`` measures by default."""
+    try:
+        about = json.loads((Path(folder) / "world.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    condition = about.get("condition") if isinstance(about, dict) else None
+    return condition if isinstance(condition, str) and condition else None

@@ -31,6 +31,7 @@ from engine.models import adapters as adapters_lib
 from engine.models.encoders import encode_condition, encode_text
 from engine.errors import UsageError
 from engine.generation.premerge import premerged
+from engine.generation.settings import check_sampling
 from engine.generation.prepacked import available as prepacked_available
 from engine.generation.prepacked import prepacked_convs
 from engine.progress import ProgressCallback, report
@@ -116,8 +117,7 @@ class CtrLoraPipeline:
         """``batch`` images, image k from noise seed ``seed + k``. A list of prompts, or condition
         images with a batch dimension, give each image its own; image k then equals the same call
         made for it alone with ``seed + k`` and ``condition_seed + k`` (up to float rounding)."""
-        if steps < 1 or batch < 1:
-            raise UsageError("steps and batch must be at least 1")
+        check_sampling(steps=steps, guidance=guidance, strength=strength, batch=batch, scheduler=scheduler)
         for c in conditions:
             c.validate()
         per_image = isinstance(prompt, list) or any(c.image.ndim == 4 for c in conditions)

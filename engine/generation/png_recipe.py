@@ -11,7 +11,8 @@ Text chunks of each PNG written by ``ctrlora gen``:
 - ``prompt``, ``negative_prompt``, ``seed``, ``steps``, ``scheduler``, ``guidance``: plain copies for
   image viewers.
 
-Files are written to a temporary file beside the target and renamed: never half-written.
+Files are written to a temporary file beside the target and renamed: never half-written, and
+never over another file unless asked to.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def png_bytes(image: Image.Image, info: PngImagePlugin.PngInfo | None = None) ->
 
 
 def save_png(path: str | Path, image: Image.Image, recipe: dict | None = None,
-             condition_images: list[Image.Image] = ()) -> Path:
-    """Write ``image`` with its recipe and condition images in text chunks, atomically."""
+             condition_images: list[Image.Image] = (), replace: bool = True) -> Path:
+    """Write ``image`` with its recipe and condition images in text chunks, atomically;
+    ``replace=False`` raises ``FileExistsError`` rather than replace a file (``engine.files``)."""
     info = PngImagePlugin.PngInfo()
     if recipe is not None:
         recipe = {"format": FORMAT, "version": VERSION, **recipe}
@@ -49,7 +51,7 @@ def save_png(path: str | Path, image: Image.Image, recipe: dict | None = None,
         info.add_itxt("ctrlora", json.dumps(recipe, sort_keys=True), zip=True)
         for i, cond in enumerate(condition_images):
             info.add_itxt(_CONDITION_KEY.format(i), base64.b64encode(png_bytes(cond)).decode("ascii"), zip=True)
-    return write_atomic(path, png_bytes(image, info))
+    return write_atomic(path, png_bytes(image, info), replace)
 
 
 def read_recipe(path: str | Path) -> tuple[dict, list[Image.Image]]:

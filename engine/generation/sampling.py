@@ -7,21 +7,15 @@ they differ only in how a step is computed.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 
+from engine.checks import multiple_of, one_of
 from engine.errors import UsageError
+from engine.generation.settings import MAX_SIDE, SCHEDULERS, check_condition
 from engine.images import tensor_to_image
 
-# Scheduler names the CLI offers -> (diffusers class name, extra config).
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),  # eta 0 (deterministic), the reference's sampler
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-}
 
 
 @dataclass
@@ -40,11 +34,7 @@ class Condition:
     end: float = 1.0
 
     def validate(self) -> None:
-        if not math.isfinite(self.weight):
-            raise UsageError(f"condition {self.adapter!r}: weight {self.weight} is not a finite number")
-        if not (0.0 <= self.start < self.end <= 1.0):
-            raise UsageError(f"condition {self.adapter!r}: window {self.start}-{self.end} must satisfy "
-                             "0 <= start < end <= 1")
+        check_condition("conditions", f"condition {self.adapter!r}", self.weight, self.start, self.end)
         if self.image.ndim not in (3, 4) or self.image.shape[-3] != 3:
             raise UsageError(f"condition {self.adapter!r}: image must be (3, H, W) or (N, 3, H, W), "
                              f"not {tuple(self.image.shape)}")
@@ -59,8 +49,7 @@ def make_scheduler(name: str, config):
     """A fresh scheduler (they hold per-run state) from the SD scheduler's config."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    one_of("scheduler", name, SCHEDULERS)
     cls_name, extra = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(dict(config), **extra)
 
@@ -103,8 +92,8 @@ def generation_size(conditions: list[Condition], width: int | None, height: int 
     else:
         default_h = default_w = unet.config.sample_size * factor
     width, height = width or default_w, height or default_h
-    if width % factor or height % factor:
-        raise UsageError(f"size {width}x{height} is not a multiple of {factor}; pick --width/--height that are")
+    multiple_of("width", int(width), factor, factor, MAX_SIDE)
+    multiple_of("height", int(height), factor, factor, MAX_SIDE)
     for c in conditions:
         if tuple(c.image.shape[-2:]) != (height, width):
             raise UsageError(f"condition {c.adapter!r}: image is {c.image.shape[-1]}x{c.image.shape[-2]}, "

@@ -31,7 +31,7 @@ from engine.models import adapters
 from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, load_image
 from engine.training.objective import diffusion_loss
 from engine.training.settings import FitConfig  # its defaults and ranges; imported from here too
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
 from engine.files import atomic_path, write_atomic, write_json
 from engine.images import image_grid, save_image
 from engine.progress import ProgressCallback, report
@@ -40,6 +40,17 @@ ADAPTER = "new"  # the adapter's name inside the model (store names may hold '.'
 CHECKPOINT_FORMAT = 1
 # Settings that must not change when a run is resumed (steps, validation and saving may).
 RESUME_FIXED = ("rank", "batch", "grad_accum", "lr", "resolution", "precision", "drop_prompt", "seed")
+# What a run writes in its folder: all of it goes when a run starts over there (nothing else does).
+RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "loss.png", "adapter.safetensors", "val")
+
+
+class RunFolderTaken(SettingError):
+    """``run_dir`` already holds a run, and neither resuming nor restarting it was asked for."""
+
+    def __init__(self, run_dir: Path, progress: str):
+        super().__init__("run_dir", f"{run_dir} already holds a run ({progress}); resume it, restart it, or pick "
+                                    "another run folder")
+        self.run_dir, self.progress = run_dir, progress
 
 
 @dataclass
@@ -171,16 +182,19 @@ def _use_sdpa(*models) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str | Path, config: FitConfig,
-        resume: bool = False, base_digest: str = "", callback: ProgressCallback | None = None) -> FitResult:
+        resume: bool = False, restart: bool = False, base_digest: str = "",
+        callback: ProgressCallback | None = None) -> FitResult:
     """Fit an adapter on ``pairs``. ``sd``: SD components (engine.models.storage.load_sd, fp32, CPU);
-    ``controlnet``: the frozen Base ControlNet (left bit-identical; the adapter lives beside it)."""
+    ``controlnet``: the frozen Base ControlNet (left bit-identical; the adapter lives beside it).
+    A run already in ``run_dir`` is continued with ``resume``, or started over with ``restart``
+    (its files are deleted once the new run's setup has worked); else it is refused."""
     config = config.resolved()
     run_dir = Path(run_dir)
     started = time.perf_counter()
     checkpoint_path = run_dir / "checkpoint.pt"
     identity = {"data_digest": pairs.digest, "base_digest": base_digest,
                 **{k: getattr(config, k) for k in RESUME_FIXED}}
-    checkpoint = _open_run(run_dir, checkpoint_path, identity, resume)
+    checkpoint = _open_run(run_dir, checkpoint_path, identity, resume, restart)
 
     device = torch.device(config.device)
     vae, text_encoder = sd.vae.to(device), sd.text_encoder.to(device)
@@ -194,7 +208,8 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    if not resume:  # written once setup has worked, so a failed start leaves no run behind
+    if not resume:  # written once setup has worked, so a failed start leaves no run behind (nor loses one)
+        _clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "run.json", {"identity": identity, "config": asdict(config)}, sort_keys=False)
     trainer = AdapterTrainer(sd.unet, controlnet, sd.scheduler, data, config)
@@ -237,29 +252,77 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
                      base_digest, len(pairs.pairs), time.perf_counter() - started, resumed_from)
 
 
-def _open_run(run_dir: Path, checkpoint_path: Path, identity: dict, resume: bool) -> dict | None:
-    settings = run_dir / "run.json"
-    if not resume:
-        if checkpoint_path.exists() or settings.exists():
-            raise UsageError(f"{run_dir} already holds a run; continue it with --resume or pick another --run-dir")
+def saved_run(run_dir: str | Path) -> dict | None:
+    """The ``run.json`` of the run in ``run_dir`` (``{"identity", "config"}``), or None."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
         return None
-    if not settings.exists():
-        raise UsageError(f"nothing to resume in {run_dir}: no run.json there (start without --resume)")
-    saved = json.loads(settings.read_text())["identity"]
+
+
+def run_progress(run_dir: str | Path) -> str | None:
+    """How far the run in ``run_dir`` got ("finished, 12 steps", "reached step 6 of 12"), or None
+    when the folder holds no run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists() and not (run_dir / "checkpoint.pt").exists():
+        return None
+    steps = (saved_run(run_dir) or {}).get("config", {}).get("steps", "?")
+    if (run_dir / "adapter.safetensors").exists():
+        return f"finished, {steps} steps"
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().split()
+        step = json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        step = "?"
+    return f"reached step {step} of {steps}"
+
+
+def check_run_folder(run_dir: str | Path, resume: bool, restart: bool = False) -> None:
+    """What ``fit`` refuses about ``run_dir`` before reading any data: a run there that is
+    neither resumed nor restarted (``RunFolderTaken``), or nothing there to resume."""
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "run.json").exists():
+            raise SettingError("resume", f"nothing to resume in {run_dir}: no run.json there; start without resuming")
+        return
+    progress = run_progress(run_dir)
+    if progress is not None and not restart:
+        raise RunFolderTaken(run_dir, progress)
+
+
+def _open_run(run_dir: Path, checkpoint_path: Path, identity: dict, resume: bool, restart: bool) -> dict | None:
+    check_run_folder(run_dir, resume, restart)
+    if not resume:
+        return None
+    saved = (saved_run(run_dir) or {}).get("identity")
+    if not isinstance(saved, dict):
+        raise SettingError("resume", f"{run_dir / 'run.json'} is unreadable; start over")
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in identity.items() if saved.get(k) != v]
     if changed:
-        raise UsageError(f"cannot resume {run_dir} with other settings or data ({'; '.join(changed)}); "
-                         "use the original ones or start a new run")
+        raise SettingError("resume", f"cannot resume {run_dir} with other settings or data ({'; '.join(changed)}); "
+                                     "use the original ones or start over")
     if not checkpoint_path.exists():
         return None  # killed before its first checkpoint: starting over is continuing
     try:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"checkpoint {checkpoint_path} is unreadable ({type(exc).__name__}); "
-                         "start a new run") from None
+        raise SettingError("resume", f"checkpoint {checkpoint_path} is unreadable ({type(exc).__name__}); "
+                                     "start over") from None
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"checkpoint {checkpoint_path} has an unknown format; start a new run")
+        raise SettingError("resume", f"checkpoint {checkpoint_path} has an unknown format; start over")
     return state
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Delete a run's files (``RUN_FILES``) from ``run_dir``, and nothing else there."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _save_checkpoint(path: Path, trainer: AdapterTrainer, smooth: "_Smoother", identity: dict) -> None:

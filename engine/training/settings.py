@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from engine.checks import above, at_least, between, multiple_of
+from engine.checks import above, at_least, between, multiple_of, seed
 from engine.errors import UsageError
 
 # The paper's LoRA rank: engine.models.adapters.DEFAULT_RANK, which cannot be imported here
@@ -29,13 +29,14 @@ def check_training(settings) -> None:
     above("lr", settings.lr, 0)
     multiple_of("resolution", settings.resolution, 8)
     between("drop_prompt", settings.drop_prompt, 0, 1)
+    seed("seed", settings.seed)
 
 
 @dataclass
 class FitConfig:
     """``fit``: one new condition's adapter on a frozen base."""
 
-    condition: str = "new"
+    condition: str = "new"  # the adapter's condition (what eval measures), as recorded in its file
     rank: int = PAPER_RANK
     steps: int = 1000
     batch: int = 1
@@ -55,13 +56,24 @@ class FitConfig:
     workers: int = 4
     device: str = "auto"
 
+    def check(self) -> "FitConfig":
+        """The ranges (no torch: the CLI checks them before anything loads)."""
+        from engine.generation.settings import MAX_STEPS
+
+        check_training(self)
+        at_least("val_every", self.val_every, 0)
+        at_least("workers", self.workers, 1)
+        between("val_steps", self.val_steps, 1, MAX_STEPS)
+        at_least("val_guidance", self.val_guidance, 0)
+        return self
+
     def resolved(self) -> "FitConfig":
         """A copy with the ranges checked and device and precision decided."""
+        self.check()
         from engine.runtime import resolve_device, resolve_precision
 
         dev = resolve_device(self.device)
         precision = resolve_precision(self.precision, dev, training=True, allowed=("fp32", "bf16"))
-        check_training(self)
         return FitConfig(**{**asdict(self), "device": str(dev), "precision": precision})
 
 

@@ -159,9 +159,11 @@ class Recipe:
                 resume = ["--resume"] if i else []
                 if method == "ctrlora":
                     name = f"demo-{held}" if steps == s["curve"][-1] else f"fit-{held}-{steps}"
+                    # --force: a stage interrupted after its fit (the entry made, its score not saved)
+                    # is done again; without --resume it also starts the run over.
                     self.run("fit", self.data(held), "--name", name, "--base", "demo", "--steps", steps,
                              "--batch", s["batch"], "--lr", s["lr"], "--rank", s["rank"], "--resolution", s["size"],
-                             "--save-every", 0, "--run-dir", self.work / "runs" / "fit", *resume)
+                             "--save-every", 0, "--run-dir", self.work / "runs" / "fit", "--force", *resume)
                     adapter, base = name, "demo"
                 else:
                     base = f"scratch-{steps}"
