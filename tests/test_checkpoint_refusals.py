@@ -1,11 +1,7 @@
 """Bad weights files are refused with one line that names the problem."""
 
-import pickle
-import zipfile
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from engine.formats.official import convert_official_adapter, convert_official_base
 from engine.formats.tensors import load_tensor_file

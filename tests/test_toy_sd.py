@@ -14,7 +14,7 @@ from engine.models.arch import arch_id
 from engine.models.controlnet import BaseControlNetModel
 from engine.models.encoders import encode_text, tokenize
 from engine.models.presets import build_sd, unet_config, vae_config
-from engine.demo.toy_sd import ToySDSettings, WorldImages, render_world
+from engine.demo.toy_sd import ToySDSettings, render_world
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw
 
 from conftest import REPO, run_cli
 from engine.training.launcher import (Topology, choose_topology, expand_nodelist, parse_nodelist, read_worker_args,
-                                     topology_from_slurm, truncate_metrics, worker_args, worker_env)
+                                     topology_from_slurm, worker_args, worker_env)
+from engine.training.metrics import truncate_metrics
 from engine.training.settings import FitConfig, TrainBaseSettings
 from engine.training.worker import condition_at, sample_indices
 

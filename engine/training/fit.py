@@ -30,9 +30,10 @@ import torch
 from engine.models import adapters
 from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, load_image
 from engine.training.objective import diffusion_loss
+from engine.training.metrics import truncate_metrics
 from engine.training.settings import FitConfig  # its defaults and ranges; imported from here too
 from engine.errors import SettingError, UsageError
-from engine.files import atomic_path, write_atomic, write_json
+from engine.files import atomic_path, write_json
 from engine.images import image_grid, save_image
 from engine.progress import ProgressCallback, report
 
@@ -220,7 +221,7 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
         trainer.load_state_dict(checkpoint)
         smooth.load(checkpoint["smooth"])
         resumed_from = trainer.step
-    _truncate_metrics(metrics_path, trainer.step)
+    truncate_metrics(metrics_path, trainer.step)
 
     loss = float("nan")
     train_seconds, first_step = 0.0, trainer.step  # throughput counts training, not validation or saving
@@ -329,14 +330,6 @@ def _save_checkpoint(path: Path, trainer: AdapterTrainer, smooth: "_Smoother", i
     with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **trainer.state_dict(), "smooth": smooth.state(),
                     "identity": json.dumps(identity)}, tmp)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines a killed run logged after its last checkpoint: they are done again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _write_adapter(path: Path, trainer: AdapterTrainer, controlnet, config: FitConfig, identity: dict,

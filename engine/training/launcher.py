@@ -22,9 +22,8 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from engine.errors import CtrloraError, SettingError, UsageError
 from engine.checks import at_least
-from engine.files import write_atomic
+from engine.errors import CtrloraError, SettingError, UsageError
 from engine.training.settings import TrainBaseSettings
 
 DEFAULT_PORT = 29500
@@ -234,21 +233,6 @@ def clear_run(run: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume: drop the metrics lines a killed run wrote after its last checkpoint (they are
-    done again, so the file reads as one run), and a line torn by the kill."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    write_atomic(path, "".join(kept))
 
 
 # -- the worker's arguments: TrainBaseSettings' fields ------------------------------------------

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from engine.errors import UsageError
 from engine.training import launcher
 from engine.training.launcher import CHECKPOINT, METRICS, RANKS, RENDEZVOUS_MARKER, RESULT, RUN_JSON, read_worker_args
+from engine.training.metrics import truncate_metrics
 from engine.training.settings import TrainBaseSettings
 from engine.files import atomic_path, write_json
 
@@ -250,7 +251,7 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
         step, cursors = int(state["step"]), {c: int(v) for c, v in state["cursors"].items()}
         eval_start = state.get("eval_start")
         if rank == 0:
-            launcher.truncate_metrics(metrics, step)
+            truncate_metrics(metrics, step)
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
