@@ -86,7 +86,7 @@ def fit(
     store.claim(name, force, "--name")
     run_dir = run_dir or store.run_folder(name, "fit")
 
-    from ctrlora_cli.store.resolve import base_folders, default_base
+    from ctrlora_cli.store.resolve import base_folders, default_base, run_base
     from ctrlora_cli.store.results import add_fitted_adapter, weights_digest
     from engine.demo.world import recorded_condition
     from engine.training import fit as fitting
@@ -96,7 +96,7 @@ def fit(
     except fitting.RunFolderTaken as exc:
         raise SettingError("run_dir", f"{run_dir} already holds a run of {name!r} ({exc.progress}); continue it with "
                                       "--resume, start over in it with --force, or delete the folder") from None
-    base = base or (_run_base(store, run_dir) if resume else None) or default_base(store)
+    base = base or (run_base(store, run_dir) if resume else None) or default_base(store)
     base_manifest, controlnet_dir, sd_dir = base_folders(store, base, sd)
     config = replace(config, condition=(condition or recorded_condition(data) or name).strip()).resolved()
     cache_dir = cache_dir or store.root / "cache" / "latents"
@@ -104,12 +104,12 @@ def fit(
     # The cheap checks are done; now the heavy work.
     import torch
 
-    from ctrlora_cli.progress import progress_bars
+    from ctrlora_cli.progress import describe_fit, duration, progress_bars
     from engine.training.pairs import describe_problems, scan_folder
     from engine.models.storage import load_base, load_sd
 
     show = interactive()
-    with progress_bars(show, describe=_describe) as callback:
+    with progress_bars(show, describe=describe_fit) as callback:
         pairs = scan_folder(data, skip_bad=skip_bad, workers=workers, callback=callback)
     if pairs.skipped:
         warn(f"left out {describe_problems(pairs.skipped, pairs.folder)}")
@@ -120,7 +120,7 @@ def fit(
     sd_components = load_sd(sd_dir)
     controlnet = load_base(controlnet_dir)
     try:
-        with progress_bars(show, describe=_describe) as callback:
+        with progress_bars(show, describe=describe_fit) as callback:
             result = fitting.fit(pairs, sd=sd_components, controlnet=controlnet, run_dir=run_dir, cache_dir=cache_dir,
                                  config=config, resume=resume, restart=force,
                                  base_digest=weights_digest(base_manifest), callback=callback)
@@ -140,42 +140,6 @@ def fit(
     add_fitted_adapter(store, name, result, base_manifest, config, data, run_dir)
     about = f" (condition {config.condition})" if config.condition != name else ""
     out.print(f"fitted {name}{about}: {result.steps} steps on {result.pairs} pairs in "
-              f"{_duration(result.seconds)}, loss {result.final_loss:.4f} (moving average); run folder "
+              f"{duration(result.seconds)}, loss {result.final_loss:.4f} (moving average); run folder "
               f"{result.run_dir}", highlight=False)
     out.print(f"use it: ctrlora gen --cond {name}=CONDITION.png -p PROMPT", highlight=False)
-
-
-def _run_base(store, run_dir: Path) -> str | None:
-    """The store's base with the weights the run in ``run_dir`` started on (``--resume``), if any."""
-    from ctrlora_cli.store.resolve import recorded_base
-    from engine.training.fit import saved_run
-
-    digest = ((saved_run(run_dir) or {}).get("identity") or {}).get("base_digest")
-    return recorded_base(store, {"name": "", "digest": digest}) if digest else None
-
-
-def _describe(event) -> str:
-    info = event.info
-    if event.task == "train":
-        parts = [f"loss {info['loss_smooth']:.4f}", f"{info['it_s']:.2f} it/s", f"{info['images_s']:.1f} img/s"]
-        if info.get("eta_s") is not None:
-            parts.append(f"ETA {_duration(info['eta_s'])}")
-        if info.get("memory_gb") is not None:
-            parts.append(f"GPU {info['memory_gb']:.1f} GB")
-        return " · ".join(parts)
-    if event.task == "encode" and "cached" in info:
-        return f"{info['cached']} already cached"
-    if event.task == "validate":
-        return f"step {info['step']}"
-    return ""
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -64,7 +63,7 @@ def train_base(
 
     from ctrlora_cli.store.names import validate_name
     from ctrlora_cli.store.store import Store
-    from ctrlora_cli.store.results import add_trained_base, resolve_init
+    from ctrlora_cli.store.results import add_trained_base, resolve_init, run_removal_hint
     from engine.training import launcher
 
     # Bad input before any question or work: ranges, then the data (the workers may run
@@ -96,7 +95,7 @@ def train_base(
             raise UsageError(f"--print-command does not clear run folders: delete {run} first, or choose another "
                              f"--run-dir")
         launcher.check_run_folder(run, settings, topo.world_size, force,
-                                  remove_hint=_removal_hint(store, run) if launcher.holds_run(run) else "")
+                                  remove_hint=run_removal_hint(store, run) if launcher.holds_run(run) else "")
     if print_command:
         for line in launcher.all_node_commands(topo, settings, python=sys.executable):
             typer.echo(line)
@@ -124,16 +123,6 @@ def train_base(
                   f"(eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f})", highlight=False)
 
 
-def _removal_hint(store, run: Path) -> str:
-    """How else to clear a run folder that holds a run: ``ctrlora rm`` of the entries made in it
-    when that removes it (it lies in the store's runs/), else deleting it."""
-    real = Path(os.path.realpath(run))
-    made_here = [m.name for m in store.list() if store.run_of(m) == real]
-    if made_here and real in store.runs_freed_by(made_here)[0]:
-        return f"`ctrlora rm {' '.join(made_here)}` (which removes the run folder with them)"
-    return "delete the folder"
-
-
 def _absolute_data(item: str) -> str:
     """COND=DIR or DIR, with DIR absolute."""
     condition, sep, folder = item.partition("=")
@@ -145,11 +134,11 @@ def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool
     process = subprocess.Popen(command, env=env)
     if not show:
         return process.wait()
-    from ctrlora_cli.progress import progress_bars
+    from ctrlora_cli.progress import describe_train_base, progress_bars
     from engine.progress import Progress
 
     seen = 0
-    with progress_bars(True, describe=_describe) as callback:
+    with progress_bars(True, describe=describe_train_base) as callback:
         callback(Progress("train-base", 0, steps))
         while process.poll() is None:
             time.sleep(0.5)
@@ -163,12 +152,3 @@ def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool
                 callback(Progress("train-base", record["step"], steps, record))
                 seen += 1
     return process.returncode
-
-
-def _describe(event) -> str:
-    record = event.info
-    if not record:
-        return "starting"
-    per_rank = " ".join(f"{r:.1f}" for r in record["per_rank_samples_per_s"])
-    return (f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} samples/s  (ranks: {per_rank})  "
-            f"{', '.join(record['conditions'])}")

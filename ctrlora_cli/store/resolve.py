@@ -146,3 +146,11 @@ def load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str, compile
             state, _ = load_adapter_file(path)
             pipe.load_adapter(names[digest], state, alpha=meta["alpha"])
     return pipe, names, dev, precision
+
+
+def run_base(store: Store, run_dir: Path) -> str | None:
+    """The store's base with the weights the run in ``run_dir`` started on (``--resume``), if any."""
+    from engine.training.fit import saved_run
+
+    digest = ((saved_run(run_dir) or {}).get("identity") or {}).get("base_digest")
+    return recorded_base(store, {"name": "", "digest": digest}) if digest else None

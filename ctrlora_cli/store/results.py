@@ -4,6 +4,7 @@ model a run starts from, and its results as store entries."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -96,3 +97,13 @@ def add_toy_sd(store: Store, name: str, settings, out_dir: Path | None = None, p
     if out_dir is not None:
         summary["folder"] = str(out_dir)
     return summary
+
+
+def run_removal_hint(store: Store, run: Path) -> str:
+    """How else to clear a run folder that holds a run: ``ctrlora rm`` of the entries made in it
+    when that removes it (it lies in the store's runs/), else deleting it."""
+    real = Path(os.path.realpath(run))
+    made_here = [m.name for m in store.list() if store.run_of(m) == real]
+    if made_here and real in store.runs_freed_by(made_here)[0]:
+        return f"`ctrlora rm {' '.join(made_here)}` (which removes the run folder with them)"
+    return "delete the folder"
