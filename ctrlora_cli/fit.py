@@ -141,5 +141,5 @@ def fit(
     about = f" (condition {config.condition})" if config.condition != name else ""
     out.print(f"fitted {name}{about}: {result.steps} steps on {result.pairs} pairs in "
               f"{duration(result.seconds)}, loss {result.final_loss:.4f} (moving average); run folder "
-              f"{result.run_dir}", highlight=False)
+              f"{result.run_dir}", highlight=False, soft_wrap=True)  # one line in logs
     out.print(f"use it: ctrlora gen --cond {name}=CONDITION.png -p PROMPT", highlight=False)
