@@ -8,13 +8,13 @@ import sys
 import typer
 
 from ctrlora_cli import __version__, envconfig
+from ctrlora_cli.conventions import house_rules
 
 app = typer.Typer(
     name="ctrlora",
     help="CtrLoRA on Stable Diffusion 1.5: one shared Base ControlNet, one small adapter per condition.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
     rich_markup_mode="rich",
     epilog="Settings from the environment (CTRLORA_HOME, CTRLORA_OFFLINE, HF_TOKEN, ...): ctrlora env",
 )
@@ -40,6 +40,7 @@ def _root(
 envconfig.quiet_libraries()  # before any command module imports huggingface_hub & co.
 for _module in COMMAND_MODULES:
     importlib.import_module(f"ctrlora_cli.{_module}").register(app)
+house_rules(app)
 
 
 def _click_exceptions():

@@ -28,7 +28,7 @@ def gen(
                                         "WEIGHT (default 1.0) and the fraction of steps START-END (default 0-1). "
                                         "Repeat for several."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="What to draw."),
-    negative: str | None = typer.Option(None, "--negative", "-n", help="What to avoid (default: empty)."),
+    negative: str | None = typer.Option(None, "--negative", help="What to avoid (default: empty)."),
     base: GenBaseOpt = None,
     sd: SdOpt = None,
     steps: GenStepsOpt = None,

@@ -43,6 +43,15 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def examples(*commands: str) -> str:
+    """A command's Examples section, the one way a command declares it (as its help epilog:
+    ``app.command("pull", epilog=examples("ctrlora pull base", ...))``): real, runnable
+    commands, one a line."""
+    from rich.markup import escape
+
+    return "Examples:\n" + "\n".join(f"  {escape(command)}" for command in commands)
+
+
 def retold(alias: Any, help: str, *, optional: bool = False) -> Any:
     """``alias`` (one of the options above) with a command's own help text, and with ``optional``
     also None as its value (the command then fills in a default of its own, e.g. from a recipe).

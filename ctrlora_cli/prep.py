@@ -22,8 +22,8 @@ def prep(
     output: Path | None = typer.Option(None, "-o", "--out",
                                        help="Where to write it (.png, .jpg, .webp; default: IMAGE-KIND.png "
                                             "in the current folder)."),
-    param: list[str] = typer.Option([], "-p", "--param", metavar="KEY=VALUE",
-                                    help="An extractor parameter, e.g. -p low=50 -p high=150; repeatable."),
+    param: list[str] = typer.Option([], "--param", metavar="KEY=VALUE",
+                                    help="An extractor parameter, e.g. --param low=50 --param high=150; repeatable."),
     list_kinds: bool = typer.Option(False, "--list", help="List the built-in kinds and their parameters."),
     as_json: JsonOpt = False,
 ) -> None:
@@ -93,7 +93,7 @@ def _list(as_json: bool) -> None:
             grid.add_column(no_wrap=True)
             grid.add_column()
             for p in spec.params:
-                grid.add_row(f"  -p {escape(p.describe())}", escape(p.help))
+                grid.add_row(f"  --param {escape(p.describe())}", escape(p.help))
             out.print(grid, highlight=False)
     out.print(f"Need an annotator network (give a ready condition image instead): {', '.join(NEEDS_ANNOTATOR)}",
               highlight=False)

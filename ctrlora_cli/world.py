@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
 @world_app.command("make")
 def make(
     folder: Path = typer.Argument(..., help="Folder to write the pairs to (created if missing)."),
-    condition: str | None = typer.Option(None, "--condition", "-c",
+    condition: str | None = typer.Option(None, "--condition",
                                          help="Which condition the source images show (see 'ctrlora world "
                                               "conditions')."),
     count: int | None = typer.Option(None, "--count", "-n", help="Number of pairs."),
