@@ -7,12 +7,15 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli import envconfig
-from ctrlora_cli.options import JsonOpt, print_json
+from ctrlora_cli.options import JsonOpt, examples, print_json
 from ctrlora_cli.tables import print_table
 
 
 def register(app: typer.Typer) -> None:
-    app.command("env")(env)
+    app.command("env", epilog=examples(
+        'ctrlora env',
+        'ctrlora env --json',
+    ))(env)
 
 
 def env(as_json: JsonOpt = False) -> None:

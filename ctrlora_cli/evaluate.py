@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import go_on_despite, interactive, out
-from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
+from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples
 from ctrlora_cli.options import YesOpt, print_json, retold
 from engine.demo.settings import EvalSettings
 from engine.generation.settings import SCHEDULERS
@@ -20,7 +20,11 @@ EvalSeedOpt = retold(SeedOpt, "Image i uses seed + i.")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    app.command("eval", epilog=examples(
+        'ctrlora eval demo-sketch heldout',
+        'ctrlora eval none heldout --base demo --kind sketch',
+        'ctrlora eval mine.safetensors pairs/ --kind canny -n 50 --save out/ --json',
+    ))(evaluate)
 
 
 def evaluate(

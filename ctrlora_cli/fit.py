@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import ask, err, interactive, out, warn
-from ctrlora_cli.options import BaseOpt, DeviceOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, retold
+from ctrlora_cli.options import BaseOpt, DeviceOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples, retold
 from engine.training.settings import FitConfig
 
 DATA_HELP = """Folder of training pairs: either prompt.json (JSON lines {"source", "target", "prompt"}) with
@@ -23,7 +23,11 @@ FitPrecisionOpt = retold(PrecisionOpt, "auto: bf16 on GPU, fp32 on CPU; fp32 or 
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fit")(fit)
+    app.command("fit", epilog=examples(
+        'ctrlora fit ./my-pairs --name mosaic',
+        'ctrlora fit ./my-pairs --name mosaic --resume',
+        'ctrlora fit ./my-pairs --name mosaic --steps 200 --json',
+    ))(fit)
 
 
 def fit(

@@ -10,7 +10,7 @@ import typer
 from ctrlora_cli.console import ask, err, go_on_despite, interactive, out, warn
 from engine.generation.settings import SCHEDULERS
 from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
-from ctrlora_cli.options import YesOpt, print_json, retold
+from ctrlora_cli.options import YesOpt, examples, print_json, retold
 
 GenBaseOpt = retold(BaseOpt, "Base in the store (default: the image's with --from, else the one the adapters were "
                              "made for, else the only one, or 'base').")
@@ -19,7 +19,12 @@ GenSeedOpt = retold(SeedOpt, "Seed of the first image (image k: seed + k) (defau
 
 
 def register(app: typer.Typer) -> None:
-    app.command("gen")(gen)
+    app.command("gen", epilog=examples(
+        'ctrlora gen --cond canny=edges.png -p "a cosy cabin"',
+        'ctrlora gen -c canny=edges.png:0.8 -c depth=depth.png:1:0-0.6 -p "a cabin"',
+        'ctrlora gen -c canny=photo.jpg --prep canny -p "a lake" --negative blurry',
+        'ctrlora gen --from cabins/ctrlora-43.png --steps 30 --batch 4 --json',
+    ))(gen)
 
 
 def gen(

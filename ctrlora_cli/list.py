@@ -8,14 +8,18 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.console import say
-from ctrlora_cli.options import JsonOpt, print_json
+from ctrlora_cli.options import JsonOpt, examples, print_json
 from ctrlora_cli.store import sources
 from ctrlora_cli.store.store import Store
 from ctrlora_cli.tables import human_size, print_table
 
 
 def register(app: typer.Typer) -> None:
-    app.command("list")(list_models)
+    app.command("list", epilog=examples(
+        'ctrlora list',
+        'ctrlora list --catalog',
+        'ctrlora list --json',
+    ))(list_models)
 
 
 def list_models(

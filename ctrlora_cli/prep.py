@@ -7,12 +7,16 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import ask, out
-from ctrlora_cli.options import JsonOpt, print_json
+from ctrlora_cli.options import JsonOpt, examples, print_json
 from engine.errors import SettingError
 
 
 def register(app: typer.Typer) -> None:
-    app.command("prep")(prep)
+    app.command("prep", epilog=examples(
+        'ctrlora prep canny photo.png -o edges.png --param low=50 --param high=150',
+        'ctrlora prep mosaic photo.png -o mosaic.png --param block=16',
+        'ctrlora prep --list',
+    ))(prep)
 
 
 def prep(

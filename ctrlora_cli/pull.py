@@ -9,10 +9,18 @@ from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import ask, warn
 from ctrlora_cli.store.pull import pull as pull_source
 from ctrlora_cli.store.store import Store
+from ctrlora_cli.options import examples
 
 
 def register(app: typer.Typer) -> None:
-    app.command("pull")(pull)
+    app.command("pull", epilog=examples(
+        'ctrlora pull base',
+        'ctrlora pull canny',
+        'ctrlora pull tiny',
+        'ctrlora pull ./my_adapter.ckpt --name mosaic --condition mosaic',
+        'ctrlora pull ./dreamshaper_8.safetensors --kind sd',
+        'ctrlora pull canny --json',
+    ))(pull)
 
 
 def pull(
@@ -26,11 +34,7 @@ def pull(
     condition: str | None = typer.Option(None, "--condition", help="For an adapter: the condition's name."),
     force: bool = typer.Option(False, "--force", help="Fetch again and replace an existing entry of that name."),
 ) -> None:
-    """Fetch or import a model into the local store.
-
-    Examples: ctrlora pull base | ctrlora pull canny | ctrlora pull hf://owner/repo/file.ckpt --name x |
-    ctrlora pull ./model.safetensors --kind sd --name y
-    """
+    """Fetch or import a model into the local store."""
     if source is None:
         source = ask("What to pull (base, canny, ..., demo, tiny, hf://..., a file)",
                      "what to pull? e.g. ctrlora pull base (see: ctrlora list --catalog)")

@@ -9,11 +9,16 @@ from rich.markup import escape
 from ctrlora_cli.console import interactive, say, warn
 from ctrlora_cli.store.store import Store, folder_size
 from ctrlora_cli.tables import human_size
+from ctrlora_cli.options import examples
 from engine.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
-    app.command("rm")(rm)
+    app.command("rm", epilog=examples(
+        'ctrlora rm canny',
+        'ctrlora rm canny depth -y',
+        'ctrlora rm canny -y --json',
+    ))(rm)
 
 
 def rm(

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.console import ask, out
-from ctrlora_cli.options import JsonOpt, print_json
+from ctrlora_cli.options import JsonOpt, examples, print_json
 from ctrlora_cli.store import sources
 from ctrlora_cli.store.parameters import parameter_counts
 from ctrlora_cli.store.store import Store
@@ -16,7 +16,10 @@ from ctrlora_cli.tables import human_size, print_table
 
 
 def register(app: typer.Typer) -> None:
-    app.command("show")(show)
+    app.command("show", epilog=examples(
+        'ctrlora show canny',
+        'ctrlora show canny --json',
+    ))(show)
 
 
 def show(

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import ask, interactive, out
-from ctrlora_cli.options import JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, print_json, retold
+from ctrlora_cli.options import JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples, print_json, retold
 from engine.errors import UsageError
 from engine.training.settings import TrainBaseSettings
 
@@ -23,7 +23,11 @@ _help = TrainBaseSettings.help_of
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train-base")(train_base)
+    app.command("train-base", epilog=examples(
+        'ctrlora train-base canny=data/canny depth=data/depth --init sd15 --out mybase',
+        "ctrlora train-base --shards 'shards/train-*.tar' --init sd15 --out b --nodes 2",
+        'ctrlora train-base canny=data/canny --init sd15 --out b --print-command --json',
+    ))(train_base)
 
 
 def train_base(

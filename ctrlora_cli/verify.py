@@ -10,10 +10,15 @@ from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import out, say
 from ctrlora_cli.store.sources import repair_command
 from ctrlora_cli.store.store import Store
+from ctrlora_cli.options import examples
 
 
 def register(app: typer.Typer) -> None:
-    app.command("verify")(verify)
+    app.command("verify", epilog=examples(
+        'ctrlora verify',
+        'ctrlora verify base canny',
+        'ctrlora verify --json',
+    ))(verify)
 
 
 def verify(names: list[str] | None = typer.Argument(None, help="Store names (default: every entry).")) -> None:

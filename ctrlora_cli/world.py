@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import ask, out
-from ctrlora_cli.options import JsonOpt, SeedOpt, print_json, retold
+from ctrlora_cli.options import JsonOpt, SeedOpt, examples, print_json, retold
 from engine.demo.settings import ToySDSettings
 from engine.errors import UsageError
 
@@ -16,14 +16,21 @@ WorldSeedOpt = retold(SeedOpt, "World seed: the same seed draws the same scenes.
 TrainSdSeedOpt = retold(SeedOpt, "World and training seed.")
 
 world_app = typer.Typer(help="The demo world: drawn scenes of coloured shapes with exact conditions, offline.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, epilog=examples(
+                            "ctrlora world conditions",
+                            "ctrlora world make data/canny --condition canny --count 1000",
+                            "ctrlora world train-sd --name demo-sd"))
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(world_app, name="world")
 
 
-@world_app.command("make")
+@world_app.command("make", epilog=examples(
+    "ctrlora world make data/canny --condition canny --count 1000",
+    "ctrlora world make heldout --condition sketch -n 100 --seed 1",
+    "ctrlora world make ./demo --condition seg -n 1 --size 32 --seed 7 --json",
+))
 def make(
     folder: Path = typer.Argument(..., help="Folder to write the pairs to (created if missing)."),
     condition: str | None = typer.Option(None, "--condition",
@@ -59,7 +66,7 @@ def make(
                   highlight=False)
 
 
-@world_app.command("conditions")
+@world_app.command("conditions", epilog=examples("ctrlora world conditions", "ctrlora world conditions --json"))
 def conditions(as_json: JsonOpt = False) -> None:
     """List the world's conditions: the base set (for the Base ControlNet) and the held-out set."""
     from engine.demo.world import BASE_CONDITIONS, CONDITION_HELP, CONDITIONS
@@ -79,7 +86,10 @@ def conditions(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
-@world_app.command("train-sd")
+@world_app.command("train-sd", epilog=examples(
+    "ctrlora world train-sd --name demo-sd",
+    "ctrlora world train-sd --name quick-sd --vae-steps 50 --unet-steps 100 --json",
+))
 def train_sd(
     name: str | None = typer.Option(None, "--name", help="Store name of the sd entry to make, e.g. demo-sd."),
     size: int = typer.Option(TOY.size, "--size", help="Image side in pixels (a multiple of 32, 32 to 256)."),
