@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import ask, err, interactive, out, warn
-from ctrlora_cli.options import BaseOpt, DeviceOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples, retold
+from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
+from ctrlora_cli.options import examples, print_json, retold
 from engine.training.settings import FitConfig
 
 DATA_HELP = """Folder of training pairs: either prompt.json (JSON lines {"source", "target", "prompt"}) with
@@ -68,6 +69,7 @@ def fit(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Latent cache [default: <store>/cache/latents]",
                                           show_default=False),
     device: DeviceOpt = FIT.device,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fit a new condition's adapter on a Base ControlNet from about 1,000 image pairs."""
     from dataclasses import replace
@@ -85,7 +87,7 @@ def fit(
         raise SettingError("condition", "must not be empty")
     store = Store()
     if name is None:
-        name = ask("Name for the new adapter", "missing --name: the store name for the new adapter")
+        name = ask("Name for the new adapter", "missing --name: the store name for the new adapter", batch=as_json)
     validate_name(name)
     store.claim(name, force, "--name")
     run_dir = run_dir or store.run_folder(name, "fit")
@@ -142,6 +144,11 @@ def fit(
     except UsageError as exc:
         raise UsageError(f"{exc} (the adapter is in {result.adapter_file})") from None
     add_fitted_adapter(store, name, result, base_manifest, config, data, run_dir)
+    if as_json:
+        print_json({"name": name, "condition": config.condition, "base": base_manifest.name, "steps": result.steps,
+                    "pairs": result.pairs, "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+                    "resumed_from": result.resumed_from, "run_dir": str(result.run_dir)})
+        return
     about = f" (condition {config.condition})" if config.condition != name else ""
     out.print(f"fitted {name}{about}: {result.steps} steps on {result.pairs} pairs in "
               f"{duration(result.seconds)}, loss {result.final_loss:.4f} (moving average); run folder "

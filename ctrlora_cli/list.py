@@ -34,22 +34,25 @@ def list_models(
     manifests = store.list()
     names = {m.name for m in manifests}
     missing = {m.name: store.missing_links(m, names) for m in manifests}
+    made_for = {m.name: _made_for(store, m) for m in manifests}
     if as_json:
-        print_json([dict(m.to_json(), size=m.size, missing=dict(missing[m.name])) for m in manifests])
+        print_json([dict(m.to_json(), size=m.size, missing=dict(missing[m.name]), made_for=made_for[m.name])
+                    for m in manifests])
         return
     if not manifests:
         say(f"The store ({store.root}) is empty. Try: ctrlora pull tiny (random, offline) or ctrlora pull base")
     else:
         from rich.table import Table
 
-        columns = ["NAME", "KIND", "CONDITION", "RANK", "SIZE", "SOURCE", "DATE"]
+        columns = ["NAME", "KIND", "CONDITION", "BASE", "RANK", "SIZE", "SOURCE", "DATE"]
         broken = [name for name, links in missing.items() if links]
         table = Table(box=None, header_style="bold", pad_edge=False)
         for column in columns + (["MISSING"] if broken else []):
             table.add_column(column, justify="right" if column in ("RANK", "SIZE") else "left",
                              no_wrap=column != "SOURCE")
         for m in manifests:
-            row = [m.name, m.kind, escape(m.condition or "-"), str(m.rank) if m.rank else "-",
+            row = [m.name, m.kind, escape(m.condition or "-"), _base_label(made_for[m.name]),
+                   str(m.rank) if m.rank else "-",
                    human_size(m.size), escape(sources.label(m.source)), m.created[:10]]
             if broken:
                 row.append(", ".join(f"{kind} {name}" for kind, name in missing[m.name]) or "-")
@@ -62,6 +65,22 @@ def list_models(
     if partials:
         total = sum(p.stat().st_size for p in partials)
         say(f"{len(partials)} unfinished download(s), {human_size(total)}: the same pull continues them")
+
+
+def _made_for(store: Store, manifest) -> dict | None:
+    """For an adapter: the base it was made for as recorded (name, weights digest) and the store's
+    base with those weights now ("in_store": that name, another name it was renamed to, or None)."""
+    from ctrlora_cli.store.resolve import recorded_base
+
+    record = manifest.made_for
+    return dict(record, in_store=recorded_base(store, record)) if record else None
+
+
+def _base_label(record: dict | None) -> str:
+    if record is None:
+        return "-"
+    now = record["in_store"]
+    return escape(record["name"] if now in (None, record["name"]) else f"{now} (recorded as {record['name']})")
 
 
 def _list_catalog(as_json: bool) -> None:

@@ -9,7 +9,7 @@ from rich.markup import escape
 from ctrlora_cli.console import interactive, say, warn
 from ctrlora_cli.store.store import Store, folder_size
 from ctrlora_cli.tables import human_size
-from ctrlora_cli.options import examples
+from ctrlora_cli.options import JsonOpt, examples, print_json
 from engine.errors import UsageError
 
 
@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
 def rm(
     names: list[str] = typer.Argument(..., help="Store names to remove."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Remove models from the local store (and the run folders of fit and train-base results)."""
     store = Store()
@@ -34,9 +35,10 @@ def rm(
     sizes = {run: folder_size(run) for run in runs}
     if not yes:
         orphans = ", ".join(dict.fromkeys(m.name for m, _, _ in dependents))
-        if not interactive():
+        if not interactive() or as_json:
             also = f"; {orphans} would point to nothing" if orphans else ""
-            raise UsageError(f"not removing {', '.join(names)} without confirmation (no terminal){also}: pass -y")
+            why = "--json" if as_json else "no terminal"
+            raise UsageError(f"not removing {', '.join(names)} without confirmation ({why}){also}: pass -y")
         for m, link, target in dependents:
             say(f"  {_link(m, link, target)}")
         for run in runs:
@@ -48,11 +50,17 @@ def rm(
             raise typer.Exit(1)
     freed = store.remove(names)
     store.remove_runs(runs)
-    say(f"removed {', '.join(names)}; freed {human_size(freed)}")
-    for run in runs:
-        say(f"removed run folder {run} ({human_size(sizes[run])})")
-    for run in outside:
-        say(f"kept run folder {run} (outside the store)")
+    if as_json:
+        print_json({"removed": names, "freed_bytes": freed,
+                    "run_folders_removed": [{"path": str(run), "bytes": sizes[run]} for run in runs],
+                    "run_folders_kept": [str(run) for run in outside],
+                    "dangling": [{"name": m.name, "link": link, "target": target} for m, link, target in dependents]})
+    else:
+        say(f"removed {', '.join(names)}; freed {human_size(freed)}")
+        for run in runs:
+            say(f"removed run folder {run} ({human_size(sizes[run])})")
+        for run in outside:
+            say(f"kept run folder {run} (outside the store)")
     for m, link, target in dependents:
         if link == "sd":
             warn(escape(f"base {m.name!r} paired with {target!r}, which is gone: pass --sd NAME to gen/fit, or pull "

@@ -80,9 +80,10 @@ def train_base(
                                  ).checked()
     known_conditions, _ = launcher.check_data(settings)
     store = Store()
-    out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME")
+    out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME", batch=as_json)
     validate_name(out_name)
-    init = init or ask("SD model or base to start from (store name)", "missing --init; pass --init NAME")
+    init = init or ask("SD model or base to start from (store name)", "missing --init; pass --init NAME",
+                       batch=as_json)
     topo = launcher.choose_topology(nodes, nproc_per_node, node_rank, rdzv_endpoint, rdzv_id, rdzv_timeout,
                                     default_id=f"ctrlora-{out_name}")
     sd_name, init_base = resolve_init(store, init, sd)
@@ -101,8 +102,12 @@ def train_base(
         launcher.check_run_folder(run, settings, topo.world_size, force,
                                   remove_hint=run_removal_hint(store, run) if launcher.holds_run(run) else "")
     if print_command:
-        for line in launcher.all_node_commands(topo, settings, python=sys.executable):
-            typer.echo(line)
+        commands = launcher.all_node_commands(topo, settings, python=sys.executable)
+        if as_json:
+            print_json({"run_dir": str(run), "nodes": topo.nodes, "commands": commands})
+        else:
+            for line in commands:
+                typer.echo(line)
         return
 
     if topo.node_rank == 0 and force and not resume:
@@ -116,7 +121,10 @@ def train_base(
     if code != 0:
         raise launcher.explain_failure(code, run, topo)
     if topo.node_rank != 0:
-        out.print(f"node {topo.node_rank} done; node 0 writes the result into its store")
+        if as_json:
+            print_json({"node_rank": topo.node_rank, "done": True})
+        else:
+            out.print(f"node {topo.node_rank} done; node 0 writes the result into its store")
         return
     summary = add_trained_base(store, run / launcher.RESULT, run, out_name, sd_name, steps, force=force)
     summary["seconds"] = round(time.time() - started, 1)

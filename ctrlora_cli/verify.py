@@ -10,7 +10,7 @@ from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import out, say
 from ctrlora_cli.store.sources import repair_command
 from ctrlora_cli.store.store import Store
-from ctrlora_cli.options import examples
+from ctrlora_cli.options import JsonOpt, examples, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -21,32 +21,42 @@ def register(app: typer.Typer) -> None:
     ))(verify)
 
 
-def verify(names: list[str] | None = typer.Argument(None, help="Store names (default: every entry).")) -> None:
+def verify(names: list[str] | None = typer.Argument(None, help="Store names (default: every entry)."),
+           as_json: JsonOpt = False) -> None:
     """Re-hash models in the store and rebuild their views where needed; exit 1 when a file is damaged or missing."""
     store = Store()
     manifests = [store.get(name) for name in dict.fromkeys(names)] if names else store.list()
-    if not manifests:
+    if not manifests and not as_json:
         say("nothing to verify: the store is empty")
         return
     with ByteBars() as bars:
         results = store.check_all(manifests, bars)
-    damaged = []
+    entries = []
     for manifest, problems in results:
-        if not problems:
-            view = store.repair_view(manifest)  # derived data: rebuilt, not a reason to fail
-            if view:
-                out.print(f"[green]ok[/green]       {manifest.name}: view rebuilt ({escape(view[0])}"
-                          f"{f' and {len(view) - 1} more' if len(view) > 1 else ''})", highlight=False, soft_wrap=True)
-            else:
-                out.print(f"[green]ok[/green]       {manifest.name}", highlight=False, soft_wrap=True)
-            continue
-        damaged.append(manifest)
-        for problem in problems:
-            out.print(f"[red]damaged[/red]  {manifest.name}: {escape(problem)}", highlight=False, soft_wrap=True)
+        view = [] if problems else store.repair_view(manifest)  # derived data: rebuilt, not a reason to fail
+        entries.append({"name": manifest.name, "ok": not problems, "problems": list(problems),
+                        "view_rebuilt": list(view or []), "repair": repair_command(manifest) if problems else None})
+    damaged = [e for e in entries if not e["ok"]]
+    if as_json:
+        print_json({"verified": len(entries), "damaged": [e["name"] for e in damaged], "entries": entries})
+    else:
+        _report(entries)
+    if damaged:
+        raise typer.Exit(1)
+
+
+def _report(entries: list[dict]) -> None:
+    for e in entries:
+        view = e["view_rebuilt"]
+        if e["ok"]:
+            rebuilt = f": view rebuilt ({escape(view[0])}{f' and {len(view) - 1} more' if len(view) > 1 else ''})"
+            out.print(f"[green]ok[/green]       {e['name']}{rebuilt if view else ''}", highlight=False, soft_wrap=True)
+        for problem in e["problems"]:
+            out.print(f"[red]damaged[/red]  {e['name']}: {escape(problem)}", highlight=False, soft_wrap=True)
+    damaged = [e for e in entries if not e["ok"]]
     if not damaged:
-        say(f"{len(manifests)} verified, all intact")
+        say(f"{len(entries)} verified, all intact")
         return
-    say(f"{len(damaged)} of {len(manifests)} damaged; repair with:")
-    for m in damaged:
-        say(f"  {repair_command(m)}")
-    raise typer.Exit(1)
+    say(f"{len(damaged)} of {len(entries)} damaged; repair with:")
+    for e in damaged:
+        say(f"  {e['repair']}")
