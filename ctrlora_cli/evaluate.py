@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli.completion import adapter_names, fidelity_kinds
 from ctrlora_cli.console import go_on_despite, interactive, out
 from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples
 from ctrlora_cli.options import YesOpt, print_json, retold
@@ -29,13 +30,14 @@ def register(app: typer.Typer) -> None:
 
 def evaluate(
     adapter: str = typer.Argument(..., help="Adapter (store name or .safetensors file), or 'none' for the bare base.",
-                                  show_default=False),
+                                  show_default=False, autocompletion=adapter_names),
     data: Path = typer.Argument(..., help="Held-out pairs in the fit layout (e.g. from 'ctrlora world make').",
                                 show_default=False),
     base: BaseOpt = None,
     sd: SdOpt = None,
     kind: str | None = typer.Option(None, "--kind", help="Fidelity measure (default: the adapter's condition, else "
-                                                         "the data set's, from its world.json)."),
+                                                         "the data set's, from its world.json).",
+                                        autocompletion=fidelity_kinds),
     count: int | None = typer.Option(None, "--count", "-n", help="Evaluate the first N pairs (default: all)."),
     steps: EvalStepsOpt = EVAL.steps,
     guidance: float = typer.Option(EVAL.guidance, "--guidance", help="Classifier-free guidance scale, at least 0."),

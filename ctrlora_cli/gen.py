@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli.completion import cond_values, extractor_kinds
 from ctrlora_cli.console import ask, err, go_on_despite, interactive, out, warn
 from engine.generation.settings import SCHEDULERS
 from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
@@ -31,7 +32,7 @@ def gen(
     cond: list[str] = typer.Option(None, "--cond", "-c", metavar="NAME=IMAGE[:WEIGHT[:START-END]]",
                                    help="A condition: adapter (store name or .safetensors file) and its image; "
                                         "WEIGHT (default 1.0) and the fraction of steps START-END (default 0-1). "
-                                        "Repeat for several."),
+                                        "Repeat for several.", autocompletion=cond_values),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="What to draw."),
     negative: str | None = typer.Option(None, "--negative", help="What to avoid (default: empty)."),
     base: GenBaseOpt = None,
@@ -55,7 +56,8 @@ def gen(
     grid: bool = typer.Option(False, "--grid", help="Also write a sheet with the condition images beside the results."),
     from_png: Path | None = typer.Option(None, "--from", help="Make again from a PNG made by ctrlora gen (options given override)."),
     prep: list[str] = typer.Option(None, "--prep", metavar="[NAME=]KIND",
-                                   help="Extract the condition from the image first (e.g. canny); NAME= picks one condition."),
+                                   help="Extract the condition from the image first (e.g. canny); NAME= picks one condition.",
+                                   autocompletion=extractor_kinds),
     yes: YesOpt = False,
     json_output: JsonOpt = False,
 ) -> None:

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ctrlora_cli.completion import base_names, sd_names
+
 
 class Precision(str, enum.Enum):
     """``auto`` is decided by ``engine.runtime.resolve_precision`` for the device and the job."""
@@ -22,8 +24,9 @@ class Precision(str, enum.Enum):
 
 
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Base ControlNet in the store (default: the adapter's "
-                                             "base, else the only one, else 'base').")]
-SdOpt = Annotated[str | None, typer.Option("--sd", help="Stable Diffusion model in the store (default: the base's).")]
+                                             "base, else the only one, else 'base').", autocompletion=base_names)]
+SdOpt = Annotated[str | None, typer.Option("--sd", help="Stable Diffusion model in the store (default: the base's).",
+                                           autocompletion=sd_names)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto: cuda when present).")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", case_sensitive=False,
                                                  help="auto: fp16 on GPU for generation, bf16 for training; "

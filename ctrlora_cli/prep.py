@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli.completion import extractor_kinds
 from ctrlora_cli.console import ask, out
 from ctrlora_cli.options import JsonOpt, examples, print_json
 from engine.errors import SettingError
@@ -21,7 +22,8 @@ def register(app: typer.Typer) -> None:
 
 def prep(
     kind: str | None = typer.Argument(None, help="Condition kind: canny, grayscale, blur, mosaic, palette, "
-                                                 "outpainting, inpainting, bbox, sketch (see --list)."),
+                                                 "outpainting, inpainting, bbox, sketch (see --list).",
+                                  autocompletion=extractor_kinds),
     image: Path | None = typer.Argument(None, help="The picture to make the condition from."),
     output: Path | None = typer.Option(None, "-o", "--out",
                                        help="Where to write it (.png, .jpg, .webp; default: IMAGE-KIND.png "

@@ -7,6 +7,7 @@ import typer
 
 from ctrlora_cli.byte_progress import ByteBars
 from ctrlora_cli.console import ask, warn
+from ctrlora_cli.completion import base_names, sd_names
 from ctrlora_cli.options import JsonOpt, examples, print_json
 from ctrlora_cli.store.events import Message
 from ctrlora_cli.store.pull import pull as pull_source
@@ -30,8 +31,10 @@ def pull(
     name: str | None = typer.Option(None, "--name", help="Store name (default: from the source)."),
     revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit to pin."),
     kind: str | None = typer.Option(None, "--kind", help="Expect this kind: base, adapter or sd (default: detected)."),
-    sd: str | None = typer.Option(None, "--sd", help="For a base: the SD model (store name) it pairs with."),
-    base: str | None = typer.Option(None, "--base", help="For an adapter: the base (store name) it was made for."),
+    sd: str | None = typer.Option(None, "--sd", help="For a base: the SD model (store name) it pairs with.",
+                                  autocompletion=sd_names),
+    base: str | None = typer.Option(None, "--base", help="For an adapter: the base (store name) it was made for.",
+                                    autocompletion=base_names),
     condition: str | None = typer.Option(None, "--condition", help="For an adapter: the condition's name."),
     force: bool = typer.Option(False, "--force", help="Fetch again and replace an existing entry of that name."),
     as_json: JsonOpt = False,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
+from ctrlora_cli.completion import any_name
 from ctrlora_cli.console import interactive, say, warn
 from ctrlora_cli.store.store import Store, folder_size
 from ctrlora_cli.tables import human_size
@@ -22,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
 
 def rm(
-    names: list[str] = typer.Argument(..., help="Store names to remove."),
+    names: list[str] = typer.Argument(..., help="Store names to remove.", autocompletion=any_name),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: JsonOpt = False,
 ) -> None:

@@ -7,6 +7,7 @@ import json
 import typer
 from rich.markup import escape
 
+from ctrlora_cli.completion import any_name
 from ctrlora_cli.console import ask, out
 from ctrlora_cli.options import JsonOpt, examples, print_json
 from ctrlora_cli.store import sources
@@ -23,7 +24,8 @@ def register(app: typer.Typer) -> None:
 
 
 def show(
-    name: str | None = typer.Argument(None, show_default=False, help="A store name (see: ctrlora list)."),
+    name: str | None = typer.Argument(None, show_default=False, help="A store name (see: ctrlora list).",
+                                      autocompletion=any_name),
     as_json: JsonOpt = False,
 ) -> None:
     """Show a model: what it is, where it came from, its parameters and files."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli.completion import init_names
 from ctrlora_cli.console import ask, interactive, out
 from ctrlora_cli.options import JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples, print_json, retold
 from engine.errors import UsageError
@@ -34,7 +35,8 @@ def train_base(
     data: list[str] = typer.Argument(None, help="Condition folders in the fit layout: COND=DIR, or DIR (named after the folder)."),
     shards: list[str] = typer.Option([], "--shards", help="WebDataset-style tar shards (glob); repeatable."),
     out_name: str = typer.Option(None, "--out", help="Store name of the new base; adapters become OUT-COND."),
-    init: str = typer.Option(None, "--init", help="Store name: an SD model (its UNet encoder is copied) or a base to continue."),
+    init: str = typer.Option(None, "--init", help="Store name: an SD model (its UNet encoder is copied) or a base to "
+                             "continue.", autocompletion=init_names),
     sd: TrainSdOpt = None,
     nodes: int = typer.Option(None, "--nodes", help="Number of nodes (default 1, or SLURM's)."),
     nproc_per_node: int = typer.Option(None, "--nproc-per-node", help="Processes (GPUs) per node (default 1, or SLURM's)."),

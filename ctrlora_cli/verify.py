@@ -7,6 +7,7 @@ import typer
 from rich.markup import escape
 
 from ctrlora_cli.byte_progress import ByteBars
+from ctrlora_cli.completion import any_name
 from ctrlora_cli.console import out, say
 from ctrlora_cli.store.sources import repair_command
 from ctrlora_cli.store.store import Store
@@ -21,7 +22,8 @@ def register(app: typer.Typer) -> None:
     ))(verify)
 
 
-def verify(names: list[str] | None = typer.Argument(None, help="Store names (default: every entry)."),
+def verify(names: list[str] | None = typer.Argument(None, help="Store names (default: every entry).",
+                                                   autocompletion=any_name),
            as_json: JsonOpt = False) -> None:
     """Re-hash models in the store and rebuild their views where needed; exit 1 when a file is damaged or missing."""
     store = Store()

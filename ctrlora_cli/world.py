@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli.completion import world_conditions
 from ctrlora_cli.console import ask, out
 from ctrlora_cli.options import JsonOpt, SeedOpt, examples, print_json, retold
 from engine.demo.settings import ToySDSettings
@@ -35,7 +36,7 @@ def make(
     folder: Path = typer.Argument(..., help="Folder to write the pairs to (created if missing)."),
     condition: str | None = typer.Option(None, "--condition",
                                          help="Which condition the source images show (see 'ctrlora world "
-                                              "conditions')."),
+                                              "conditions').", autocompletion=world_conditions),
     count: int | None = typer.Option(None, "--count", "-n", help="Number of pairs."),
     size: int = typer.Option(64, "--size", help="Image side in pixels (a multiple of 8, 32 to 512)."),
     seed: WorldSeedOpt = 0,
