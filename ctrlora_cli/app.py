@@ -9,6 +9,7 @@ import typer
 
 from ctrlora_cli import __version__, envconfig
 from ctrlora_cli.conventions import house_rules
+from ctrlora_cli.options import examples
 
 app = typer.Typer(
     name="ctrlora",
@@ -16,7 +17,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
-    epilog="Settings from the environment (CTRLORA_HOME, CTRLORA_OFFLINE, HF_TOKEN, ...): ctrlora env",
+    epilog=examples("ctrlora pull tiny", "ctrlora list", "ctrlora gen --help", "ctrlora --install-completion")
+    + "\n\nSettings from the environment (CTRLORA_HOME, CTRLORA_OFFLINE, HF_TOKEN, ...): ctrlora env",
 )
 
 # Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.

@@ -52,7 +52,7 @@ def examples(*commands: str) -> str:
     commands, one a line."""
     from rich.markup import escape
 
-    return "Examples:\n" + "\n".join(f"  {escape(command)}" for command in commands)
+    return "Examples:\n" + "\n".join(escape(command) for command in commands)  # Typer dedents them anyway
 
 
 def retold(alias: Any, help: str, *, optional: bool = False) -> Any:
