@@ -26,7 +26,7 @@ _help = TrainBaseSettings.help_of
 def register(app: typer.Typer) -> None:
     app.command("train-base", epilog=examples(
         'ctrlora train-base canny=data/canny depth=data/depth --init sd15 --out mybase',
-        "ctrlora train-base --shards 'shards/train-*.tar' --init sd15 --out b --nodes 2",
+        "ctrlora train-base --shards 'shards/train-*.tar' --init sd15 --out b --nproc-per-node 8",
         'ctrlora train-base canny=data/canny --init sd15 --out b --print-command --json',
     ))(train_base)
 

@@ -205,9 +205,12 @@ def test_rm_of_a_fit_result_removes_its_run_folder(tiny_store, tmp_path):
     data = _pairs(tmp_path / "data")
     settings = ["--base", "tiny", "--steps", "2", "--rank", "4", "--resolution", "64", "--save-every", "0",
                 "--workers", "1", "--device", "cpu"]
-    fitted = cli("fit", str(data), "--name", "circles", *settings)
+    fitted = cli("fit", str(data), "--name", "circles", *settings, "--json")
     assert fitted.code == 0, fitted.err
     run = store.run_folder("circles")
+    summary = json.loads(fitted.out)  # --json: one document, nothing else on stdout
+    assert (summary["name"], summary["base"], summary["steps"], summary["pairs"], summary["run_dir"]) == (
+        "circles", "tiny", 2, 2, str(run)) and summary["final_loss"] > 0
     assert run.is_dir() and store.run_of(store.get("circles")) == run
     size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     assert cli("fit", str(data), "--name", "kept", "--run-dir", str(tmp_path / "mine"), *settings).code == 0
