@@ -50,9 +50,10 @@ def verify(names: list[str] | None = typer.Argument(None, help="Store names (def
 def _report(entries: list[dict]) -> None:
     for e in entries:
         view = e["view_rebuilt"]
+        more = f" and {len(view) - 1} more" if len(view) > 1 else ""
+        rebuilt = f": view rebuilt ({escape(view[0])}{more})" if view else ""
         if e["ok"]:
-            rebuilt = f": view rebuilt ({escape(view[0])}{f' and {len(view) - 1} more' if len(view) > 1 else ''})"
-            out.print(f"[green]ok[/green]       {e['name']}{rebuilt if view else ''}", highlight=False, soft_wrap=True)
+            out.print(f"[green]ok[/green]       {e['name']}{rebuilt}", highlight=False, soft_wrap=True)
         for problem in e["problems"]:
             out.print(f"[red]damaged[/red]  {e['name']}: {escape(problem)}", highlight=False, soft_wrap=True)
     damaged = [e for e in entries if not e["ok"]]
