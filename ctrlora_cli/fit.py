@@ -24,11 +24,8 @@ FitPrecisionOpt = retold(PrecisionOpt, "auto: bf16 on GPU, fp32 on CPU; fp32 or 
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fit", epilog=examples(
-        'ctrlora fit ./my-pairs --name mosaic',
-        'ctrlora fit ./my-pairs --name mosaic --resume',
-        'ctrlora fit ./my-pairs --name mosaic --steps 200 --json',
-    ))(fit)
+    app.command("fit", epilog=examples("ctrlora fit ./my-pairs --name mosaic", "ctrlora fit ./my-pairs --name mosaic "
+                                       "--resume", "ctrlora fit ./my-pairs --name mosaic --steps 200 --json"))(fit)
 
 
 def fit(

@@ -25,10 +25,9 @@ _help = TrainBaseSettings.help_of
 
 def register(app: typer.Typer) -> None:
     app.command("train-base", epilog=examples(
-        'ctrlora train-base canny=data/canny depth=data/depth --init sd15 --out mybase',
-        "ctrlora train-base --shards 'shards/train-*.tar' --init sd15 --out b --nproc-per-node 8",
-        'ctrlora train-base canny=data/canny --init sd15 --out b --print-command --json',
-    ))(train_base)
+        "ctrlora train-base canny=data/canny depth=data/depth --init sd15 --out mybase",
+        "ctrlora train-base --shards 'shards/*.tar' --init sd15 --out b --batch 8",
+        "ctrlora train-base canny=data/canny --init sd15 --out b --print-command --json"))(train_base)
 
 
 def train_base(
@@ -123,10 +122,8 @@ def train_base(
     if code != 0:
         raise launcher.explain_failure(code, run, topo)
     if topo.node_rank != 0:
-        if as_json:
-            print_json({"node_rank": topo.node_rank, "done": True})
-        else:
-            out.print(f"node {topo.node_rank} done; node 0 writes the result into its store")
+        done = {"node_rank": topo.node_rank, "done": True, "note": "node 0 writes the result into its store"}
+        print_json(done) if as_json else out.print(f"node {topo.node_rank} done; {done['note']}")
         return
     summary = add_trained_base(store, run / launcher.RESULT, run, out_name, sd_name, steps, force=force)
     summary["seconds"] = round(time.time() - started, 1)

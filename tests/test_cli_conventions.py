@@ -8,7 +8,9 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -71,6 +73,22 @@ def test_every_help_has_runnable_examples_and_no_bool_placeholder():
             if "--help" not in args and "--install-completion" not in args:
                 leaf = _parse(args[1:])  # unknown flags, bad numbers or choices raise here
                 assert leaf.name == command.name or hasattr(command, "list_commands"), line
+
+
+def test_the_commands_in_readme_and_docs_parse():
+    """Every ``ctrlora ...`` line of a code block in README.md and docs/ names real commands and
+    options with valid values (lines with placeholders, ``...`` or ``[...]``, are left out)."""
+    repo = Path(__file__).resolve().parents[1]
+    parsed = []
+    for page in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", page.read_text(), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                for command in line.split("  #")[0].split("&&"):
+                    command = command.strip()
+                    if command.startswith("ctrlora ") and not any(c in command for c in ("...", "[", "<")):
+                        _parse(shlex.split(command)[1:])  # raises on an unknown option or a bad value
+                        parsed.append(command)
+    assert len(parsed) >= 40
 
 
 def test_each_short_flag_means_one_long_flag():
