@@ -15,11 +15,7 @@ from ctrlora_cli.tables import human_size, print_table
 
 
 def register(app: typer.Typer) -> None:
-    app.command("list", epilog=examples(
-        'ctrlora list',
-        'ctrlora list --catalog',
-        'ctrlora list --json',
-    ))(list_models)
+    app.command("list", epilog=examples("ctrlora list", "ctrlora list --catalog", "ctrlora list --json"))(list_models)
 
 
 def list_models(
@@ -34,7 +30,7 @@ def list_models(
     manifests = store.list()
     names = {m.name for m in manifests}
     missing = {m.name: store.missing_links(m, names) for m in manifests}
-    made_for = {m.name: _made_for(store, m) for m in manifests}
+    made_for = {m.name: _made_for(store, m, manifests) for m in manifests}
     if as_json:
         print_json([dict(m.to_json(), size=m.size, missing=dict(missing[m.name]), made_for=made_for[m.name])
                     for m in manifests])
@@ -67,13 +63,13 @@ def list_models(
         say(f"{len(partials)} unfinished download(s), {human_size(total)}: the same pull continues them")
 
 
-def _made_for(store: Store, manifest) -> dict | None:
+def _made_for(store: Store, manifest, manifests: list) -> dict | None:
     """For an adapter: the base it was made for as recorded (name, weights digest) and the store's
     base with those weights now ("in_store": that name, another name it was renamed to, or None)."""
     from ctrlora_cli.store.resolve import recorded_base
 
     record = manifest.made_for
-    return dict(record, in_store=recorded_base(store, record)) if record else None
+    return dict(record, in_store=recorded_base(store, record, manifests)) if record else None
 
 
 def _base_label(record: dict | None) -> str:

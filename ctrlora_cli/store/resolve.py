@@ -31,11 +31,12 @@ def made_for(store: Store, adapter: str) -> dict | None:
     return store.get(adapter).made_for
 
 
-def recorded_base(store: Store, record: dict) -> str | None:
+def recorded_base(store: Store, record: dict, manifests: list | None = None) -> str | None:
     """The store's base for a record ``{"name", "digest"}``: the entry of that name when it is a
     base with those weights (or the record has no digest), else a base with those weights under
-    another name, else the entry of that name when it is a base (replaced since), else None."""
-    bases = {m.name: m for m in store.list() if m.kind == "base"}
+    another name, else the entry of that name when it is a base (replaced since), else None.
+    ``manifests``: the store's entries, when the caller has them already."""
+    bases = {m.name: m for m in (store.list() if manifests is None else manifests) if m.kind == "base"}
     named = bases.get(record["name"])
     digest = record.get("digest")
     if named is not None and (not digest or named.weights_digest == digest):
