@@ -43,7 +43,7 @@ class LogTo(str, enum.Enum):
 
 LogToOpt = Annotated[LogTo | None, typer.Option("--log-to", case_sensitive=False,
                                                 help="Also log loss, lr and it/s to TensorBoard, in RUN/tensorboard "
-                                                     "(needs: pip install 'ctrlora[tensorboard]').")]
+                                                     "(needs: pip install 'ctrlora\\[tensorboard]').")]
 
 
 def print_json(data: Any) -> None:
