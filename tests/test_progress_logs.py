@@ -106,3 +106,23 @@ def test_fit_through_a_pipe_logs_progress_lines_while_it_runs_and_tensorboard_sc
     assert [s for s, _ in logged] == list(range(1, 9))
     assert [v for _, v in logged] == [pytest.approx(m["loss"], rel=1e-6) for m in metrics]  # float32 there
     assert [e.value for e in board.Scalars("train/lr")] == [pytest.approx(metrics[0]["lr"], rel=1e-6)] * 8
+
+
+def test_a_resumed_run_replaces_what_the_killed_one_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ctrlora_cli.tensorboard_log import TensorBoardLog
+
+    killed = TensorBoardLog(tmp_path)
+    for step in range(1, 7):
+        killed.scalars(step, {"train/loss": 1.0, "train/lr": float("nan")})  # NaN is left out
+    killed.close()
+    resumed = TensorBoardLog(tmp_path)  # from the checkpoint at step 4: steps 5 and 6 again
+    for step in range(5, 9):
+        resumed.scalars(step, {"train/loss": 2.0})
+    resumed.close()
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("train/loss")] == [(s, 1.0) for s in range(1, 5)] + [
+        (s, 2.0) for s in range(5, 9)]
+    assert board.Tags()["scalars"] == ["train/loss"]
