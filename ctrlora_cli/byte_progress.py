@@ -1,5 +1,6 @@
 """Rendering the store's events (``ctrlora_cli.store.events``) for pull and verify: a Rich bar per
-file (bytes, speed, ETA) at a terminal and nothing drawn otherwise; messages as plain lines either
+file (bytes, speed, ETA) at a terminal, and without one a plain line per file every
+``CTRLORA_LOG_EVERY`` seconds (``ctrlora_cli.progress.LineLog``); messages as plain lines either
 way (results on stdout, notes and warnings on stderr)."""
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ class ByteBars:
         self.enabled = interactive() if enabled is None else enabled
         self._bars = None
         self._tasks: dict[str, int] = {}
+        self._lines = None
+        if not self.enabled and not interactive():
+            from ctrlora_cli.progress import LineLog
+
+            self._lines = LineLog(unit="bytes")
 
     def __enter__(self) -> "ByteBars":
         return self
@@ -46,7 +52,11 @@ class ByteBars:
     def progress(self, event) -> None:
         """An ``engine.progress.Progress``: ``task`` names the file, counts are bytes. Files
         under 1 MB get no bar (they are done before one could be read)."""
-        if not self.enabled or (event.total is not None and event.total < MIN_BAR_BYTES):
+        if event.total is not None and event.total < MIN_BAR_BYTES:
+            return
+        if not self.enabled:
+            if self._lines is not None and self._lines.every > 0:
+                self._lines(event)
             return
         if self._bars is None:  # started at the first bar: a pull that downloads nothing draws nothing
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,

@@ -20,6 +20,7 @@ from engine.errors import UsageError
 TRUE = ("1", "on", "yes", "true")
 DEFAULT_RETRIES = 5
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_LOG_EVERY = 30
 
 
 def flag(value: str | None) -> bool:
@@ -52,6 +53,8 @@ DOWNLOAD_RETRIES = Variable("CTRLORA_DOWNLOAD_RETRIES", str(DEFAULT_RETRIES), "d
                             "within one pull, each from the bytes already written")
 DEMO_DIR = Variable("CTRLORA_DEMO_DIR", "the demo inside the package", "the demo folder `ctrlora pull demo` "
                     "reads (a rebuilt one)")
+LOG_EVERY = Variable("CTRLORA_LOG_EVERY", str(DEFAULT_LOG_EVERY), "seconds between the plain progress lines "
+                    "of long jobs when no terminal is attached (a pipe, nohup, SLURM); 0: none")
 HF_TOKEN = Variable("HF_TOKEN", "none (or a saved `hf auth login`)", "token for gated or private repositories",
                     secret=True)
 HF_ENDPOINT = Variable("HF_ENDPOINT", DEFAULT_HF_ENDPOINT, "another hub (a mirror)")
@@ -60,7 +63,7 @@ HF_HOME = Variable("HF_HOME", "~/.cache/huggingface", "the Hugging Face folder; 
 HF_HUB_CACHE = Variable("HF_HUB_CACHE", "$HF_HOME/hub", "where the Hugging Face cache is looked up")
 
 VARIABLES: tuple[Variable, ...] = (HOME, OFFLINE, CATALOG, DOWNLOAD_RETRIES, DEMO_DIR, HF_TOKEN, HF_ENDPOINT,
-                                   HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE)
+                                   HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE, LOG_EVERY)
 
 
 def describe() -> list[dict]:
@@ -97,6 +100,19 @@ def download_retries() -> int:
         return max(0, int(DOWNLOAD_RETRIES.raw() or DEFAULT_RETRIES))
     except ValueError:
         raise UsageError("CTRLORA_DOWNLOAD_RETRIES must be a whole number") from None
+
+
+def log_every() -> float:
+    """CTRLORA_LOG_EVERY: seconds between plain progress lines (at least 0; 0: none)."""
+    import math
+
+    try:
+        value = float(LOG_EVERY.raw() or DEFAULT_LOG_EVERY)
+    except ValueError:
+        value = -1
+    if not math.isfinite(value) or value < 0:
+        raise UsageError("CTRLORA_LOG_EVERY must be a number of seconds, at least 0")
+    return value
 
 
 def demo_dir() -> Path | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import ask, err, interactive, out, warn
-from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
+from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, LogToOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
 from ctrlora_cli.options import examples, print_json, retold
 from engine.training.settings import FitConfig
 
@@ -67,6 +67,7 @@ def fit(
                                           show_default=False),
     device: DeviceOpt = FIT.device,
     as_json: JsonOpt = False,
+    log_to: LogToOpt = None,
 ) -> None:
     """Fit a new condition's adapter on a Base ControlNet from about 1,000 image pairs."""
     from dataclasses import replace
@@ -82,6 +83,9 @@ def fit(
                        save_every=save_every, seed=seed, workers=workers, device=device).check()
     if condition is not None and not condition.strip():
         raise SettingError("condition", "must not be empty")
+    from ctrlora_cli.tensorboard_log import TensorBoardLog, check_available
+
+    check_available(log_to)
     store = Store()
     if name is None:
         name = ask("Name for the new adapter", "missing --name: the store name for the new adapter", batch=as_json)
@@ -122,16 +126,19 @@ def fit(
 
     sd_components = load_sd(sd_dir)
     controlnet = load_base(controlnet_dir)
+    board = TensorBoardLog(run_dir) if log_to else None
     try:
         with progress_bars(show, describe=describe_fit) as callback:
             result = fitting.fit(pairs, sd=sd_components, controlnet=controlnet, run_dir=run_dir, cache_dir=cache_dir,
-                                 config=config, resume=resume, restart=force,
-                                 base_digest=weights_digest(base_manifest), callback=callback)
+                                 config=config, resume=resume, restart=force, base_digest=weights_digest(base_manifest),
+                                 callback=board.fit_listener(callback) if board else callback)
     except KeyboardInterrupt:
         err.print(f"interrupted; continue from the last checkpoint with the same command and --resume "
                   f"(run folder {run_dir})", highlight=False)
         raise typer.Exit(130)
     finally:
+        if board:
+            board.close()
         del sd_components, controlnet
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

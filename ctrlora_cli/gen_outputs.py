@@ -108,7 +108,10 @@ def write_outputs(outputs: Outputs, result, recipe: dict, cond_images, warn) -> 
     try:
         written = [write(target, image, {**recipe, "seed": image_seed}, cond_images)
                    for target, image, image_seed in zip(outputs.images, result.images, result.seeds)]
-        grid_path = write(outputs.grid, make_grid(cond_images + list(result.images))) if outputs.grid else None
+        # The grid carries the recipe too (its first image's seed; "seeds": every image's).
+        grid_path = write(outputs.grid, make_grid(cond_images + list(result.images)),
+                          {**recipe, "seed": result.seeds[0], "seeds": list(result.seeds)},
+                          cond_images) if outputs.grid else None
     except OSError as exc:
         raise UsageError(f"cannot write the output: {exc}") from None
     return written, grid_path

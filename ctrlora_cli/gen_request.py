@@ -22,13 +22,30 @@ def read_conditions(from_png: Path | None, cond: list[str], prep: list[str]) -> 
         from engine.generation.png_recipe import read_recipe
 
         recipe, recipe_images = read_recipe(from_png)
+        if recipe.get("format") == "a1111":
+            _note_a1111(from_png, recipe, recipe.pop("ignored"))
         if not cond:
             specs = recipe_specs(recipe, recipe_images)
     specs = specs or [parse_cond(c) for c in cond]
     if not specs:
+        if recipe.get("format") == "a1111":
+            raise UsageError(f"{from_png} holds AUTOMATIC1111 parameters but no CtrLoRA conditions; give them with "
+                             "--cond NAME=IMAGE")
         raise UsageError("give at least one condition: --cond NAME=IMAGE (or --from IMAGE.png)")
     apply_prep(specs, prep)
     return recipe, specs
+
+
+def _note_a1111(path: Path, recipe: dict, ignored: list[str]) -> None:
+    """What ``--from`` took from an AUTOMATIC1111 image, and what it left out, as one note."""
+    from ctrlora_cli.console import err
+
+    words = {"prompt": "prompt", "negative_prompt": "negative prompt", "seed": "seed", "steps": "steps",
+             "width": "size", "guidance": "CFG scale", "scheduler": "sampler"}
+    taken = ", ".join(word for key, word in words.items() if recipe.get(key) not in (None, ""))
+    left_out = f"; left out {'; '.join(ignored)}" if ignored else ""
+    err.print(f"note: {path} holds AUTOMATIC1111 parameters: using its {taken or 'nothing'}{left_out}",
+              markup=False, highlight=False, soft_wrap=True)
 
 
 @dataclass

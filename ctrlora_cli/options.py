@@ -40,6 +40,15 @@ StepsOpt = Annotated[int, typer.Option("--steps", help="Number of steps.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; go on after warnings (as without a terminal).")]
 
 
+class LogTo(str, enum.Enum):
+    tensorboard = "tensorboard"
+
+
+LogToOpt = Annotated[LogTo | None, typer.Option("--log-to", case_sensitive=False,
+                                                help="Also log loss, lr and it/s to TensorBoard, in RUN/tensorboard "
+                                                     "(needs: pip install 'ctrlora\\[tensorboard]').")]
+
+
 def print_json(data: Any) -> None:
     """The one way a command prints JSON: indented, UTF-8 kept, one document on stdout."""
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

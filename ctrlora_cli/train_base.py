@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ import typer
 
 from ctrlora_cli.completion import init_names
 from ctrlora_cli.console import ask, interactive, out
-from ctrlora_cli.options import JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples, print_json, retold
+from ctrlora_cli.options import JsonOpt, LogToOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples, print_json
+from ctrlora_cli.options import retold
 from engine.errors import UsageError
 from engine.training.settings import TrainBaseSettings
 
@@ -62,6 +62,7 @@ def train_base(
     run_dir: Path = typer.Option(None, "--run-dir", help="Checkpoints and logs (default: the store's runs/ folder)."),
     print_command: bool = typer.Option(False, "--print-command", help="Print the torchrun command of every node and exit."),
     as_json: JsonOpt = False,
+    log_to: LogToOpt = None,
 ) -> None:
     """Pretrain a Base ControlNet and one adapter per condition (torchrun, DDP; gloo on CPU, NCCL on GPU)."""
     from dataclasses import replace
@@ -69,6 +70,7 @@ def train_base(
     from ctrlora_cli.store.names import validate_name
     from ctrlora_cli.store.store import Store
     from ctrlora_cli.store.results import add_trained_base, resolve_init, run_removal_hint
+    from ctrlora_cli.tensorboard_log import check_available
     from engine.training import launcher
 
     # Bad input before any question or work: ranges, then the data (the workers may run
@@ -80,6 +82,7 @@ def train_base(
                                  shards=tuple(str(Path(pattern).expanduser().absolute()) for pattern in shards)
                                  ).checked()
     known_conditions, _ = launcher.check_data(settings)
+    check_available(log_to)
     store = Store()
     out_name = out_name or ask("Name of the new base", "missing --out; pass --out NAME", batch=as_json)
     validate_name(out_name)
@@ -117,8 +120,8 @@ def train_base(
     if not resume:
         (run / launcher.RENDEZVOUS_MARKER).unlink(missing_ok=True)
     started = time.time()
-    code = _run_with_progress(launcher.worker_command(topo, settings), run / launcher.METRICS, steps,
-                              show=interactive() and not as_json, env=launcher.worker_env(topo.nproc_per_node))
+    code = _run_with_progress(launcher.worker_command(topo, settings), run, settings, show=interactive() and not as_json,
+                              env=launcher.worker_env(topo.nproc_per_node), log_to=log_to and topo.node_rank == 0)
     if code != 0:
         raise launcher.explain_failure(code, run, topo)
     if topo.node_rank != 0:
@@ -140,26 +143,33 @@ def _absolute_data(item: str) -> str:
     return f"{condition}={Path(folder).resolve()}" if sep else str(Path(item).resolve())
 
 
-def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool, env: dict[str, str]) -> int:
-    """Run torchrun; rank 0's metrics lines become progress events (total and per-rank throughput)."""
-    process = subprocess.Popen(command, env=env)
-    if not show:
-        return process.wait()
+def _run_with_progress(command: list[str], run: Path, settings: TrainBaseSettings, show: bool, env: dict[str, str],
+                       log_to: bool) -> int:
+    """Run torchrun; rank 0's metrics lines become progress events (with it/s; bars at a terminal,
+    plain lines in logs) and, with ``log_to``, TensorBoard scalars written here (see
+    ``ctrlora_cli.tensorboard_log``)."""
     from ctrlora_cli.progress import describe_train_base, progress_bars
+    from ctrlora_cli.tensorboard_log import TensorBoardLog
     from engine.progress import Progress
+    from engine.training.launcher import METRICS
+    from engine.training.metrics import MetricsTail
 
-    seen = 0
-    with progress_bars(True, describe=describe_train_base) as callback:
-        callback(Progress("train-base", 0, steps))
-        while process.poll() is None:
-            time.sleep(0.5)
-            if not metrics.is_file():
-                continue
-            for line in metrics.read_text().splitlines()[seen:]:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line being written
-                callback(Progress("train-base", record["step"], steps, record))
-                seen += 1
-    return process.returncode
+    tail, board = MetricsTail(run / METRICS), TensorBoardLog(run) if log_to else None
+    process = subprocess.Popen(command, env=env)
+    try:
+        with progress_bars(show, describe=describe_train_base) as callback:
+            callback(Progress("train-base", 0, settings.steps))
+            while True:
+                running = process.poll() is None
+                for record in tail.read():
+                    samples_per_step = settings.batch * settings.grad_accum * record.get("world_size", 1)
+                    record = {**record, "it_s": record["samples_per_s"] / samples_per_step, "lr": settings.lr}
+                    callback(Progress("train-base", record["step"], settings.steps, record))
+                    if board:
+                        board.train_base_record(record)
+                if not running:
+                    return process.returncode
+                time.sleep(0.5)
+    finally:
+        if board:
+            board.close()

@@ -24,6 +24,9 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: 
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     full_env.setdefault("HF_HUB_DISABLE_XET", "1")
+    # No timed progress lines on stderr (a slow machine would add them to what tests compare);
+    # tests of those lines set it.
+    full_env.setdefault("CTRLORA_LOG_EVERY", "0")
     if env:
         full_env.update(env)
     return subprocess.run([sys.executable, "-m", "ctrlora_cli", *args], capture_output=True, text=True,

@@ -87,6 +87,18 @@ def test_gen_writes_recipes_and_reproduces(gen_store):
     assert recipe["base"]["digest"].startswith("sha256:")
     gray = np.asarray(cond_images[0])
     assert cond_images[0].size == (SIZE, SIZE) and (gray[..., 0] == gray[..., 1]).all()  # prepped, then stored
+    # What AUTOMATIC1111, Civitai and ComfyUI read: a `parameters` text, and no `prompt`/`workflow` chunk.
+    chunks = Image.open(paths[1]).text
+    assert "prompt" not in chunks and "workflow" not in chunks
+    prompt, negative, fields = a1111_fields(chunks["parameters"])
+    assert (prompt, negative) == (long_prompt, "green")
+    assert fields["Steps"] == "2" and fields["Seed"] == "6" and fields["Sampler"] == "DDIM"
+    assert fields["CFG scale"] == "7.5" and fields["Size"] == f"{SIZE}x{SIZE}" and fields["CtrLoRA base"] == "tiny"
+    assert fields["CtrLoRA"] == f"edge:0.8:0-1, {files['blur']}:1.2:0-0.5"
+    assert "Model hash" not in fields  # tiny-sd is a diffusers folder: no single checkpoint file to hash
+    grid_recipe, grid_conditions = read_recipe(summary["grid"])  # the grid carries the recipe too
+    assert grid_recipe["seed"] == 5 and grid_recipe["seeds"] == [5, 6] and len(grid_conditions) == 2
+    assert a1111_fields(Image.open(summary["grid"]).text["parameters"])[2]["Seed"] == "5"
 
     # From the file alone (the conditions come from the recipe), into a file named by --out.
     again = run_cli("gen", "--from", str(paths[1]), "--out", str(folder / "again.png"), env=ONE_THREAD)
@@ -96,6 +108,98 @@ def test_gen_writes_recipes_and_reproduces(gen_store):
     assert np.abs(made - remade).max() <= 2  # batch of 2 against 1: float rounding only
     other = np.asarray(Image.open(paths[0]), dtype=np.int16)
     assert np.abs(other - remade).mean() > 5
+
+
+def a1111_fields(text: str) -> tuple[str, str, dict]:
+    """(prompt, negative prompt, fields) of an AUTOMATIC1111 `parameters` text, read as its
+    format says: the last line holds `Key: value` pairs joined by ", ", a value holding a comma,
+    colon or newline is a JSON string; above it the prompt, then `Negative prompt: ...`."""
+    lines = text.split("\n")
+    last, fields, i = lines.pop(), {}, 0
+    while i < len(last):
+        key_end = last.index(": ", i)
+        key, i = last[i:key_end].strip(), key_end + 2
+        if last[i] == '"':
+            value, length = json.JSONDecoder().raw_decode(last[i:])
+            i += length
+        else:
+            end = last.find(",", i)
+            value, i = last[i:] if end < 0 else last[i:end], len(last) if end < 0 else end
+        fields[key] = value
+        assert last[i:i + 2] in (", ", ""), last[i:]
+        i += 2
+    text_lines = "\n".join(lines)
+    prompt, _, negative = text_lines.partition("\nNegative prompt: ")
+    return prompt, negative, fields
+
+
+def test_parameters_text_follows_a1111_and_old_pngs_still_read(tmp_path):
+    """Quoting (commas, colons, newlines in values), a non-Latin-1 prompt, a single-file SD's
+    short hash, no Negative prompt line when there is none; and a PNG of the earlier layout
+    (plain `prompt`, `seed`... chunks beside `ctrlora`) reads as before."""
+    import base64
+    import io
+
+    from PIL import PngImagePlugin
+
+    from engine.generation.png_recipe import save_png
+
+    recipe = {"prompt": "a cat, sitting: 猫", "negative_prompt": "", "seed": 9, "steps": 3, "scheduler": "euler-a",
+              "guidance": 7.0, "strength": 0.5, "width": 64, "height": 48, "base": {"name": "base", "digest": "d"},
+              "sd": {"name": "sd15", "digest": "e", "checkpoint_sha256": "sha256:" + "6ce0161689" + "0" * 54},
+              "conditions": [{"adapter": "canny", "weight": 1.0, "start": 0.0, "end": 0.5}]}
+    save_png(tmp_path / "a.png", Image.new("RGB", (8, 8)), recipe, [Image.new("RGB", (64, 48))])
+    prompt, negative, fields = a1111_fields(Image.open(tmp_path / "a.png").text["parameters"])
+    assert (prompt, negative) == ("a cat, sitting: 猫", "")
+    assert fields == {"Steps": "3", "Sampler": "Euler a", "CFG scale": "7", "Seed": "9", "Size": "64x48",
+                      "Model hash": "6ce0161689", "Model": "sd15", "CtrLoRA base": "base", "CtrLoRA": "canny:1:0-0.5",
+                      "CtrLoRA strength": "0.5"}
+    assert read_recipe(tmp_path / "a.png")[0]["prompt"] == recipe["prompt"]
+
+    old = PngImagePlugin.PngInfo()  # the layout of earlier versions
+    old_recipe = {"format": "ctrlora-gen", "version": 1, **recipe, "negative_prompt": "dark"}
+    for key in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance"):
+        old.add_itxt(key, str(old_recipe[key]))
+    old.add_itxt("ctrlora", json.dumps(old_recipe), zip=True)
+    cond = io.BytesIO()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(cond, format="PNG")
+    old.add_itxt("ctrlora.condition.0", base64.b64encode(cond.getvalue()).decode(), zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "old.png", pnginfo=old)
+    read, images = read_recipe(tmp_path / "old.png")
+    assert read["negative_prompt"] == "dark" and read["conditions"] == recipe["conditions"]
+    assert images[0].getpixel((0, 0)) == (1, 2, 3)
+
+
+@pytest.mark.slow
+def test_gen_from_a_plain_a1111_png(gen_store):
+    """An image with only A1111's `parameters` (as A1111 writes it): its prompt, negative prompt,
+    seed, steps, size, CFG and sampler are used, the rest left out with a note; the conditions
+    must be given."""
+    from PIL import PngImagePlugin
+
+    folder, _ = gen_store
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red house,\nby the sea\nNegative prompt: fog\nSteps: 1, Sampler: DPM++ 2M, "
+                                "Schedule type: Karras, CFG scale: 5, Seed: 77, Size: 24x16, Model hash: 6ce0161689, "
+                                'Lora hashes: "detail: 0123456789ab", Version: v1.10.1')
+    Image.new("RGB", (48, 40)).save(folder / "a1111.png", pnginfo=info)
+    from ctrlora_cli.gen_request import read_conditions
+    from engine.errors import UsageError
+
+    with pytest.raises(UsageError, match="no CtrLoRA conditions; give them with --cond"):
+        read_conditions(folder / "a1111.png", [], [])
+
+    made = run_cli("gen", "--from", str(folder / "a1111.png"), "--cond", f"edge={folder / 'a.png'}",
+                   "--out", str(folder / "remade.png"), env=ONE_THREAD)
+    assert made.returncode == 0, made.stderr
+    [note] = made.stderr.strip().splitlines()
+    assert note.startswith(f"note: {folder / 'a1111.png'} holds AUTOMATIC1111 parameters: using its prompt, "
+                           "negative prompt, seed, steps, size, CFG scale, sampler; left out Schedule type: Karras; "
+                           "Model hash: 6ce0161689; Lora hashes: detail: 0123456789ab; Version: v1.10.1"), note
+    recipe, _ = read_recipe(folder / "remade.png")
+    assert (recipe["prompt"], recipe["negative_prompt"]) == ("a red house,\nby the sea", "fog")
+    assert (recipe["seed"], recipe["steps"], recipe["guidance"], recipe["scheduler"]) == (77, 1, 5.0, "dpm++")
+    assert (recipe["width"], recipe["height"]) == (24, 16) and Image.open(folder / "remade.png").size == (24, 16)
 
 
 BAD = [
@@ -111,7 +215,7 @@ BAD = [
     (["--cond", "edge={d}/a.png", "--out", "{d}/out/x.jpg"], "give a .png file or a folder"),
     (["--cond", "edge={d}/a.png", "--scheduler", "plms"], "--scheduler: must be one of ddim, unipc"),
     (["--cond", "edge={d}/a.png", "--prep", "depth"], "needs an annotator"),
-    (["--from", "{d}/a.png"], "holds no ctrlora recipe"),
+    (["--from", "{d}/a.png"], "holds no ctrlora recipe nor AUTOMATIC1111 parameters"),
 ]
 
 

@@ -293,7 +293,8 @@ def runs(tiny_store_template, tmp_path_factory):
     data = [str(edges), f"mask={masks}"]
     # OMP_NUM_THREADS left unset: the launcher gives each process its share of the cores.
     done = run_cli("train-base", *data, "--out", "toybase", "--init", "tiny", "--nproc-per-node", "2",
-                   "--run-dir", str(tmp / "run"), "--json", *COMMON, env={**env, "OMP_NUM_THREADS": ""})
+                   "--run-dir", str(tmp / "run"), "--json", "--log-to", "tensorboard", *COMMON,
+                   env={**env, "OMP_NUM_THREADS": "", "CTRLORA_LOG_EVERY": "0.01"})
     assert done.returncode == 0, done.stderr[-3000:]
 
     killed = tmp / "killed"
@@ -316,7 +317,7 @@ def runs(tiny_store_template, tmp_path_factory):
     left = _processes_of(killed)
     assert not left, f"workers outlived torchrun: {left}"
     shutil.copytree(killed, tmp / "killed-copy")
-    return {"tmp": tmp, "store": store, "env": env, "data": data, "summary": json.loads(done.stdout),
+    return {"tmp": tmp, "store": store, "env": env, "data": data, "summary": json.loads(done.stdout), "log": done.stderr,
             "run": tmp / "run", "killed": killed}
 
 
@@ -338,6 +339,16 @@ def test_two_processes_train_and_land_in_the_store(runs):
         adapter = store.get(f"toybase-{condition}")
         assert adapter.condition == condition
         assert adapter.made_for == {"name": "toybase", "digest": base.weights_digest}
+    # Without a terminal: plain progress lines (steps, loss, it/s); with --log-to tensorboard, rank 0's
+    # metrics as scalars, written by the command (node 0), not the workers.
+    assert "train-base 8/8 (100%) · loss " in runs["log"] and " it/s" in runs["log"], runs["log"][-2000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("train/loss")] == [
+        (m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
+    assert {"train/lr", "train/it_s", "train/samples_s"} <= set(board.Tags()["scalars"])
     # The store holds the result; the run folder keeps the last checkpoint (to extend the run), no second copy.
     assert not (run / "result").exists() and (run / "checkpoint.pt").is_file()
     assert store.run_of(base) == run.resolve()

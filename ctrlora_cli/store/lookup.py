@@ -25,7 +25,7 @@ class Models:
     controlnet_dir: Path
     sd_dir: Path
     adapters: list[tuple[Path, dict, str]]  # (file, metadata, digest) of each condition's adapter
-    made_with: dict  # the recipe's {"base": {"name", "digest"}, "sd": {"name", "digest"}}
+    made_with: dict  # the recipe's {"base": {"name", "digest"}, "sd": {"name", "digest"[, "checkpoint_sha256"]}}
     base_warnings: list[str]  # adapters used on another base than the one they were made for
 
 
@@ -51,9 +51,17 @@ def find_models(store: Store, specs: list, base: str | None, sd: str | None, rec
         raise UsageError(str(exc)) from None
     sd_name = Path(sd_dir).name
     made_with = {"base": {"name": manifest.name, "digest": entry_digest(manifest)},
-                 "sd": {"name": sd_name, "digest": entry_digest(store.get(sd_name))}}
+                 "sd": {"name": sd_name, "digest": entry_digest(store.get(sd_name)),
+                        **_checkpoint_sha256(store.get(sd_name))}}
     warnings = [w for w in dict.fromkeys(base_warning(store, spec.name, manifest) for spec in specs) if w]
     return Models(manifest, controlnet_dir, sd_dir, adapters, made_with, warnings)
+
+
+def _checkpoint_sha256(manifest: Manifest) -> dict:
+    """``{"checkpoint_sha256": "sha256:<hex>"}`` for an SD converted from one checkpoint file (what
+    AUTOMATIC1111's "Model hash" is made from), else {}."""
+    original = manifest.converted_from or {}
+    return {"checkpoint_sha256": f"sha256:{original['sha256']}"} if original.get("sha256") else {}
 
 
 def _find(store: Store, kind: str, wanted: dict, warn) -> str | None:

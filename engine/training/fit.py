@@ -30,7 +30,7 @@ import torch
 from engine.models import adapters
 from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, load_image
 from engine.training.objective import diffusion_loss
-from engine.training.metrics import truncate_metrics
+from engine.training.metrics import TENSORBOARD, truncate_metrics
 from engine.training.settings import FitConfig  # its defaults and ranges; imported from here too
 from engine.errors import SettingError, UsageError
 from engine.files import atomic_path, write_json
@@ -42,7 +42,7 @@ CHECKPOINT_FORMAT = 1
 # Settings that must not change when a run is resumed (steps, validation and saving may).
 RESUME_FIXED = ("rank", "batch", "grad_accum", "lr", "resolution", "precision", "drop_prompt", "seed")
 # What a run writes in its folder: all of it goes when a run starts over there (nothing else does).
-RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "loss.png", "adapter.safetensors", "val")
+RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "loss.png", "adapter.safetensors", "val", TENSORBOARD)
 
 
 class RunFolderTaken(SettingError):
@@ -238,7 +238,7 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
                     "eta_s": (config.steps - step) / it_s if it_s else None, "memory_gb": memory}
             metrics.write(json.dumps({"step": step, "lr": config.lr, **info}) + "\n")
             metrics.flush()
-            report(callback, "train", step, config.steps, **info)
+            report(callback, "train", step, config.steps, lr=config.lr, **info)
             if validation and (step % config.val_every == 0 or step == config.steps):
                 validation.run(trainer, step, sd, callback)
             if config.save_every and step % config.save_every == 0 and step < config.steps:

@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.checks import at_least
 from engine.errors import CtrloraError, SettingError, UsageError
 from engine.training.settings import TrainBaseSettings
+from engine.training.metrics import TENSORBOARD
 
 DEFAULT_PORT = 29500
 WORKER_MODULE = "engine.training.worker"
@@ -37,7 +38,7 @@ METRICS = "metrics.jsonl"  # one JSON line per logged step, from rank 0
 RESULT = "result"  # controlnet/, adapters/COND.safetensors, summary.json; removed once stored
 RANKS = "ranks"  # rank<R>.json: each rank's schedule, weights digest and threads (evidence for tests)
 # What a run writes into its folder (``--force`` clears these; the latent cache, keyed by content, stays).
-RUN_FILES = (RUN_JSON, CHECKPOINT, METRICS, RESULT, f".{RESULT}.tmp", RANKS, RENDEZVOUS_MARKER)
+RUN_FILES = (RUN_JSON, CHECKPOINT, METRICS, RESULT, f".{RESULT}.tmp", RANKS, RENDEZVOUS_MARKER, TENSORBOARD)
 
 
 @dataclass
