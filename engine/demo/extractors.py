@@ -3,7 +3,7 @@
 Every extractor takes a PIL image and keyword parameters and returns an RGB PIL image of the
 same size. Parameters are declared (``Param``) so the CLI can list them, parse ``key=value``
 strings and refuse bad values with one line. Conditions that need an annotator network (depth,
-hed, openpose, ...) are not built in: the user must give a ready condition image.
+hed, openpose, ...) are not built in: ``engine.annotators`` makes them.
 
 Everything here is plain numpy (Canny included), deterministic, and fast at 512 x 512.
 """
@@ -23,7 +23,7 @@ from engine.errors import SettingError, UsageError
 Extractor = Callable[..., Image.Image]
 EXTRACTORS: dict[str, Extractor] = {}
 
-# Conditions whose extraction needs a network we do not ship.
+# Conditions whose extraction needs a network (engine.annotators makes most of them).
 NEEDS_ANNOTATOR = ("depth", "hed", "openpose", "normal", "seg", "densepose", "lineart", "hedsketch")
 
 # Other names people use for a built-in kind.
@@ -120,8 +120,8 @@ def resolve_kind(kind: str) -> str:
     if name in SPECS:
         return name
     if name in NEEDS_ANNOTATOR:
-        raise UsageError(f"'{kind}' needs an annotator network that ctrlora does not ship; give a ready {kind} "
-                         f"condition image instead (built in: {', '.join(sorted(SPECS))})")
+        raise UsageError(f"'{kind}' needs an annotator network, not a built-in extractor (ctrlora prep --list shows "
+                         f"the annotators; or give a ready {kind} condition image)")
     raise UsageError(f"unknown condition kind {kind!r}; built in: {', '.join(sorted(SPECS))}")
 
 
