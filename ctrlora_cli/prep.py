@@ -69,6 +69,7 @@ def prep(
         folder, device = weights(annotator), resolve_device(device)
     else:
         check_writable_image_path(pairs[0][1])
+    pairs[0][1].parent.mkdir(parents=True, exist_ok=True)
     pictures = (load_image(source) for source, _ in pairs)
     with progress_bars(False if as_json or len(pairs) == 1 else None) as on_progress:
         if annotator is not None:
@@ -110,7 +111,6 @@ def _pairs(image: Path, output: Path | None, kind: str, force: bool) -> list[tup
     taken = [str(t) for _, t in pairs if t.exists()]
     if taken and not force:
         raise UsageError(f"{len(taken)} outputs exist already ({taken[0]}, ...); add --force to replace them")
-    target.mkdir(parents=True, exist_ok=True)
     return pairs
 
 

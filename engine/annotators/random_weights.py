@@ -65,6 +65,8 @@ def write_random(entry: str, folder: str | Path, size: str = "tiny", seed: int =
             _save(nets.LineartNet() if full else nets.LineartNet(4, 2), folder / f"{stem}.safetensors")
     elif entry == "annotator-openpose":
         net = nets.BodyPoseNet() if full else nets.BodyPoseNet((4, 4, 8, 8), 8, 8, 2)
+        with torch.no_grad():  # random heatmaps would peak everywhere; a trained one finds a few joints
+            getattr(net, f"model{net.stages}_2")[-1].bias.fill_(-1.0)
         _save(net, folder / "body_pose_model.safetensors")
     else:
         raise ValueError(entry)
