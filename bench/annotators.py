@@ -25,6 +25,9 @@ from engine.annotators import annotate  # noqa: E402
 from engine.annotators.random_weights import ENTRY_KINDS, write_random  # noqa: E402
 from engine.demo.extractors import extract  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conditions import best_of  # noqa: E402  (bench/conditions.py)
+
 
 def picture(size: int = 512) -> Image.Image:
     rng = np.random.default_rng(0)
@@ -35,15 +38,6 @@ def picture(size: int = 512) -> Image.Image:
         draw.ellipse((x, y, x + int(rng.integers(10, 150)), y + int(rng.integers(10, 150))),
                      fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     return image
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -69,7 +69,8 @@ def prep(
         folder, device = weights(annotator), resolve_device(device)
     else:
         check_writable_image_path(pairs[0][1])
-    pairs[0][1].parent.mkdir(parents=True, exist_ok=True)
+    if image.is_dir():
+        pairs[0][1].parent.mkdir(parents=True, exist_ok=True)
     pictures = (load_image(source) for source, _ in pairs)
     with progress_bars(False if as_json or len(pairs) == 1 else None) as on_progress:
         if annotator is not None:

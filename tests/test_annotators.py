@@ -238,3 +238,12 @@ def test_pull_an_annotator_then_prep_a_folder(annotator_hub, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p1.png", "p2.png"]
     again = cli("prep", "hed", str(photos), "-o", str(tmp_path / "out"))
     assert again.code == 2 and "--force" in again.err
+
+
+def test_gen_prep_with_an_annotator_names_the_pull_before_any_work(tmp_path, monkeypatch):
+    from ctrlora_cli.gen_conditions import CondSpec, check_prep
+
+    monkeypatch.setenv("CTRLORA_HOME", str(tmp_path / "home"))
+    with pytest.raises(UsageError, match="fetch them once with: ctrlora pull annotator-openpose"):
+        check_prep([CondSpec("pose", "photo.jpg", prep="openpose")])
+    check_prep([CondSpec("edges", "photo.jpg", prep="canny")])  # built in: nothing to fetch
