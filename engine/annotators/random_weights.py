@@ -50,6 +50,10 @@ def write_random(entry: str, folder: str | Path, size: str = "tiny", seed: int =
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     full = size == "full"
+    if entry in ("annotator-depth", "annotator-seg"):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     if entry == "annotator-depth":
         from transformers import DPTForDepthEstimation
 
