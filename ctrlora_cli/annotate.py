@@ -1,5 +1,6 @@
-"""The face's side of annotators: their weights from the store (or the pull that fetches them),
-and the listing ``prep --list`` shows."""
+"""The face's side of ``prep`` beyond one image and a built-in extractor: which files a folder
+maps to, annotators' weights from the store (or the pull that fetches them), and the listing
+``prep --list`` shows."""
 
 from __future__ import annotations
 
@@ -49,3 +50,26 @@ def show_listing(out) -> None:
         out.print(f"  reference: {escape(item['reference'])}" + (f"; ours differs: {escape(item['differs'])}"
                                                                   if item["differs"] else "; ours is the same"),
                   highlight=False)
+
+
+_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def pairs_for(image: Path, output: Path | None, kind: str, force: bool) -> list[tuple[Path, Path]]:
+    """(picture, where its condition goes) for an image, or for every image in a folder; a folder's
+    outputs (PNG, by name) that exist already are refused unless --force."""
+    from engine.errors import UsageError
+
+    if not image.is_dir():
+        return [(image, output or Path(f"{image.stem}-{kind}.png"))]
+    sources = sorted(p for p in image.iterdir() if p.suffix.lower() in _IMAGES and p.is_file())
+    if not sources:
+        raise UsageError(f"{image} holds no images ({', '.join(_IMAGES)})")
+    target = output or image.with_name(f"{image.name}-{kind}")
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target} is a file; -o for a folder of images names a folder")
+    pairs = [(p, target / f"{p.stem}.png") for p in sources]
+    taken = [str(t) for _, t in pairs if t.exists()]
+    if taken and not force:
+        raise UsageError(f"{len(taken)} outputs exist already ({taken[0]}, ...); add --force to replace them")
+    return pairs

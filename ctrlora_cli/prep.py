@@ -60,7 +60,9 @@ def prep(
     from engine.images import check_writable_image_path, load_image, save_image
 
     at_least("batch", batch, 1)
-    pairs = _pairs(image, output, name, force)
+    from ctrlora_cli.annotate import pairs_for
+
+    pairs = pairs_for(image, output, name, force)
     if annotator is not None:
         from ctrlora_cli.annotate import weights
         from engine.runtime import resolve_device
@@ -90,29 +92,6 @@ def prep(
         out.print(f"wrote {pairs[0][1]} ({name}, {condition.width}x{condition.height})", highlight=False)
     else:
         out.print(f"wrote {len(pairs)} images to {pairs[0][1].parent} ({name})", highlight=False)
-
-
-_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def _pairs(image: Path, output: Path | None, kind: str, force: bool) -> list[tuple[Path, Path]]:
-    """(picture, where its condition goes) for an image, or for every image in a folder; a folder's
-    outputs (PNG, by name) that exist already are refused unless --force."""
-    from engine.errors import UsageError
-
-    if not image.is_dir():
-        return [(image, output or Path(f"{image.stem}-{kind}.png"))]
-    sources = sorted(p for p in image.iterdir() if p.suffix.lower() in _IMAGES and p.is_file())
-    if not sources:
-        raise UsageError(f"{image} holds no images ({', '.join(_IMAGES)})")
-    target = output or image.with_name(f"{image.name}-{kind}")
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"{target} is a file; -o for a folder of images names a folder")
-    pairs = [(p, target / f"{p.stem}.png") for p in sources]
-    taken = [str(t) for _, t in pairs if t.exists()]
-    if taken and not force:
-        raise UsageError(f"{len(taken)} outputs exist already ({taken[0]}, ...); add --force to replace them")
-    return pairs
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
