@@ -89,11 +89,20 @@ def apply_prep(specs: list[CondSpec], preps: list[str]) -> None:
 
 
 def check_prep(specs: list[CondSpec]) -> None:
+    """Every --prep kind known, and an annotator's extra and weights present, before any work."""
+    from engine import annotators
     from engine.demo.extractors import EXTRACTORS, extract
 
     for spec in specs:
-        if spec.prep and spec.loaded is None and spec.prep not in EXTRACTORS:
+        if not spec.prep or spec.loaded is not None or spec.prep in EXTRACTORS:
+            continue
+        annotator = annotators.resolve(spec.prep)
+        if annotator is None:
             extract(spec.prep, None)  # raises the registry's one-line explanation
+        from ctrlora_cli.annotate import weights
+
+        annotators.require(annotator.kind)
+        weights(annotator)
 
 
 def read_image(spec: CondSpec):
@@ -140,9 +149,16 @@ def prepare(spec: CondSpec, image, width: int, height: int):
     if image.size != (width, height):
         image = resize_center_crop(image, (width, height))
     if spec.prep and spec.loaded is None:  # a recipe's image is stored already prepared
-        from engine.demo.extractors import extract
+        from engine.annotators import resolve
 
-        image = extract(spec.prep, image).convert("RGB")
+        if resolve(spec.prep) is not None:
+            from ctrlora_cli.annotate import prepared
+
+            image = prepared(spec.prep, image)  # made at the reference's 512, then sized as the output
+        else:
+            from engine.demo.extractors import extract
+
+            image = extract(spec.prep, image).convert("RGB")
         if image.size != (width, height):
             image = resize_center_crop(image, (width, height))
     return image

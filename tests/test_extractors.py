@@ -4,7 +4,7 @@ from collections import deque
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from engine.errors import UsageError
 from engine.demo.extractors import (SPECS, extract, label_components, region_boxes, resolve_kind)
@@ -50,14 +50,38 @@ def test_canny_thresholds_matter():
     image = Image.new("RGB", (64, 64), (0, 0, 0))
     draw = ImageDraw.Draw(image)
     draw.rectangle((4, 4, 27, 27), fill=(255, 255, 255))  # strong step
-    draw.rectangle((36, 36, 59, 59), fill=(60, 60, 60))  # faint step
+    draw.rectangle((36, 36, 59, 59), fill=(30, 30, 30))  # faint step: Sobel L1 magnitude <= 180, under high=200
     default = as_mask(extract("canny", image))
     assert default[:32, :32].sum() > 80 and not default[32:, 32:].any()
     sensitive = as_mask(extract("canny", image, low=20, high=40))
     assert sensitive[32:, 32:].sum() > 80
     assert not as_mask(extract("canny", image, low=2000, high=3000)).any()
-    # sigma=0 (no blur) sees sharper gradients: the faint square passes the default thresholds.
-    assert as_mask(extract("canny", image, sigma=0))[32:, 32:].sum() > 80
+    # A blur (sigma > 0) softens the gradients: the strong square's 1020 drops under high=1000.
+    assert as_mask(extract("canny", image, low=900, high=1000, sigma=0))[:32, :32].sum() > 80
+    assert not as_mask(extract("canny", image, low=900, high=1000, sigma=1)).any()
+
+
+def test_canny_matches_opencv():
+    """The built-in canny is cv2.Canny(image, 100, 200) (L1 gradient, no blur) on several images:
+    drawn shapes, blurred and noisy versions of them, colour and grey."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        image = Image.new("RGB", (160, 120), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(10):
+            x, y = (int(v) for v in rng.integers(0, 130, 2))
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            draw.ellipse((x, y, x + int(rng.integers(5, 60)), y + int(rng.integers(5, 60))), fill=colour)
+            draw.line(tuple(int(v) for v in rng.integers(0, 160, 4)), fill=colour[::-1], width=int(rng.integers(1, 4)))
+        array = np.asarray(image.filter(ImageFilter.GaussianBlur(0.7 * k))).astype(float)
+        array = (array + rng.normal(0, 6 * k, array.shape)).clip(0, 255).astype(np.uint8)
+        for sample in (array, np.ascontiguousarray(array[..., 1])):
+            theirs = cv2.Canny(sample, 100, 200) > 0
+            ours = as_mask(extract("canny", Image.fromarray(sample)))
+            f1 = 2 * (theirs & ours).sum() / (theirs.sum() + ours.sum())
+            assert theirs.sum() > 300 and f1 >= 0.99, (k, sample.ndim, f1)
 
 
 def test_canny_hysteresis_keeps_weak_edges_only_when_linked():
@@ -66,14 +90,14 @@ def test_canny_hysteresis_keeps_weak_edges_only_when_linked():
     ramp = np.repeat(np.linspace(0, 220, 64)[None, :], 64, axis=0)
     array = ramp.copy()
     array[10:21, 4:60] = 255
-    array[40:51, 4:60] = ramp[40:51, 4:60] + 60
+    array[40:51, 4:60] = ramp[40:51, 4:60] + 25
     image = Image.fromarray(np.repeat(array.round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=2))
     edges = as_mask(extract("canny", image, low=100, high=200))
     top = edges[8:12]
     assert top[:, 6:58].any(axis=0).all()  # the whole top edge, the weak end included
     assert not edges[36:56].any()  # the lone weak bar is dropped
-    strict = as_mask(extract("canny", image, low=200, high=200))
-    assert strict[8:12, 6:30].any(axis=0).all() and not strict[8:12, 53:58].any()
+    strict = as_mask(extract("canny", image, low=400, high=400))
+    assert strict[8:12, 6:40].any(axis=0).all() and not strict[8:12, 50:58].any()
     assert not as_mask(extract("canny", image, low=20, high=60))[16, 6:58].any()  # flat inside
 
 

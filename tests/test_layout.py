@@ -16,6 +16,8 @@ ALLOWED = {
     "generation": {"base", "models", "formats", "generation"},
     "training": {"base", "models", "formats", "generation", "training"},
     "demo": {"base", "models", "formats", "generation", "training", "demo"},
+    # networks that make condition images from photos; they share the demo's parameter declarations
+    "annotators": {"base", "models", "formats", "generation", "training", "demo", "annotators"},
 }
 FACE = ("ctrlora_cli", "typer", "rich")
 

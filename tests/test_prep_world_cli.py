@@ -45,13 +45,15 @@ def test_prep_list():
         assert kind in text.stdout
     assert "low=100" in text.stdout and "annotator" in text.stdout
     listed = json.loads(run_cli("prep", "--list", "--json").stdout)
-    assert [k["kind"] for k in listed["kinds"]] == list(SPECS) and "depth" in listed["needs_annotator"]
+    assert [k["kind"] for k in listed["kinds"]] == list(SPECS)
+    assert {a["kind"] for a in listed["annotators"]} >= {"depth", "normal", "seg", "hed", "openpose", "lineart"}
 
 
 @pytest.mark.parametrize("args, message", [
     (["canny", "{missing}"], "image not found"),
     (["canny", "{garbage}"], "cannot read"),
-    (["depth", "{picture}"], "needs an annotator network"),
+    (["depth", "{picture}"], "needs an annotator network's weights ('annotator-depth'), not in the store; fetch "
+                             "them once with: ctrlora pull annotator-depth"),
     (["canny", "{picture}", "-p", "low=abc"], "canny: low must be a number"),
     (["canny", "{picture}", "-p", "low"], "--param: expects KEY=VALUE"),
     (["canny", "{picture}", "-p", "low=-1"], "--param: canny: low must be at least 0, not -1.0"),

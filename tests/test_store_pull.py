@@ -251,4 +251,6 @@ def test_shipped_catalog_matches_published_names():
     assert picked["palette"] == [names[-1]]
     assert picked["lineart"] == [names[10]] and picked["lineart_anime_color"] == [names[11]]
     assert entries["base"].file == names[0] and entries["base"].sd == "sd15"
-    assert all(e.kind in ("sd", "base", "adapter") for e in entries.values())
+    assert all(e.kind in ("sd", "base", "adapter", "annotator") for e in entries.values())
+    annotators = {name: e.files for name, e in entries.items() if e.kind == "annotator"}
+    assert annotators["annotator-hed"] == ["ControlNetHED.pth"] and "config.json" in annotators["annotator-depth"]

@@ -20,10 +20,11 @@ FORMAT = "ctrlora-catalog"
 @dataclass
 class CatalogEntry:
     name: str
-    kind: str  # sd | base | adapter
+    kind: str  # sd | base | adapter | annotator
     repo: str
     file: str | None = None
     pattern: list[str] = field(default_factory=list)
+    files: list = field(default_factory=list)  # annotator: every file it needs (an item may list alternatives)
     arch: str | None = None  # sd, base: the architecture preset
     sd: str | None = None  # base: the catalog's SD it pairs with
     base: str | None = None  # adapter: the catalog's base it was made for
@@ -45,12 +46,14 @@ def _read(text: str, where: str) -> dict[str, CatalogEntry]:
     for name, raw in doc["models"].items():
         unknown = sorted(set(raw) - known)
         if unknown or raw.get("kind") not in KINDS or not raw.get("repo"):
-            raise UsageError(f"catalog {where}: model {name!r} needs kind (sd|base|adapter) and repo"
+            raise UsageError(f"catalog {where}: model {name!r} needs kind ({'|'.join(KINDS)}) and repo"
                              + (f"; unknown fields {unknown}" if unknown else ""))
         raw = dict(raw)
         if isinstance(raw.get("pattern"), str):
             raw["pattern"] = [raw["pattern"]]
-        if raw["kind"] != "sd" and not (raw.get("file") or raw.get("pattern")):
+        if raw["kind"] == "annotator" and not raw.get("files"):
+            raise UsageError(f"catalog {where}: model {name!r} needs files (the annotator's weights and config)")
+        if raw["kind"] not in ("sd", "annotator") and not (raw.get("file") or raw.get("pattern")):
             raise UsageError(f"catalog {where}: model {name!r} needs a file or a pattern")
         entries[name] = CatalogEntry(name=name, **raw)
     return entries

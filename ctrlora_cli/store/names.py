@@ -7,7 +7,7 @@ import re
 
 from engine.errors import UsageError
 
-KINDS = ("base", "adapter", "sd")
+KINDS = ("base", "adapter", "sd", "annotator")
 _NAME = re.compile(r"^[a-z0-9._-]{1,64}$")
 
 

@@ -21,12 +21,13 @@ from ctrlora_cli.store.events import Listener, tell
 from ctrlora_cli.store.ingest import Importer
 from ctrlora_cli.store.names import KINDS, name_from, validate_name
 from ctrlora_cli.store.sd_layout import select_sd_files
-from ctrlora_cli.store.store import Store, link_or_copy, suggest
+from ctrlora_cli.store.store import Staged, Store, link_or_copy, suggest
 from ctrlora_cli.store.tiny import pull_tiny
 from engine.errors import CtrloraError, UsageError
 from engine.files import sha256_file
 
 _FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+_PICKLES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def pull(store: Store, source: str, *, name: str | None = None, revision: str | None = None, kind: str | None = None,
@@ -104,6 +105,9 @@ class Puller:
             self.sd_repo(entry.repo, name, revision or entry.revision, variant=entry.variant, origin=origin)
             return
         snapshot = hub.resolve(entry.repo, revision or entry.revision)
+        if entry.kind == "annotator":
+            self._hub_annotator(entry, snapshot, name, origin)
+            return
         remote = self._pick(snapshot, entry)
         if entry.kind == "base":
             pair = sd or entry.sd
@@ -241,6 +245,43 @@ class Puller:
                 for f in fetched.values():
                     _discard(f)  # moved into the blobs, or converted
             tell(self.on_event, f"pulled {name} (sd, {arch}) from {sources.short(source)}")
+
+    def _hub_annotator(self, entry, snapshot, name: str, origin: dict) -> None:
+        """An annotator's files (the first of each item's alternatives the repository has), pickled
+        weights rewritten as safetensors (opened with ``weights_only=True``)."""
+        chosen = {}
+        for item in entry.files:
+            options = [item] if isinstance(item, str) else list(item)
+            found = next((p for p in options if p in snapshot.files), None)
+            if found is None:
+                raise UsageError(f"{entry.name}: {entry.repo}@{snapshot.revision} has no {' or '.join(options)}")
+            stem = "model" if Path(found).name == "pytorch_model.bin" else Path(found).stem
+            chosen[f"{stem}.safetensors" if found.endswith(_PICKLES) else Path(found).name] = found
+        path = ",".join(chosen.values())
+        source = self._hub_source(snapshot, origin, path=path)
+        same_origin = lambda m: _hub_origin(m, snapshot.repo, path)
+        same = lambda m: m.kind == "annotator" and same_origin(m) and m.source.get("commit") == snapshot.commit
+        with self._entry_lock(name):
+            if self.importer.up_to_date(name, same, same_origin):
+                return
+            fetched = {dest: self._fetch(snapshot.files[src]) for dest, src in chosen.items()}
+            try:
+                with self.store.new_scratch() as tmp:
+                    files = {}
+                    for dest, src in chosen.items():
+                        if src.endswith(_PICKLES):
+                            from engine.formats.detect import bin_to_safetensors
+
+                            named = link_or_copy(fetched[dest].path, Path(tmp) / Path(src).name)  # by suffix
+                            files[dest] = Path(tmp) / dest
+                            bin_to_safetensors(named, files[dest])
+                        else:
+                            files[dest] = Staged(fetched[dest].path, fetched[dest].digest)
+                    self.importer.commit(name, "annotator", files, source=source, notes=entry.notes)
+            finally:
+                for f in fetched.values():
+                    _discard(f)
+            tell(self.on_event, f"pulled {name} (annotator) from {sources.short(source)}")
 
     def _sd15_tokenizer(self, tmp: Path) -> Path:
         """SD1.5's CLIP tokenizer: from the store's sd15 entry, else its repository's tokenizer/ folder."""

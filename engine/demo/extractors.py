@@ -3,7 +3,7 @@
 Every extractor takes a PIL image and keyword parameters and returns an RGB PIL image of the
 same size. Parameters are declared (``Param``) so the CLI can list them, parse ``key=value``
 strings and refuse bad values with one line. Conditions that need an annotator network (depth,
-hed, openpose, ...) are not built in: the user must give a ready condition image.
+hed, openpose, ...) are not built in: ``engine.annotators`` makes them.
 
 Everything here is plain numpy (Canny included), deterministic, and fast at 512 x 512.
 """
@@ -23,7 +23,7 @@ from engine.errors import SettingError, UsageError
 Extractor = Callable[..., Image.Image]
 EXTRACTORS: dict[str, Extractor] = {}
 
-# Conditions whose extraction needs a network we do not ship.
+# Conditions whose extraction needs a network (engine.annotators makes most of them).
 NEEDS_ANNOTATOR = ("depth", "hed", "openpose", "normal", "seg", "densepose", "lineart", "hedsketch")
 
 # Other names people use for a built-in kind.
@@ -120,8 +120,8 @@ def resolve_kind(kind: str) -> str:
     if name in SPECS:
         return name
     if name in NEEDS_ANNOTATOR:
-        raise UsageError(f"'{kind}' needs an annotator network that ctrlora does not ship; give a ready {kind} "
-                         f"condition image instead (built in: {', '.join(sorted(SPECS))})")
+        raise UsageError(f"'{kind}' needs an annotator network, not a built-in extractor (ctrlora prep --list shows "
+                         f"the annotators; or give a ready {kind} condition image)")
     raise UsageError(f"unknown condition kind {kind!r}; built in: {', '.join(sorted(SPECS))}")
 
 
@@ -139,7 +139,8 @@ def extract(kind: str, image: Image.Image, **params) -> Image.Image:
     Param("low", "float", 100.0, "weak-edge threshold on the gradient magnitude (OpenCV's scale)", min=0),
     Param("high", "float", 200.0, "strong-edge threshold; weak edges survive only if linked to strong ones",
           min=0),
-    Param("sigma", "float", 1.0, "Gaussian blur before the gradients, in pixels (0: none)", min=0, max=20),
+    Param("sigma", "float", 0.0, "Gaussian blur before the gradients, in pixels (0: none, as cv2.Canny)", min=0,
+          max=20),
 ))
 def canny(image: Image.Image, low: float, high: float, sigma: float) -> Image.Image:
     if low > high:
@@ -263,10 +264,12 @@ def gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
     return array
 
 
-def gradients(array: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gradients(array: np.ndarray, sigma: float, norm: str = "l2") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sobel gradients (gx, gy, magnitude) of an (H, W, C) image on OpenCV's unnormalised scale
-    (a 0 -> 255 step gives 1020). For colour images each pixel takes the channel whose gradient is
-    strongest, as OpenCV's Canny does, so two colours of equal brightness still make an edge."""
+    (a 0 -> 255 step gives 1020), borders replicated. ``norm`` is ``l2`` (hypot) or ``l1``
+    (|gx| + |gy|, what ``cv2.Canny`` uses by default). For colour images each pixel takes the
+    channel whose gradient is strongest in that norm, as OpenCV's Canny does, so two colours of
+    equal brightness still make an edge."""
     smooth = gaussian_blur(np.asarray(array, dtype=np.float64), sigma)
     if smooth.ndim == 2:
         smooth = smooth[..., None]
@@ -275,21 +278,24 @@ def gradients(array: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, 
     gx = dx[:-2] + 2 * dx[1:-1] + dx[2:]
     sy = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]
     gy = sy[2:] - sy[:-2]
-    strongest = np.argmax(gx * gx + gy * gy, axis=2)[..., None]
+    strength = np.abs(gx) + np.abs(gy) if norm == "l1" else gx * gx + gy * gy
+    strongest = np.argmax(strength, axis=2)[..., None]  # the first channel wins a tie, as in OpenCV
     gx = np.take_along_axis(gx, strongest, axis=2)[..., 0]
     gy = np.take_along_axis(gy, strongest, axis=2)[..., 0]
     # Rounded so that mirror-image pixels across a step compare equal (one-pixel-wide edges).
-    magnitude = np.round(np.hypot(gx, gy), 6)
+    magnitude = np.round(np.abs(gx) + np.abs(gy) if norm == "l1" else np.hypot(gx, gy), 6)
     return gx, gy, magnitude
 
 
-def canny_edges(array: np.ndarray, low: float, high: float, sigma: float = 1.0) -> np.ndarray:
-    """Canny: blur, Sobel, non-maximum suppression along the gradient, then double threshold with
+def canny_edges(array: np.ndarray, low: float, high: float, sigma: float = 0.0) -> np.ndarray:
+    """Canny as ``cv2.Canny(array, low, high)`` computes it (aperture 3, L1 gradient), with an
+    optional Gaussian blur first: Sobel, non-maximum suppression along the gradient, then double
+    threshold (a pixel counts above ``floor(low)``, is strong above ``floor(high)``) with
     hysteresis (weak pixels kept only when 8-connected to a strong one). Boolean (H, W)."""
-    gx, gy, magnitude = gradients(array, sigma)
+    gx, gy, magnitude = gradients(array, sigma, norm="l1")
     thin = _non_max_suppression(gx, gy, magnitude)
-    candidates = thin & (magnitude >= low) & (magnitude > 0)
-    strong = candidates & (magnitude >= high)
+    candidates = thin & (magnitude > math.floor(low))
+    strong = candidates & (magnitude > math.floor(high))
     labels, count = label_components(candidates)
     linked = np.zeros(count + 1, dtype=bool)
     linked[labels[strong]] = True
@@ -297,22 +303,26 @@ def canny_edges(array: np.ndarray, low: float, high: float, sigma: float = 1.0) 
     return linked[labels]
 
 
+# tan(22.5 degrees) in OpenCV's fixed point (15 bits), so directions are sorted as cv2.Canny sorts them.
+_TG22 = 13573
+_SHIFT = 1 << 15
+
+
 def _non_max_suppression(gx: np.ndarray, gy: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
-    # Keep a pixel that beats its two neighbours along the gradient (quantised to 4 directions).
-    # Ties go to the pixel before the edge (strict on one side, >= on the other), so a sharp step
-    # yields exactly one pixel, as in OpenCV.
+    # Keep a pixel that beats its two neighbours along the gradient (quantised to 4 directions, the
+    # image's outside counting as 0). Ties go to the pixel before the edge on the axes (strict on one
+    # side, >= on the other), so a sharp step yields exactly one pixel; diagonals are strict on both.
     p = np.pad(magnitude, 1)
     c = p[1:-1, 1:-1]
-    ax, ay = np.abs(gx), np.abs(gy)
-    tan22 = math.tan(math.pi / 8)
-    horizontal = ay <= tan22 * ax
-    vertical = ax <= tan22 * ay
+    ax, ay = np.abs(gx), np.abs(gy) * _SHIFT
+    horizontal = ay < ax * _TG22
+    vertical = ~horizontal & (ay > ax * (_TG22 + 2 * _SHIFT))
     diagonal = ~horizontal & ~vertical
     falling = gx * gy > 0  # gradient towards down-right (y grows downwards)
     keep = horizontal & (c > p[1:-1, :-2]) & (c >= p[1:-1, 2:])
-    keep |= vertical & ~horizontal & (c > p[:-2, 1:-1]) & (c >= p[2:, 1:-1])
-    keep |= diagonal & falling & (c > p[:-2, :-2]) & (c >= p[2:, 2:])
-    keep |= diagonal & ~falling & (c > p[:-2, 2:]) & (c >= p[2:, :-2])
+    keep |= vertical & (c > p[:-2, 1:-1]) & (c >= p[2:, 1:-1])
+    keep |= diagonal & falling & (c > p[:-2, :-2]) & (c > p[2:, 2:])
+    keep |= diagonal & ~falling & (c > p[:-2, 2:]) & (c > p[2:, :-2])
     return keep
 
 
