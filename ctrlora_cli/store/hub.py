@@ -47,6 +47,7 @@ class RemoteFile:
     size: int
     sha256: str | None = None  # LFS files: the hub's sha256 of the content
     git_oid: str | None = None  # small files: the git blob id (sha1 of "blob <size>\\0" + content)
+    revision: str | None = None  # the branch or tag it was resolved from (the HF cache's refs/ name it)
 
     @property
     def label(self) -> str:
@@ -160,7 +161,7 @@ def resolve(repo: str, revision: str | None = None) -> Snapshot:
         if isinstance(entry, RepoFile):
             files[entry.path] = RemoteFile(repo, commit, entry.path, entry.size,
                                            sha256=entry.lfs.sha256 if entry.lfs else None,
-                                           git_oid=None if entry.lfs else entry.blob_id)
+                                           git_oid=None if entry.lfs else entry.blob_id, revision=revision)
     return Snapshot(repo, revision, commit, files)
 
 
@@ -218,7 +219,18 @@ def fetch(store, remote: RemoteFile, on_event: Listener | None = None, force: bo
     """A verified copy of ``remote``: the store's blob when it already holds these bytes, the
     user's Hugging Face cache, or a download that continues from partial bytes left by an
     earlier pull (an HTTP Range request). A file whose digest is wrong is deleted and refused.
-    ``on_event`` gets the bytes downloaded (``Progress``) and notes on how the file came."""
+    ``on_event`` gets the bytes downloaded (``Progress``) and notes on how the file came. The
+    verified file is also placed in the Hugging Face cache, as a hard link (``hf_cache.share``)."""
+    from ctrlora_cli.store import hf_cache
+
+    fetched = _fetch(store, remote, on_event, force)
+    problem = hf_cache.share(remote, fetched.path)
+    if problem:
+        tell(on_event, problem, "warning")
+    return fetched
+
+
+def _fetch(store, remote: RemoteFile, on_event: Listener | None, force: bool) -> Fetched:
 
     def log(text: str) -> None:
         tell(on_event, text, "note")
