@@ -18,11 +18,13 @@ link making and ref writing are called, not rewritten. Removing is its own publi
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from ctrlora_cli import envconfig
 from ctrlora_cli.store.store import Manifest, Store, link_or_copy
+from engine.files import CHUNK
 
 SMALL = 10_000_000  # files the hub serves without LFS are far smaller; their blobs are named by git blob id
 
@@ -64,18 +66,30 @@ def share(remote, path: Path) -> str | None:
     return None
 
 
+def digests(path: Path) -> tuple[str, str]:
+    """(sha256 hex, git blob id) of a file, in one read: the names the hub and its cache give a
+    file's bytes (a small file by its git blob id, sha1 of a header and the bytes; a large one by
+    its sha256). Not ``engine.files.sha256_file``: a download is read once for both."""
+    size = path.stat().st_size
+    sha, git = hashlib.sha256(), hashlib.sha1()
+    git.update(f"blob {size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+            git.update(chunk)
+    return sha.hexdigest(), git.hexdigest()
+
+
 def _blob_names(store: Store, manifest: Manifest) -> set[str]:
     """The HF cache blob names the entry's bytes go by: the sha256 of each file (and of the
     original it was converted from), the git blob id of each small one."""
-    from ctrlora_cli.store.hub import _digests
-
     names = {record.digest.split(":", 1)[1] for record in manifest.files}
     if manifest.converted_from and manifest.converted_from.get("sha256"):
         names.add(manifest.converted_from["sha256"])
     for record in manifest.files:
         blob = store.blob_path(record.digest)
         if record.size < SMALL and blob.is_file():
-            names.add(_digests(blob)[1])
+            names.add(digests(blob)[1])
     return names
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ctrlora_cli import envconfig
 from ctrlora_cli.store.events import Listener, tell
+from ctrlora_cli.store import hf_cache
 from ctrlora_cli.store.store import link_or_copy
 from engine.errors import CtrloraError, UsageError
 from engine.files import CHUNK
@@ -187,25 +188,11 @@ def _resolve_cached(repo: str, revision: str) -> Snapshot:
 
 # --- verification --------------------------------------------------------------------------------
 
-def _digests(path: Path) -> tuple[str, str]:
-    """(sha256 hex, git blob id) of a file, in one read. Not ``engine.files.sha256_file``: the
-    hub names a small file by its git blob id (sha1 of a header and the bytes) and a large one by
-    its sha256, and a download is read once for both rather than twice."""
-    size = path.stat().st_size
-    sha, git = hashlib.sha256(), hashlib.sha1()
-    git.update(f"blob {size}\0".encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            git.update(chunk)
-    return sha.hexdigest(), git.hexdigest()
-
-
 def _verify(path: Path, remote: RemoteFile) -> str | None:
     """``sha256:<hex>`` when the file is what the hub promised; None otherwise."""
     if path.stat().st_size != remote.size:
         return None
-    sha, git = _digests(path)
+    sha, git = hf_cache.digests(path)
     if remote.sha256 and sha != remote.sha256:
         return None
     if remote.git_oid and git != remote.git_oid:
@@ -221,8 +208,6 @@ def fetch(store, remote: RemoteFile, on_event: Listener | None = None, force: bo
     earlier pull (an HTTP Range request). A file whose digest is wrong is deleted and refused.
     ``on_event`` gets the bytes downloaded (``Progress``) and notes on how the file came. The
     verified file is also placed in the Hugging Face cache, as a hard link (``hf_cache.share``)."""
-    from ctrlora_cli.store import hf_cache
-
     fetched = _fetch(store, remote, on_event, force)
     problem = hf_cache.share(remote, fetched.path)
     if problem:

@@ -101,7 +101,7 @@ class CtrLoraPipeline:
         (``engine.generation.pretrained``). Adapters are loaded under their names."""
         from engine.generation.pretrained import find_paths, load
 
-        return load(find_paths(folder, sd=sd, base=base, adapters=adapters), device, precision, **options)
+        return load(cls, find_paths(folder, sd=sd, base=base, adapters=adapters), device, precision, **options)
 
     @classmethod
     def from_store(cls, *adapters: str, resolver, base: str | None = None, sd: str | None = None, device=None,
@@ -117,7 +117,7 @@ class CtrLoraPipeline:
         """
         from engine.generation.pretrained import load
 
-        return load(resolver(list(adapters), base=base, sd=sd), device, precision, **options)
+        return load(cls, resolver(list(adapters), base=base, sd=sd), device, precision, **options)
 
     def generate(self, prompt: str | list[str], conditions: dict | None = None, negative_prompt: str = "", *,
                  width: int | None = None, height: int | None = None, **settings) -> GenerationResult:

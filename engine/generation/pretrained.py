@@ -76,17 +76,16 @@ def find_paths(folder=None, *, sd=None, base=None, adapters=None) -> PretrainedP
     return paths
 
 
-def load(paths: PretrainedPaths, device=None, precision: str | None = None, **options):
-    """A ``CtrLoraPipeline`` with every adapter of ``paths`` loaded under its name; ``device`` and
-    ``precision`` as ``engine.runtime`` decides them (auto: CUDA and fp16 when there is a GPU);
-    ``options`` go to the pipeline (``compile``, ...)."""
+def load(pipeline_class, paths: PretrainedPaths, device=None, precision: str | None = None, **options):
+    """A ``pipeline_class`` (``CtrLoraPipeline``, which calls this: no import circle) with every
+    adapter of ``paths`` loaded under its name; ``device`` and ``precision`` as ``engine.runtime``
+    decides them (auto: CUDA and fp16 when there is a GPU); ``options`` go to the pipeline."""
     from engine.formats.adapter_file import load_adapter_file
-    from engine.generation.pipeline import CtrLoraPipeline
     from engine.models.storage import load_base, load_sd
     from engine.runtime import device_and_dtype
 
     dev, dtype, _ = device_and_dtype(device, precision)
-    pipe = CtrLoraPipeline(load_sd(paths.sd, device=dev, dtype=dtype), load_base(paths.base, device=dev, dtype=dtype),
+    pipe = pipeline_class(load_sd(paths.sd, device=dev, dtype=dtype), load_base(paths.base, device=dev, dtype=dtype),
                            device=dev, dtype=dtype, **options)
     for name, path in paths.adapters.items():
         state, meta = load_adapter_file(path)
