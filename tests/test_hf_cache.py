@@ -69,3 +69,31 @@ def store_sd_unet_config(store):
     import json
 
     return json.loads((store.folder("tiny-official-sd") / "unet" / "config.json").read_text())
+
+
+def test_diffusers_loads_a_whole_pipeline_that_ctrlora_pulled(store_env, hub, tiny_sd_folder):
+    """As ``StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/...")`` after ``ctrlora pull
+    base``: a repository with a full model_index.json (no safety checker), pulled by ctrlora, then
+    loaded by diffusers from the cache alone."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from engine.formats.detect import model_index
+
+    files = {p.relative_to(tiny_sd_folder).as_posix(): p for p in tiny_sd_folder.rglob("*") if p.is_file()}
+    files["model_index.json"] = json.dumps(model_index()).encode()
+    hub.add_repo("test/tiny-sd-full", files)
+    assert cli("pull", "sd:test/tiny-sd-full", "--name", "full").code == 0
+    hub.log.clear()
+    pipe = StableDiffusionPipeline.from_pretrained("test/tiny-sd-full", variant="fp16", cache_dir=_cache(store_env),
+                                                   local_files_only=True)
+    assert hub.log == [] and pipe.text_encoder is not None and pipe.safety_checker is None
+    from engine.formats.tensors import load_tensor_file
+
+    stored_unet = load_tensor_file(Store(store_env["CTRLORA_HOME"]).folder("full") / "unet" /
+                                   "diffusion_pytorch_model.safetensors")
+    assert torch.equal(pipe.unet.conv_in.weight, stored_unet["conv_in.weight"].float())  # the fp16 bytes it pulled
+    stored = Store(store_env["CTRLORA_HOME"]).folder("full") / "unet" / "diffusion_pytorch_model.safetensors"
+    assert stored.stat().st_nlink == 2  # the store's file is the cache's: on disk once
