@@ -6,7 +6,8 @@ are done here: a download that dies is resumed by the NEXT pull from the bytes k
 store's ``partial/`` (huggingface_hub 2.x restarts a failed file from zero), and every file is
 checked against the hub's sha256 (LFS files) or git blob id (small files) before it is used.
 
-A file already in the user's Hugging Face cache is taken from there, not downloaded again.
+A file already in the user's Hugging Face cache is taken from there, not downloaded again; every
+file fetched is placed there too, hard-linked to the store's blob (``hf_cache``).
 Endpoint, cache folder and offline mode are read at call time, through ``ctrlora_cli.envconfig``.
 """
 
@@ -134,10 +135,6 @@ def not_cached(what: str) -> CtrloraError:
                         f"{offline_hint()}")
 
 
-def _repo_cache(repo: str) -> Path:
-    return envconfig.hf_hub_cache() / ("models--" + repo.replace("/", "--"))
-
-
 def resolve(repo: str, revision: str | None = None) -> Snapshot:
     """The repository's commit and file list for ``revision`` (default ``main``): from the hub,
     or offline from the Hugging Face cache."""
@@ -167,7 +164,7 @@ def resolve(repo: str, revision: str | None = None) -> Snapshot:
 
 
 def _resolve_cached(repo: str, revision: str) -> Snapshot:
-    folder = _repo_cache(repo)
+    folder = hf_cache.repo_folder(repo)
     commit = revision if _COMMIT.match(revision) else None
     ref = folder / "refs" / revision
     if commit is None and ref.is_file():
@@ -264,7 +261,7 @@ def _from_hf_cache(remote: RemoteFile, part: Path) -> str | None:
                                    revision=remote.commit)
     if isinstance(found, str):
         candidates.append(Path(found))
-    blobs = _repo_cache(remote.repo) / "blobs"
+    blobs = hf_cache.repo_folder(remote.repo) / "blobs"
     for etag in (remote.sha256, remote.git_oid):  # the same bytes cached under another commit
         if etag:
             candidates.append(blobs / etag)
