@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED, run_cli
+from conftest import SHARED
+from hub_fixtures import cli
 from ctrlora_cli.store.export import export_entry
 from ctrlora_cli.store.pull import pull
 from engine.errors import UsageError
@@ -102,12 +103,12 @@ def test_loader_notes():
 
 def test_cli_export_json_and_force(tiny_store, tmp_path):
     target = tmp_path / "canny.safetensors"
-    first = run_cli("export", "tiny-canny", "-o", str(target), "--json")
-    assert first.returncode == 0, first.stderr
-    report = json.loads(first.stdout)
+    first = cli("export", "tiny-canny", "-o", str(target), "--json")
+    assert first.code == 0, first.err
+    report = json.loads(first.out)
     assert report["format"] == "official" and report["tensors"] == 246 and report["bytes"] == target.stat().st_size
-    again = run_cli("export", "tiny-canny", "-o", str(target))
-    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    again = cli("export", "tiny-canny", "-o", str(target))
+    assert again.code == 2 and "--force" in again.err and "Traceback" not in again.err
     forced = export_entry(tiny_store, "tiny-canny", target, fmt="ours", force=True)
     assert "our format" in forced["notes"][0]
     assert load_meta(target)["format"] == "ctrlora-adapter"
