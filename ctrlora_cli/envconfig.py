@@ -55,6 +55,8 @@ DEMO_DIR = Variable("CTRLORA_DEMO_DIR", "the demo inside the package", "the demo
                     "reads (a rebuilt one)")
 LOG_EVERY = Variable("CTRLORA_LOG_EVERY", str(DEFAULT_LOG_EVERY), "seconds between the plain progress lines "
                     "of long jobs when no terminal is attached (a pipe, nohup, SLURM); 0: none")
+SHARE_HF_CACHE = Variable("CTRLORA_SHARE_HF_CACHE", "on", "0: hub files are not also placed in the Hugging "
+                          "Face cache (by default they are, hard-linked: one copy on disk that every HF tool finds)")
 HF_TOKEN = Variable("HF_TOKEN", "none (or a saved `hf auth login`)", "token for gated or private repositories",
                     secret=True)
 HF_ENDPOINT = Variable("HF_ENDPOINT", DEFAULT_HF_ENDPOINT, "another hub (a mirror)")
@@ -62,8 +64,8 @@ HF_HUB_OFFLINE = Variable("HF_HUB_OFFLINE", "off", "1: as CTRLORA_OFFLINE=1")
 HF_HOME = Variable("HF_HOME", "~/.cache/huggingface", "the Hugging Face folder; its hub/ is the cache looked up")
 HF_HUB_CACHE = Variable("HF_HUB_CACHE", "$HF_HOME/hub", "where the Hugging Face cache is looked up")
 
-VARIABLES: tuple[Variable, ...] = (HOME, OFFLINE, CATALOG, DOWNLOAD_RETRIES, DEMO_DIR, HF_TOKEN, HF_ENDPOINT,
-                                   HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE, LOG_EVERY)
+VARIABLES: tuple[Variable, ...] = (HOME, OFFLINE, CATALOG, DOWNLOAD_RETRIES, DEMO_DIR, SHARE_HF_CACHE, HF_TOKEN,
+                                   HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE, LOG_EVERY)
 
 
 def describe() -> list[dict]:
@@ -86,6 +88,12 @@ def home() -> Path:
 def offline() -> bool:
     """CTRLORA_OFFLINE or HF_HUB_OFFLINE: nothing may touch the network."""
     return flag(OFFLINE.raw()) or flag(HF_HUB_OFFLINE.raw())
+
+
+def share_hf_cache() -> bool:
+    """CTRLORA_SHARE_HF_CACHE (default on): pulls also place hub files in the Hugging Face cache."""
+    value = SHARE_HF_CACHE.raw()
+    return value is None or flag(value)
 
 
 def catalog_file() -> Path | None:

@@ -8,6 +8,7 @@ from rich.markup import escape
 
 from ctrlora_cli.completion import any_name
 from ctrlora_cli.console import interactive, say, warn
+from ctrlora_cli.store import hf_cache
 from ctrlora_cli.store.store import Store, folder_size
 from ctrlora_cli.tables import human_size
 from ctrlora_cli.options import JsonOpt, examples, print_json
@@ -25,6 +26,8 @@ def register(app: typer.Typer) -> None:
 def rm(
     names: list[str] = typer.Argument(..., help="Store names to remove.", autocompletion=any_name),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    purge_cache: bool = typer.Option(False, "--purge-cache", help="Also delete their hub files from the Hugging Face "
+                                     "cache (kept by default: other tools use them)."),
     as_json: JsonOpt = False,
 ) -> None:
     """Remove models from the local store (and the run folders of fit and train-base results)."""
@@ -34,6 +37,7 @@ def rm(
     dependents = store.dependents(names)
     runs, outside = store.runs_freed_by(names)
     sizes = {run: folder_size(run) for run in runs}
+    cached = hf_cache.cached_files(store, manifests, keep=[m for m in store.list() if m.name not in names])
     if not yes:
         orphans = ", ".join(dict.fromkeys(m.name for m, _, _ in dependents))
         if not interactive() or as_json:
@@ -44,6 +48,8 @@ def rm(
             say(f"  {_link(m, link, target)}")
         for run in runs:
             say(f"  run folder {run} ({human_size(sizes[run])}) goes too")
+        if purge_cache and cached:
+            say(f"  {len(cached)} files in the Hugging Face cache ({human_size(hf_cache.cached_size(cached))}) go too")
         summary = ", ".join(f"{m.name} ({m.kind}, {human_size(m.size)})" for m in manifests)
         question = f"Remove {summary}" + (f", leaving {orphans} pointing to nothing" if orphans else "")
         if not typer.confirm(question + "?", default=False):
@@ -51,15 +57,22 @@ def rm(
             raise typer.Exit(1)
     freed = store.remove(names)
     store.remove_runs(runs)
+    purged = hf_cache.purge(cached) if cached and purge_cache else 0
     if as_json:
         print_json({"removed": names, "freed_bytes": freed,
                     "run_folders_removed": [{"path": str(run), "bytes": sizes[run]} for run in runs],
                     "run_folders_kept": [str(run) for run in outside],
+                    "hf_cache": {"files": len(cached), "purged": bool(cached and purge_cache), "freed_bytes": purged},
                     "dangling": [{"name": m.name, "link": link, "target": target} for m, link, target in dependents]})
     else:
         say(f"removed {', '.join(names)}; freed {human_size(freed)}")
         for run in runs:
             say(f"removed run folder {run} ({human_size(sizes[run])})")
+        if cached and purge_cache:
+            say(f"removed {len(cached)} files from the Hugging Face cache; freed {human_size(purged)}")
+        elif cached:
+            say(f"kept their hub files in the Hugging Face cache ({human_size(hf_cache.cached_size(cached))}, for "
+                f"other tools); --purge-cache removes them")
         for run in outside:
             say(f"kept run folder {run} (outside the store)")
     for m, link, target in dependents:

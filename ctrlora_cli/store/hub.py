@@ -6,7 +6,8 @@ are done here: a download that dies is resumed by the NEXT pull from the bytes k
 store's ``partial/`` (huggingface_hub 2.x restarts a failed file from zero), and every file is
 checked against the hub's sha256 (LFS files) or git blob id (small files) before it is used.
 
-A file already in the user's Hugging Face cache is taken from there, not downloaded again.
+A file already in the user's Hugging Face cache is taken from there, not downloaded again; every
+file fetched is placed there too, hard-linked to the store's blob (``hf_cache``).
 Endpoint, cache folder and offline mode are read at call time, through ``ctrlora_cli.envconfig``.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from ctrlora_cli import envconfig
 from ctrlora_cli.store.events import Listener, tell
+from ctrlora_cli.store import hf_cache
 from ctrlora_cli.store.store import link_or_copy
 from engine.errors import CtrloraError, UsageError
 from engine.files import CHUNK
@@ -47,6 +49,7 @@ class RemoteFile:
     size: int
     sha256: str | None = None  # LFS files: the hub's sha256 of the content
     git_oid: str | None = None  # small files: the git blob id (sha1 of "blob <size>\\0" + content)
+    revision: str | None = None  # the branch or tag it was resolved from (the HF cache's refs/ name it)
 
     @property
     def label(self) -> str:
@@ -132,10 +135,6 @@ def not_cached(what: str) -> CtrloraError:
                         f"{offline_hint()}")
 
 
-def _repo_cache(repo: str) -> Path:
-    return envconfig.hf_hub_cache() / ("models--" + repo.replace("/", "--"))
-
-
 def resolve(repo: str, revision: str | None = None) -> Snapshot:
     """The repository's commit and file list for ``revision`` (default ``main``): from the hub,
     or offline from the Hugging Face cache."""
@@ -160,12 +159,12 @@ def resolve(repo: str, revision: str | None = None) -> Snapshot:
         if isinstance(entry, RepoFile):
             files[entry.path] = RemoteFile(repo, commit, entry.path, entry.size,
                                            sha256=entry.lfs.sha256 if entry.lfs else None,
-                                           git_oid=None if entry.lfs else entry.blob_id)
+                                           git_oid=None if entry.lfs else entry.blob_id, revision=revision)
     return Snapshot(repo, revision, commit, files)
 
 
 def _resolve_cached(repo: str, revision: str) -> Snapshot:
-    folder = _repo_cache(repo)
+    folder = hf_cache.repo_folder(repo)
     commit = revision if _COMMIT.match(revision) else None
     ref = folder / "refs" / revision
     if commit is None and ref.is_file():
@@ -186,25 +185,11 @@ def _resolve_cached(repo: str, revision: str) -> Snapshot:
 
 # --- verification --------------------------------------------------------------------------------
 
-def _digests(path: Path) -> tuple[str, str]:
-    """(sha256 hex, git blob id) of a file, in one read. Not ``engine.files.sha256_file``: the
-    hub names a small file by its git blob id (sha1 of a header and the bytes) and a large one by
-    its sha256, and a download is read once for both rather than twice."""
-    size = path.stat().st_size
-    sha, git = hashlib.sha256(), hashlib.sha1()
-    git.update(f"blob {size}\0".encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            git.update(chunk)
-    return sha.hexdigest(), git.hexdigest()
-
-
 def _verify(path: Path, remote: RemoteFile) -> str | None:
     """``sha256:<hex>`` when the file is what the hub promised; None otherwise."""
     if path.stat().st_size != remote.size:
         return None
-    sha, git = _digests(path)
+    sha, git = hf_cache.digests(path)
     if remote.sha256 and sha != remote.sha256:
         return None
     if remote.git_oid and git != remote.git_oid:
@@ -218,7 +203,16 @@ def fetch(store, remote: RemoteFile, on_event: Listener | None = None, force: bo
     """A verified copy of ``remote``: the store's blob when it already holds these bytes, the
     user's Hugging Face cache, or a download that continues from partial bytes left by an
     earlier pull (an HTTP Range request). A file whose digest is wrong is deleted and refused.
-    ``on_event`` gets the bytes downloaded (``Progress``) and notes on how the file came."""
+    ``on_event`` gets the bytes downloaded (``Progress``) and notes on how the file came. The
+    verified file is also placed in the Hugging Face cache, as a hard link (``hf_cache.share``)."""
+    fetched = _fetch(store, remote, on_event, force)
+    problem = hf_cache.share(remote, fetched.path)
+    if problem:
+        tell(on_event, problem, "warning")
+    return fetched
+
+
+def _fetch(store, remote: RemoteFile, on_event: Listener | None, force: bool) -> Fetched:
 
     def log(text: str) -> None:
         tell(on_event, text, "note")
@@ -267,7 +261,7 @@ def _from_hf_cache(remote: RemoteFile, part: Path) -> str | None:
                                    revision=remote.commit)
     if isinstance(found, str):
         candidates.append(Path(found))
-    blobs = _repo_cache(remote.repo) / "blobs"
+    blobs = hf_cache.repo_folder(remote.repo) / "blobs"
     for etag in (remote.sha256, remote.git_oid):  # the same bytes cached under another commit
         if etag:
             candidates.append(blobs / etag)

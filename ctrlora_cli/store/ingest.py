@@ -167,7 +167,7 @@ class Importer:
 
         label = source.get("path") if source.get("type") == "local" else f"{source['repo']}/{source['path']}"
         original = {"file": Path(source["path"]).name, "sha256": digest.split(":", 1)[1], "size": path.stat().st_size}
-        if path.suffix == ".safetensors" and _safetensors_format(path) == FORMAT:
+        if _header(path).get("format") == FORMAT:
             meta = read_adapter_metadata(path)
             expected = configs[0][0] if configs else (archs[0] if archs else None)
             self._own_adapter(path, meta, name, source, kind, expected, configs[0][1] if configs else None,
@@ -204,7 +204,8 @@ class Importer:
                 from engine.formats.detect import import_official_adapter
 
                 arch, _, mapped, rank = import_official_adapter(state, configs, what=label)
-                cond = condition or _condition_from(Path(source["path"]).stem) or name
+                cond = (condition or _exported(path).get("condition") or _condition_from(Path(source["path"]).stem)
+                        or name)
                 target = tmp / "adapter.safetensors"
                 save_adapter_file(target, mapped, rank=rank, alpha=rank, base_arch=arch, condition=cond,
                                   provenance={"converted_from": original, "source": source})
@@ -264,14 +265,27 @@ def _unet_width(state) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
-def _safetensors_format(path: Path) -> str | None:
+def _header(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata (empty for other files, or one not readable here:
+    ``load_tensor_file`` then gives the one-line reason)."""
+    if path.suffix != ".safetensors":
+        return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format")
-    except Exception:  # not readable here; load_tensor_file gives the one-line reason
-        return None
+            return dict(f.metadata() or {})
+    except Exception:
+        return {}
+
+
+def _exported(path: Path) -> dict:
+    """What ``ctrlora export`` recorded in an official-layout file (empty otherwise)."""
+    try:
+        found = json.loads(_header(path).get("ctrlora_export") or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _condition_from(stem: str) -> str | None:

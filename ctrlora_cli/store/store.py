@@ -563,14 +563,16 @@ class Store:
 
     def gc(self) -> int:
         """Delete blobs that no manifest references, and scratch left by killed pulls (call with
-        the lock held)."""
+        the lock held). Returns the bytes freed: a blob hard-linked elsewhere (the Hugging Face
+        cache shares the hub's files so) frees nothing."""
         self._clear_dead_scratch()
         referenced = {self.blob_path(f.digest).name for m in self.list() for f in m.files}
         freed = 0
         if self.blobs.is_dir():
             for blob in self.blobs.iterdir():
                 if blob.name not in referenced:
-                    freed += blob.stat().st_size
+                    stat = blob.stat()
+                    freed += stat.st_size if stat.st_nlink == 1 else 0
                     blob.unlink()
         return freed
 

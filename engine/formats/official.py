@@ -76,6 +76,132 @@ def _resnet_rest(rest: str) -> str:
     return rest
 
 
+# --- ours -> ldm (official) names: the writer, beside the reader ---------------------------------
+
+_LORA_SUFFIXES = ((".lora_A.weight", ".lora_layer.down.weight"), (".lora_B.weight", ".lora_layer.up.weight"))
+
+
+def official_control_key(key: str, layers_per_block: int) -> str | None:
+    """The official name (prefix not added) for one of our ControlNet keys, or None if unknown.
+    The inverse of ``ldm_control_key``, and checked against it key by key: a name the reader would
+    not map back to ``key`` is None, so the two can never drift apart."""
+    stem, lora = key, ""
+    for ours, official in _LORA_SUFFIXES:
+        if key.endswith(ours):
+            stem, lora = key[: -len(ours)] + ".weight", official
+    found = _official_name(stem, layers_per_block)
+    if found is not None and lora:
+        found = found[: -len(".weight")] + lora
+    return found if found is not None and ldm_control_key(found, layers_per_block) == key else None
+
+
+def _official_name(key: str, lpb: int) -> str | None:
+    m = re.match(r"time_embedding\.linear_([12])\.(.+)$", key)
+    if m:
+        return f"time_embed.{0 if m.group(1) == '1' else 2}.{m.group(2)}"
+    m = re.match(r"controlnet_down_blocks\.(\d+)\.(.+)$", key)
+    if m:
+        return f"zero_convs.{m.group(1)}.0.{m.group(2)}"
+    m = re.match(r"controlnet_mid_block\.(.+)$", key)
+    if m:
+        return f"middle_block_out.0.{m.group(1)}"
+    m = re.match(r"conv_in\.(.+)$", key)
+    if m:
+        return f"input_blocks.0.0.{m.group(1)}"
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key)
+    if m:
+        return f"input_blocks.{(int(m.group(1)) + 1) * (lpb + 1)}.0.op.{m.group(2)}"
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", key)
+    if m:
+        index = int(m.group(1)) * (lpb + 1) + int(m.group(3)) + 1
+        if m.group(2) == "attentions":
+            return f"input_blocks.{index}.1.{m.group(4)}"
+        return f"input_blocks.{index}.0.{_resnet_rest_back(m.group(4))}"
+    m = re.match(r"mid_block\.attentions\.0\.(.+)$", key)
+    if m:
+        return f"middle_block.1.{m.group(1)}"
+    m = re.match(r"mid_block\.resnets\.([01])\.(.+)$", key)
+    if m:
+        return f"middle_block.{0 if m.group(1) == '0' else 2}.{_resnet_rest_back(m.group(2))}"
+    return None
+
+
+def _resnet_rest_back(rest: str) -> str:
+    for old, new in _RESNET_RENAMES:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def to_official_keys(state: dict[str, torch.Tensor], layers_per_block: int, what: str) -> dict[str, torch.Tensor]:
+    """Our keys -> official (prefixed ldm) keys; a key with no official name is refused."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        new = official_control_key(key, layers_per_block)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[LDM_CONTROL_PREFIX + new] = value
+    if unknown:
+        raise CheckpointError(f"{what}: {len(unknown)} keys have no official name (first: {first_few(unknown)})")
+    return out
+
+
+def official_adapter_state(state: dict[str, torch.Tensor], controlnet_config: dict,
+                           what: str = "adapter") -> dict[str, torch.Tensor]:
+    """Our adapter state dict -> an official adapter file's dict (LoRA ``lora_layer.down/up``, zero
+    convs, ``middle_block_out``, transformer norms), checked against the architecture first."""
+    check_adapter_state(state, controlnet_config, what)
+    return to_official_keys(state, controlnet_config["layers_per_block"], what)
+
+
+def official_base_state(base: dict[str, torch.Tensor], controlnet_config: dict, lora_rank: int,
+                        what: str = "base") -> dict[str, torch.Tensor]:
+    """Our base state dict -> an official base file's dict. The published base also carries one
+    condition's LoRA, and ComfyUI-Advanced-ControlNet refuses a base without ``lora_layer`` keys;
+    both loaders drop the base's LoRA, zero convs and norms (each adapter brings its own). So the
+    base's own zero convs and norms are written, and a LoRA of ``lora_rank`` that is all zeros
+    (up = 0: it changes nothing, and ``convert_official_base`` reads the base back unchanged)."""
+    from engine.models.adapters import add_adapter, adapter_parameters
+    from engine.models.controlnet import BaseControlNetModel
+
+    with torch.device("meta"):
+        model = BaseControlNetModel(**controlnet_config)
+        check_keys(base, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
+        add_adapter(model, "export", rank=lora_rank)
+        lora = {k: tuple(p.shape) for k, p in adapter_parameters(model, "export").items() if ".lora_" in k}
+    like = next(iter(base.values()))
+    full = dict(base)
+    full.update({k: torch.zeros(shape, dtype=like.dtype, device=like.device) for k, shape in lora.items()})
+    return to_official_keys(full, controlnet_config["layers_per_block"], what)
+
+
+# Ranks the reference code ships configs for (configs/inference/ctrlora_sd15_rank<N>_1lora.yaml);
+# its app picks one by "rank<N>" in the adapter's file name.
+REFERENCE_RANKS = (32, 64, 128, 256, 512)
+
+
+def official_loader_notes(kind: str, arch: str, rank: int | None, filename: str) -> list[str]:
+    """What the official loaders (the reference code, ComfyUI-Advanced-ControlNet's CtrLoRA
+    loader) will make of an exported file: one plain sentence per point, empty when all is well."""
+    if arch != "sd15":
+        return [f"a {arch} model, not SD1.5's shapes: ComfyUI-Advanced-ControlNet will not load it (it detects "
+                f"SD1.5-shaped ControlNets), nor the reference code with its published SD1.5 configs (one written "
+                f"for these shapes does); ctrlora pull reads it back"]
+    notes = []
+    if kind == "adapter" and rank is not None:
+        if rank not in REFERENCE_RANKS:
+            notes.append(f"rank {rank}: ComfyUI-Advanced-ControlNet loads any rank; the reference code ships "
+                         f"configs for ranks {', '.join(map(str, REFERENCE_RANKS))} only")
+        elif f"rank{rank}" not in filename:
+            notes.append(f"the reference app picks its config by 'rank{rank}' in the file name: "
+                         f"name the file like ..._rank{rank}.safetensors for it")
+    if kind == "base":
+        notes.append("a base is used with an adapter file: ComfyUI's 'Load CtrLoRA Model' takes both, "
+                     "as does the reference code")
+    return notes
+
+
 def strip_control_prefix(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     outside = [k for k in state if not k.startswith(LDM_CONTROL_PREFIX)]
     if outside:

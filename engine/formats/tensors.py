@@ -41,3 +41,32 @@ def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path}: refused: {len(bad)} entries are not tensors (first: {first_few(bad)})")
     return data
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def save_tensor_file(path: str | Path, state: dict[str, torch.Tensor], *, dtype: str | None = None,
+                     metadata: dict[str, str] | None = None, replace: bool = True) -> Path:
+    """Write a flat ``{name: tensor}`` dict whole or not at all (``engine.files.atomic_path``):
+    ``.safetensors`` (with ``metadata`` in its header), or a plain pickled dict for ``.ckpt``/``.pt``/
+    ``.pth`` (what ``torch.load(weights_only=True)`` opens; a pickle has no header, so ``metadata``
+    is not kept). ``dtype`` (``fp32``/``fp16``) casts the floating-point tensors. ``replace=False``
+    raises ``FileExistsError`` rather than replace an existing file."""
+    from engine.files import atomic_path
+
+    path = Path(path)
+    if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path}: write .safetensors or {'/'.join(PICKLE_SUFFIXES)}, not {path.suffix or 'no suffix'}")
+    cast = DTYPES[dtype] if dtype else None
+    tensors = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state.items()}
+    with atomic_path(path, replace=replace) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata=metadata)
+        else:
+            torch.save(tensors, str(tmp))
+    return path

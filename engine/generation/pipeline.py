@@ -92,6 +92,44 @@ class CtrLoraPipeline:
             self._unet = torch.compile(sd.unet)
             self._controlnet = torch.compile(controlnet) if controlnet is not None else None
 
+    @classmethod
+    def from_pretrained(cls, folder=None, *, sd=None, base=None, adapters=None, device=None,
+                        precision: str | None = None, **options) -> "CtrLoraPipeline":
+        """A pipeline from files, as diffusers' ``from_pretrained``: a folder holding SD, the Base
+        ControlNet (``controlnet/``) and adapters (``adapters/NAME.safetensors``) as the store lays
+        them out, and/or explicit ``sd=``, ``base=`` and ``adapters=`` paths
+        (``engine.generation.pretrained``). Adapters are loaded under their names."""
+        from engine.generation.pretrained import find_paths, load
+
+        return load(cls, find_paths(folder, sd=sd, base=base, adapters=adapters), device, precision, **options)
+
+    @classmethod
+    def from_store(cls, *adapters: str, resolver, base: str | None = None, sd: str | None = None, device=None,
+                   precision: str | None = None, **options) -> "CtrLoraPipeline":
+        """A pipeline from store names: ``resolver(list(adapters), base=, sd=)`` gives the paths
+        (``PretrainedPaths``). The engine never imports the store (it is ``ctrlora_cli``'s), so the
+        caller hands the resolver in: ``ctrlora_cli.store.paths.store_paths`` for the user's store,
+        which picks the base the adapters were made for and its SD, as ``ctrlora gen`` does::
+
+            from ctrlora_cli.store.paths import CtrLoraPipeline, store_paths
+            pipe = CtrLoraPipeline.from_store("canny", resolver=store_paths)
+            pipe.generate("a cosy cabin", {"canny": "edges.png"}, seed=42).images[0].save("cabin.png")
+        """
+        from engine.generation.pretrained import load
+
+        return load(cls, resolver(list(adapters), base=base, sd=sd), device, precision, **options)
+
+    def generate(self, prompt: str | list[str], conditions: dict | None = None, negative_prompt: str = "", *,
+                 width: int | None = None, height: int | None = None, **settings) -> GenerationResult:
+        """``__call__`` with images as people have them: ``conditions`` maps a loaded adapter's name
+        to an image (a file path, a PIL image or a tensor) or ``(image, weight)``; images are
+        resized to the output size (default: the first image's). ``settings`` as ``__call__``
+        (``seed``, ``steps``, ``guidance``, ``batch``, ...)."""
+        from engine.generation.pretrained import conditions_from
+
+        found, width, height = conditions_from(conditions or {}, width, height, vae_scale_factor(self.sd.vae))
+        return self(found, prompt, negative_prompt, width=width, height=height, **settings)
+
     def load_adapter(self, name: str, state_dict: dict[str, torch.Tensor], alpha: float | None = None) -> None:
         adapters_lib.load_adapter(self.controlnet, name, state_dict, alpha=alpha)
         _move(self.controlnet, self.device, self.dtype)
