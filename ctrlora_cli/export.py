@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import ask, say, warn
-from ctrlora_cli.options import JsonOpt, print_json
+from ctrlora_cli.options import JsonOpt, examples, print_json
 from ctrlora_cli.store.export import export_entry
 from ctrlora_cli.store.store import Store
 from ctrlora_cli.tables import human_size
@@ -26,7 +26,11 @@ class Dtype(str, enum.Enum):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export")(export)
+    app.command("export", epilog=examples(
+        "ctrlora export canny -o ctrlora_sd15_canny_rank128.safetensors",
+        "ctrlora export mybase -o ctrlora_sd15_basecn700k.ckpt",
+        "ctrlora export mosaic -o mosaic.safetensors --format ours --dtype fp16",
+    ))(export)
 
 
 def export(
