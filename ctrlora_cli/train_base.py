@@ -48,6 +48,8 @@ def train_base(
     grad_checkpointing: bool = typer.Option(TRAIN.grad_checkpointing, "--grad-checkpointing",
                                             help=_help("grad_checkpointing")),
     save_every: int = typer.Option(TRAIN.save_every, "--save-every", help=_help("save_every")),
+    workers: int = typer.Option(TRAIN.workers, "--workers", help=_help("workers")),
+    timeout: int = typer.Option(TRAIN.timeout, "--timeout", help=_help("timeout")),
     resume: bool = typer.Option(TRAIN.resume, "--resume", help="Continue the run in --run-dir from its checkpoint "
                                 "(with the settings and data it began with; --steps may grow)."),
     force: bool = typer.Option(False, "--force", help="Replace store entries OUT and OUT-COND, and start over in a "
@@ -70,7 +72,8 @@ def train_base(
     # elsewhere, other nodes or another folder: every path absolute).
     settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                                  rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
-                                 save_every=save_every, resume=resume, resolution=resolution, seed=seed,
+                                 save_every=save_every, resume=resume, workers=workers, timeout=timeout,
+                                 resolution=resolution, seed=seed,
                                  data=tuple(_absolute_data(item) for item in data or []),
                                  shards=tuple(str(Path(pattern).expanduser().absolute()) for pattern in shards)
                                  ).checked()

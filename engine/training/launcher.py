@@ -159,6 +159,9 @@ def check_data(settings: TrainBaseSettings) -> tuple[list[str], bool]:
             raise UsageError(f"data folder {folder} is not a folder")
     shard_files(settings.shards)
     wanted = settings.wanted_conditions()
+    if settings.shards and not wanted:
+        raise SettingError("conditions", "shards are streamed, not indexed: name the conditions to train from them "
+                                         "(comma-separated, e.g. --conditions canny,depth)")
     if wanted and not settings.shards:
         unknown = sorted(set(wanted) - set(folders))
         if unknown:

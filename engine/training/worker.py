@@ -162,7 +162,9 @@ def _end_with_torchrun() -> None:
 
 def _run(args: TrainBaseSettings, out: Path) -> None:
     cuda = torch.cuda.is_available()
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    from datetime import timedelta
+
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
@@ -188,7 +190,10 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
 
     precision = resolve_precision(args.precision, device, training=True)
     sd = load_sd(args.sd, device=device)
-    data = load_condition_data(args, sd, device, rank, world)
+    checkpoint_path = out / CHECKPOINT
+    # check_run_folder made sure a resumed run has a checkpoint; its shard readers continue from it
+    state = torch.load(checkpoint_path, map_location=device, weights_only=True) if args.resume else None
+    data, feed = load_condition_data(args, sd, device, rank, world, state.get("stream") if state else None)
     conditions = list(data)
     wanted = args.wanted_conditions()
     if wanted:
@@ -197,8 +202,8 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
             raise UsageError(f"--conditions names {unknown} with no data (have: {conditions})")
         conditions = wanted
     # The run's identity, now with what only the data tells (its pairs) and the precision decided here.
-    identity = {**launcher.run_identity(args, world), "pairs per condition": {c: len(d) for c, d in data.items()},
-                "precision used": precision}
+    identity = {**launcher.run_identity(args, world), "precision used": precision,
+                "pairs per condition": {c: len(d) for c, d in data.items() if not d.streamed}}
     if args.resume:
         saved = launcher.saved_run(out)
         if saved is not None:
@@ -236,10 +241,8 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
 
     step, cursors, eval_start = 0, {c: 0 for c in conditions}, None
-    checkpoint_path = out / CHECKPOINT
     metrics = out / METRICS
-    if args.resume:  # check_run_folder made sure there is a checkpoint
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    if state is not None:
         if state["conditions"] != conditions:
             raise UsageError(f"cannot resume {out}: its checkpoint has the conditions {state['conditions']}, "
                              f"not {conditions}")
@@ -267,10 +270,13 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
             micro_step = step * args.grad_accum + micro
             condition = condition_at(micro_step, conditions, args.seed)
             source = data[condition]
-            indices = sample_indices(cursors[condition], rank, args.batch, len(source), args.seed, condition)
-            cursors[condition] += world * args.batch
             generator = step_generator(args.seed, micro_step, rank, device)
-            latents, cond, text = source.sample_batch(indices, generator, args.drop_prompt)
+            if source.streamed:
+                latents, cond, text = source.next_batch(args.batch, generator, args.drop_prompt)
+            else:
+                indices = sample_indices(cursors[condition], rank, args.batch, len(source), args.seed, condition)
+                cursors[condition] += world * args.batch
+                latents, cond, text = source.sample_batch(indices, generator, args.drop_prompt)
             sync = micro == args.grad_accum - 1
             with controlnet.routing.use(condition), autocast, (nullcontext() if sync else ddp.no_sync()):
                 loss = diffusion_loss(sd.unet, ddp, sd.scheduler, latents, cond, text, generator)
@@ -301,10 +307,12 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
                     f.write(json.dumps(record) + "\n")
             t0, samples_since = time.perf_counter(), 0
         if args.save_every and step % args.save_every == 0 and step < args.steps:
-            _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
+            _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, checkpoint_path, rank, world,
+                        eval_start)
         while args.pause_after and step == args.pause_after:  # tests: killed here, as by a lost machine
             time.sleep(1)
-    _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
+    _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, checkpoint_path, rank, world,
+                        eval_start)
 
     # Evidence for tests and logs: each rank's schedule and weights.
     (out / RANKS).mkdir(exist_ok=True)
@@ -318,11 +326,19 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     dist.barrier()
 
 
-def _checkpoint(controlnet, optimizer, step, cursors, conditions, args, path: Path, rank: int, eval_start) -> None:
+def _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, path: Path, rank: int, world: int,
+                eval_start) -> None:
+    """Rank 0 writes the weights, the optimizer and every data position: the folders' cursors and
+    where each rank's shard readers stand (``engine.training.stream``)."""
+    stream = None
+    if feed is not None:
+        parts = [None] * world
+        dist.all_gather_object(parts, feed.state())
+        stream = {"layout": [world, feed.layout.workers], "ranks": parts}
     if rank == 0:
         _save_atomic({"model": controlnet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "cursors": cursors, "conditions": conditions, "seed": args.seed, "eval_start": eval_start},
-                     path)
+                      "cursors": cursors, "conditions": conditions, "seed": args.seed, "eval_start": eval_start,
+                      **({"stream": stream} if stream else {})}, path)
     dist.barrier()
 
 
@@ -333,10 +349,8 @@ def _eval_loss(sd, controlnet, data, conditions, args, device, autocast) -> floa
 
     total = 0.0
     for i, condition in enumerate(conditions):
-        source = data[condition]
-        indices = torch.arange(min(4, len(source)))
         generator = step_generator(args.seed, i, 0, device, stream=1)
-        latents, cond, text = source.sample_batch(indices, generator, 0.0)
+        latents, cond, text = data[condition].eval_batch(generator)
         with controlnet.routing.use(condition), autocast:
             total += diffusion_loss(sd.unet, controlnet, sd.scheduler, latents, cond, text, generator).item()
     return total / len(conditions)
