@@ -160,6 +160,11 @@ def check_data(settings: TrainBaseSettings) -> tuple[list[str], bool]:
     shard_files(settings.shards)
     wanted = settings.wanted_conditions()
     if settings.shards and not wanted:
+        from engine.training.latent_shards import shards_manifest
+
+        latent = shards_manifest(shard_files(settings.shards))
+        if latent:  # encode-shards counted their conditions
+            return sorted(set(latent["conditions"]) | set(folders)), True
         raise SettingError("conditions", "shards are streamed, not indexed: name the conditions to train from them "
                                          "(comma-separated, e.g. --conditions canny,depth)")
     if wanted and not settings.shards:

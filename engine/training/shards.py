@@ -39,6 +39,27 @@ def _first(sample: dict, names) -> bytes | None:
     return next((sample[n] for n in names if n in sample), None)
 
 
+def raw_fields(sample: dict) -> tuple[str, str, bytes, bytes]:
+    """A raw shard sample's (condition, prompt, target image bytes, condition image bytes)."""
+    meta = sample_meta(sample)
+    condition = meta.get("condition")
+    target = _first(sample, (*IMAGE_EXTS, *(f"target.{e}" for e in IMAGE_EXTS)))
+    cond = _first(sample, [f"{role}.{e}" for e in IMAGE_EXTS for role in ("cond", "source")])
+    if target is None or cond is None or not condition:
+        raise UsageError(f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r} lacks a target image, a "
+                         f".cond image or a .json with \"condition\"")
+    prompt = (sample.get("txt") or b"").decode("utf-8", "replace").strip() or meta.get("prompt", "")
+    return condition, prompt, target, cond
+
+
+def vae_input(data: bytes, role: str, resolution: int) -> torch.Tensor:
+    """An image as the VAE is fed it: short side resized, centre crop; a target in SD's [-1, 1],
+    a condition in [0, 1] (as ``engine.training.pairs.encode_pairs``)."""
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = image_to_tensor(resize_center_crop(image.convert("RGB"), resolution))
+    return pixels * 2 - 1 if role == "target" else pixels
+
+
 @dataclass
 class RawDecoder:
     """A raw shard sample -> (condition, payload) in a reader: the images decoded and resized, or
@@ -53,35 +74,25 @@ class RawDecoder:
     def __call__(self, sample: dict):
         from engine.training.pairs import LatentCache, cache_key
 
-        meta = sample_meta(sample)
-        condition = meta.get("condition")
-        target = _first(sample, (*IMAGE_EXTS, *(f"target.{e}" for e in IMAGE_EXTS)))
-        cond = _first(sample, [f"{role}.{e}" for e in IMAGE_EXTS for role in ("cond", "source")])
-        if target is None or cond is None or not condition:
-            raise UsageError(f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r} lacks a target image, a "
-                             f".cond image or a .json with \"condition\"")
+        condition, prompt, target, cond = raw_fields(sample)
         if condition not in self.conditions:
             return None
         cache = LatentCache(self.cache_root)
-        payload = {"prompt": (sample.get("txt") or b"").decode("utf-8", "replace").strip() or meta.get("prompt", "")}
+        payload = {"prompt": prompt}
         for role, data in (("target", target), ("condition", cond)):
             key = cache_key(role, sha256_bytes(data), self.resolution, self.vae_id)
             moments = cache.get(key)
-            if moments is None:
-                with Image.open(io.BytesIO(data)) as image:
-                    pixels = image_to_tensor(resize_center_crop(image.convert("RGB"), self.resolution))
-                payload[role] = ("pixels", key, pixels * 2 - 1 if role == "target" else pixels)
-            else:
-                payload[role] = ("moments", key, moments)
+            payload[role] = (("pixels", key, vae_input(data, role, self.resolution)) if moments is None
+                             else ("moments", key, moments))
         return condition, payload
 
 
 class StreamedShards:
     """The shard conditions of a rank: its feed, and the encoders for what readers leave to it."""
 
-    def __init__(self, feed, paths: list, decode, sd, cache, device):
+    def __init__(self, feed, paths: list, decode, sd, cache, device, scaling_factor: float):
         self.feed, self.paths, self.decode = feed, paths, decode
-        self.sd, self.cache, self.device = sd, cache, device
+        self.sd, self.cache, self.device, self.scaling_factor = sd, cache, device, scaling_factor
 
     def condition(self, name: str) -> "StreamedCondition":
         return StreamedCondition(self, name)
@@ -92,7 +103,7 @@ class StreamedShards:
 
         moments = {}
         for role in ("target", "condition"):
-            todo = [p[role] for p in payloads if p[role][0] == "pixels"]
+            todo = [p[role] for p in payloads if p[role][0] == "pixels"]  # raw shards: what the cache lacked
             if todo:
                 encoded = posterior_moments(self.sd.vae, torch.stack([t[2] for t in todo]))
                 for (_, key, _), value in zip(todo, encoded.cpu()):
@@ -112,10 +123,14 @@ class StreamedShards:
         def stacked(role):
             return torch.stack([moments[p[role][1]] if p[role][0] == "pixels" else p[role][2] for p in payloads])
 
+        if all("ids" in p for p in payloads):  # latent shards: the prompts' token ids
+            ids = torch.stack([p["ids"] for p in payloads]).to(self.sd.text_encoder.device)
+            texts = self.sd.text_encoder(ids)[0].float()
+        else:
+            texts = torch.stack([text(p["prompt"]) for p in payloads])
         batch = EncodedPairs(target=stacked("target").to(self.device), cond=stacked("condition").to(self.device),
-                             text=torch.stack([text(p["prompt"]) for p in payloads]).to(self.device),
-                             text_index=torch.arange(len(payloads), device=self.device),
-                             empty=text("").to(self.device), scaling_factor=self.sd.vae.config.scaling_factor)
+                             text=texts.to(self.device), text_index=torch.arange(len(payloads), device=self.device),
+                             empty=text("").to(self.device), scaling_factor=self.scaling_factor)
         return batch.sample_batch(torch.arange(len(payloads)), generator, drop_prompt)
 
     def eval_payloads(self, condition: str) -> list[dict]:
@@ -206,6 +221,7 @@ def load_condition_data(args, sd, device, rank: int, world: int, stream_state: d
     ``sample_batch(indices, generator, drop_prompt)``; a shard condition's (``streamed``)
     ``next_batch(n, generator, drop_prompt)``; both ``eval_batch(generator)``. ``stream_state``:
     the checkpoint's, to continue the shard readers where they stood."""
+    from engine.training.latent_shards import LatentDecoder, shards_manifest
     from engine.training.launcher import shard_files
     from engine.training.pairs import LatentCache, vae_identity
 
@@ -215,16 +231,42 @@ def load_condition_data(args, sd, device, rank: int, world: int, stream_state: d
     feed = None
     if args.shards:
         paths = shard_files(args.shards)
-        wanted = [c for c in args.wanted_conditions() if c not in data]  # a folder's condition: its folder
+        latent = shards_manifest(paths)
+        wanted = [c for c in (args.wanted_conditions() or list(latent["conditions"])) if c not in data]
         layout = Layout(world, max(1, args.workers)).check(len(paths))
         states, leftovers = (resume_states(stream_state, layout, len(paths), args.seed) if stream_state
                              else fresh_states(layout))
-        decode = RawDecoder(tuple(wanted), args.resolution, str(cache.root), vae_identity(sd.vae))
+        if latent:
+            check_latent_shards(latent, args)
+            decode, scaling = LatentDecoder(tuple(wanted)), latent["scaling_factor"]
+        else:
+            decode = RawDecoder(tuple(wanted), args.resolution, str(cache.root), vae_identity(sd.vae))
+            scaling = sd.vae.config.scaling_factor
         feed = open_feed(paths, layout, rank, states, leftovers.get(rank, []), args.seed, decode,
                          background=args.workers > 0)
-        shards = StreamedShards(feed, paths, decode, sd, cache, device)
+        shards = StreamedShards(feed, paths, decode, sd, cache, device, scaling)
         for condition in wanted:
             data[condition] = shards.condition(condition)
     if not data:
         raise UsageError("no training data: give condition folders (COND=DIR) or --shards")
     return dict(sorted(data.items())), feed
+
+
+def needs_vae(args) -> bool:
+    """Whether a run encodes images (folders, raw shards); latent shards alone do not."""
+    from engine.training.latent_shards import shards_manifest
+    from engine.training.launcher import shard_files
+
+    return bool(args.data) or not (args.shards and shards_manifest(shard_files(args.shards)))
+
+
+def check_latent_shards(manifest: dict, args) -> None:
+    """Latent shards are used at their size and with the VAE they were encoded with."""
+    from engine.training.latent_shards import vae_files_digest
+
+    if manifest["resolution"] != args.resolution:
+        raise UsageError(f"the latent shards were encoded at {manifest['resolution']} px, not --resolution "
+                         f"{args.resolution}; train at their size, or encode them again")
+    if manifest["vae"] != vae_files_digest(args.sd):
+        raise UsageError(f"the latent shards were encoded with another VAE than {args.sd}'s; train with the SD "
+                         f"they were encoded with (--sd), or encode them again")

@@ -189,7 +189,9 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     from engine.runtime import resolve_precision
 
     precision = resolve_precision(args.precision, device, training=True)
-    sd = load_sd(args.sd, device=device)
+    from engine.training.shards import needs_vae
+
+    sd = load_sd(args.sd, device=device, vae=needs_vae(args))  # latent shards alone: no VAE
     checkpoint_path = out / CHECKPOINT
     # check_run_folder made sure a resumed run has a checkpoint; its shard readers continue from it
     state = torch.load(checkpoint_path, map_location=device, weights_only=True) if args.resume else None
