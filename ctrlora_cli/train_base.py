@@ -38,6 +38,8 @@ def train_base(
     rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT every node can reach (usually node 0)."),
     rdzv_id: str = typer.Option(None, "--rdzv-id", help="Identifies this job at the rendezvous (default: ctrlora-OUT)."),
     rdzv_timeout: int = typer.Option(None, "--rdzv-timeout", help="Seconds to wait for all nodes to join."),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun restarts the workers this many times "
+                                     "after a failure, each time from the last checkpoint."),
     conditions: str = typer.Option(TRAIN.conditions, "--conditions", help=_help("conditions")),
     steps: TrainStepsOpt = TRAIN.steps,
     batch: int = typer.Option(TRAIN.batch, "--batch", help=_help("batch")),
@@ -83,7 +85,7 @@ def train_base(
     validate_name(out_name)
     init = init or ask("SD model or base to start from (store name)", "missing --init; pass --init NAME")
     topo = launcher.choose_topology(nodes, nproc_per_node, node_rank, rdzv_endpoint, rdzv_id, rdzv_timeout,
-                                    default_id=f"ctrlora-{out_name}")
+                                    default_id=f"ctrlora-{out_name}", max_restarts=max_restarts)
     sd_name, init_base = resolve_init(store, init, sd)
     # The store's one rule for names, before any work. The conditions of shards are known only
     # once they are read: without --conditions their adapters' names are claimed by
@@ -110,8 +112,10 @@ def train_base(
     if not resume:
         (run / launcher.RENDEZVOUS_MARKER).unlink(missing_ok=True)
     started = time.time()
-    code = _run_with_progress(launcher.worker_command(topo, settings), run / launcher.METRICS, steps,
-                              show=interactive() and not as_json, env=launcher.worker_env(topo.nproc_per_node))
+    code, stopped = _run_with_progress(launcher.worker_command(topo, settings), run / launcher.METRICS, steps,
+                                       show=interactive() and not as_json, env=launcher.worker_env(topo.nproc_per_node))
+    if stopped:
+        raise launcher.explain_stop(run)
     if code != 0:
         raise launcher.explain_failure(code, run, topo)
     if topo.node_rank != 0:
@@ -132,11 +136,18 @@ def _absolute_data(item: str) -> str:
     return f"{condition}={Path(folder).resolve()}" if sep else str(Path(item).resolve())
 
 
-def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool, env: dict[str, str]) -> int:
-    """Run torchrun; rank 0's metrics lines become progress events (total and per-rank throughput)."""
+def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool,
+                       env: dict[str, str]) -> tuple[int, bool]:
+    """Run torchrun; rank 0's metrics lines become progress events (total and per-rank throughput).
+    A SIGTERM (SLURM's pre-emption) reaches torchrun and its workers, which checkpoint and stop:
+    this process waits for them. Returns torchrun's exit status and whether SIGTERM came."""
+    import signal
+
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     process = subprocess.Popen(command, env=env)
     if not show:
-        return process.wait()
+        return process.wait(), bool(stopped)
     from ctrlora_cli.progress import describe_train_base, progress_bars
     from engine.progress import Progress
 
@@ -154,4 +165,4 @@ def _run_with_progress(command: list[str], metrics: Path, steps: int, show: bool
                     break  # a line being written
                 callback(Progress("train-base", record["step"], steps, record))
                 seen += 1
-    return process.returncode
+    return process.returncode, bool(stopped)

@@ -159,6 +159,7 @@ class RankFeed:
         self.states = {g: ReaderState.from_json(s.to_json()) for g, s in states.items()}
         self.layout, self.shards, self.seed = layout, shards, seed
         self.queues: dict[str, list[Tagged]] = {}
+        self.used: list[list[int]] = []  # [epoch, shard, position] of each sample taken (evidence)
         for tagged in leftovers:
             self.queues.setdefault(tagged.condition, []).append(tagged)
 
@@ -172,6 +173,7 @@ class RankFeed:
             self._advance(tagged)
             self.queues.setdefault(tagged.condition, []).append(tagged)
         taken, self.queues[condition] = queue[:n], queue[n:]
+        self.used += [[t.epoch, t.shard, t.position] for t in taken]
         return taken
 
     def _advance(self, tagged: Tagged) -> None:
@@ -258,7 +260,7 @@ def open_feed(paths: list, layout: Layout, rank: int, states: dict[int, ReaderSt
         from torch.utils.data import DataLoader
 
         samples = iter(DataLoader(readers, batch_size=None, num_workers=layout.workers, collate_fn=_identity,
-                                  prefetch_factor=4, persistent_workers=False))
+                                  prefetch_factor=4, persistent_workers=False, worker_init_fn=_ignore_sigterm))
     else:
         samples = iter(readers)
     return RankFeed(samples, mine, _read_items(paths, leftovers, decode, layout.reader(rank, 0)), layout,
@@ -267,6 +269,15 @@ def open_feed(paths: list, layout: Layout, rank: int, states: dict[int, ReaderSt
 
 def _identity(x):
     return x
+
+
+def _ignore_sigterm(worker: int) -> None:
+    """A SIGTERM to the whole job (SLURM's pre-emption) must not end the readers before the
+    training process has written its checkpoint (torch would fail it on a reader's death); they
+    end with it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _read_items(paths: list, items: list[list[int]], decode: Callable, reader: int) -> list[Tagged]:

@@ -134,13 +134,33 @@ def main(argv=None) -> None:
     _end_with_torchrun()
     args = read_worker_args(argv, description=__doc__.split("\n\n")[0])
     out = Path(args.out)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted:  # torchrun --max-restarts started us again: continue from the last checkpoint, if any
+        from dataclasses import replace
+
+        args = replace(args, resume=(out / CHECKPOINT).is_file())
+    signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
     try:
         # The command checked this already; a worker started by hand (--print-command) checks it too.
-        launcher.check_run_folder(out, args, int(os.environ.get("WORLD_SIZE", "1")))
+        launcher.check_run_folder(out, args, int(os.environ.get("WORLD_SIZE", "1")), force=restarted)
         _run(args, out)
     except UsageError as exc:  # one line, exit 2, as the command's own refusals
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if _STOP.is_set():
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+# SIGTERM (SLURM's pre-emption, torchrun's shutdown): the ranks agree at the end of the step,
+# write a checkpoint at that step and stop; the run continues with --resume.
+_STOP = threading.Event()
+
+
+def _agreed_stop(world: int, device) -> bool:
+    flag = torch.tensor([1.0 if _STOP.is_set() else 0.0], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _end_with_torchrun() -> None:
@@ -213,6 +233,7 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     elif rank == 0:
         write_json(out / RUN_JSON, {"identity": identity, "conditions": conditions, "world_size": world,
                                     "settings": asdict(args)}, sort_keys=False)
+        truncate_metrics(out / METRICS, 0)  # a restart (torchrun --max-restarts) before the first checkpoint
 
     from engine.models.controlnet import BaseControlNetModel
 
@@ -311,16 +332,22 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, checkpoint_path, rank, world,
                         eval_start)
-        while args.pause_after and step == args.pause_after:  # tests: killed here, as by a lost machine
-            time.sleep(1)
+        while args.pause_after and step == args.pause_after and not _STOP.is_set():  # tests: killed here
+            time.sleep(0.1)
+        if _agreed_stop(world, device):
+            if rank == 0:
+                print(f"SIGTERM: checkpoint at step {step} in {out}; continue with --resume", file=sys.stderr)
+            break
     _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, checkpoint_path, rank, world,
                         eval_start)
 
-    # Evidence for tests and logs: each rank's schedule and weights.
+    # Evidence for tests and logs: each rank's schedule and weights (and the shard samples it used).
     (out / RANKS).mkdir(exist_ok=True)
     write_json(out / RANKS / f"rank{rank}.json", {"drawn": drawn, "weights": weights_digest(controlnet),
                                                   "start_step": step - len(drawn) // args.grad_accum,
-                                                  "world_size": world, "threads": torch.get_num_threads()})
+                                                  "world_size": world, "threads": torch.get_num_threads(),
+                                                  "vae_loaded": sd.vae is not None,
+                                                  **({"used": feed.used} if feed is not None else {})})
     if step >= args.steps:
         eval_end = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
         if rank == 0:
