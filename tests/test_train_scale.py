@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
+from engine.errors import SettingError, UsageError
 from engine.training.launcher import Topology, torchrun_args
 from test_train_base import make_pairs
 
@@ -65,6 +66,8 @@ def test_latent_shards_on_two_processes_stop_on_sigterm_and_resume_on_one(tiny_s
     assert summary["encoded"] == 2 and "conditions" not in summary  # the manifest waits for every shard
     summary = encode_shards(inputs, latent, sd, 64, resolve_device("cpu"), batch=3)
     assert (summary["encoded"], summary["skipped"], summary["conditions"]) == (2, 2, {"edges": 4, "mask": 4})
+    with pytest.raises(UsageError, match="shard-0.tar was encoded at 64 px with another VAE or size"):
+        encode_shards(inputs, latent, sd, 32, resolve_device("cpu"))  # never replaced by another recipe
     _, sample = next(read_shard(latent / "shard-0.tar"))
     tensors = load(sample["latents.safetensors"])
     assert tensors["target"].dtype == torch.float16 and tensors["target"].shape == (8, 8, 8)
@@ -96,6 +99,25 @@ def test_latent_shards_on_two_processes_stop_on_sigterm_and_resume_on_one(tiny_s
     assert len(used) == 12 and len(set(used)) == 12  # 6 steps x total batch 2; no sample twice in an epoch
     assert sorted((s, p) for e, s, p in used if e == 0) == [(s, p) for s in range(4) for p in range(2)]
     assert sum(e == 1 for e, _, _ in used) == 4
+
+
+def test_refusals_before_any_work(tiny_store, tmp_path):
+    from engine.training.settings import TrainBaseSettings
+
+    for name, value in (("workers", -1), ("timeout", 0)):
+        with pytest.raises(SettingError, match="must be at least"):
+            TrainBaseSettings(sd="/sd", out="/run", **{name: value}).checked()
+    with pytest.raises(SettingError, match="must be at least 0"):
+        Topology(max_restarts=-1).check()
+    raw = raw_shards(tmp_path)
+    for args, message in ((("--part", "3/2"), "error: --part: expects I/N with 1 <= I <= N, e.g. 2/8, not '3/2'"),
+                          ((), "error: missing --sd; pass --sd NAME (the SD model train-base will use)")):
+        result = run_cli("encode-shards", str(raw), str(tmp_path / "out"), *args, *(("--sd", "tiny") if args else ()))
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [message], result.stderr
+    assert not (tmp_path / "out").exists()
+    # Raw shards are streamed, never indexed: their conditions are named up front.
+    result = run_cli("train-base", "--shards", str(raw / "*.tar"), "--out", "x", "--init", "tiny", "--print-command")
+    assert result.returncode == 2 and "--conditions: shards are streamed, not indexed" in result.stderr
 
 
 def test_max_restarts_reach_torchrun():

@@ -135,7 +135,6 @@ def _encode_one(path: Path, out: Path, sd, resolution: int, batch: int, recipe: 
     from webdataset import TarWriter
 
     from engine.files import atomic_path, write_json
-    from engine.training.shards import raw_fields, vae_input
     from engine.training.stream import read_shard
 
     counts: dict[str, int] = {}
@@ -145,15 +144,15 @@ def _encode_one(path: Path, out: Path, sd, resolution: int, batch: int, recipe: 
         for _, sample in read_shard(path):
             chunk.append(sample)
             if len(chunk) == batch:
-                _write_chunk(chunk, writer, sd, resolution, pool, counts, raw_fields, vae_input)
+                _write_chunk(chunk, writer, sd, resolution, pool, counts)
                 chunk = []
         if chunk:
-            _write_chunk(chunk, writer, sd, resolution, pool, counts, raw_fields, vae_input)
+            _write_chunk(chunk, writer, sd, resolution, pool, counts)
         writer.close()
     write_json(out / f"{path.name}.json", {**recipe, "conditions": counts})
 
 
-def _write_chunk(chunk, writer, sd, resolution, pool, counts, raw_fields, vae_input) -> None:
+def _write_chunk(chunk, writer, sd, resolution, pool, counts) -> None:
     import torch
     from safetensors.torch import save
 

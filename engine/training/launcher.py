@@ -163,9 +163,9 @@ def shard_files(patterns) -> list[Path]:
 def check_data(settings: TrainBaseSettings) -> tuple[list[str], bool]:
     """Refuse data that cannot be read (a folder missing or not a folder, a shard glob that
     matches nothing, ``--conditions`` naming a condition no folder has while there are no
-    shards). Returns the conditions known before reading any shard, and whether they are all of
-    the run's: shards name their conditions inside, so without ``--conditions`` theirs are known
-    only once the worker has indexed them."""
+    shards, raw shards without ``--conditions``: they are streamed, never indexed). Returns the
+    run's conditions, and True (they are all known before any shard is read: from
+    ``--conditions``, the folders or the latent shards' manifest)."""
     if not settings.data and not settings.shards:
         raise UsageError("no training data: give condition folders (COND=DIR) and/or --shards GLOB")
     folders = settings.folders()

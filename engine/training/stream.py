@@ -117,6 +117,40 @@ def sample_meta(sample: dict) -> dict:
     return json.loads(raw) if raw else {}
 
 
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+def _first(sample: dict, names) -> bytes | None:
+    return next((sample[n] for n in names if n in sample), None)
+
+
+def raw_fields(sample: dict) -> tuple[str, str, bytes, bytes]:
+    """A raw shard sample's (condition, prompt, target image bytes, condition image bytes)."""
+    meta = sample_meta(sample)
+    condition = meta.get("condition")
+    target = _first(sample, (*IMAGE_EXTS, *(f"target.{e}" for e in IMAGE_EXTS)))
+    cond = _first(sample, [f"{role}.{e}" for e in IMAGE_EXTS for role in ("cond", "source")])
+    if target is None or cond is None or not condition:
+        raise UsageError(f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r} lacks a target image, a "
+                         f".cond image or a .json with \"condition\"")
+    prompt = (sample.get("txt") or b"").decode("utf-8", "replace").strip() or meta.get("prompt", "")
+    return condition, prompt, target, cond
+
+
+def vae_input(data: bytes, role: str, resolution: int):
+    """An image as the VAE is fed it: short side resized, centre crop; a target in SD's [-1, 1],
+    a condition in [0, 1] (as ``engine.training.pairs.encode_pairs``)."""
+    import io
+
+    from PIL import Image
+
+    from engine.images import image_to_tensor, resize_center_crop
+
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = image_to_tensor(resize_center_crop(image.convert("RGB"), resolution))
+    return pixels * 2 - 1 if role == "target" else pixels
+
+
 def iterate_reader(state: ReaderState, reader: int, readers: int, paths: list, seed: int,
                    decode: Callable[[dict], tuple[str, object] | None]) -> Iterator[Tagged]:
     """A reader's samples, forever (epoch after epoch); ``decode`` turns a raw sample into

@@ -15,11 +15,17 @@ another, so DDP is told to ignore adapter parameters, and the adapters used in a
 are all-reduced explicitly once per step, in the schedule's order (identical on every rank). No
 unused-parameter search, and idle adapters keep ``grad=None`` so AdamW leaves them untouched.
 
-Randomness is a pure function of (seed, micro-step, rank), and data positions are counters per
-condition, so a checkpoint holds everything needed to continue exactly, bit for bit. With another
-number of processes (the same total batch) the schedule and the samples of each step are the same
-(positions are counted globally; each rank takes its own slice), but not the noise, which is
-drawn per rank.
+Randomness is a pure function of (seed, micro-step, rank), and a folder's data positions are
+counters per condition, so a checkpoint holds everything needed to continue exactly, bit for bit.
+With another number of processes (the same total batch) the schedule and the samples of each step
+are the same (positions are counted globally; each rank takes its own slice), but not the noise,
+which is drawn per rank. Shards are streamed by each rank's readers (``engine.training.stream``);
+the checkpoint holds where every reader stands, so each sample is used once per epoch across
+resumes, with any number of processes and readers.
+
+SIGTERM (SLURM's pre-emption; torchrun forwards its own): the ranks agree at the end of the step,
+checkpoint there and stop (exit 143). Restarted by torchrun (``--max-restarts``), a worker
+continues from the checkpoint.
 
 Rank 0 writes checkpoints and the result atomically; ``<run>/metrics.jsonl`` carries progress for
 the CLI to render. A run keeps its folder: a new run refuses a folder that holds one, and
