@@ -114,7 +114,7 @@ def train_base(
     started = time.time()
     code, stopped = _run_with_progress(launcher.worker_command(topo, settings), run / launcher.METRICS, steps,
                                        show=interactive() and not as_json, env=launcher.worker_env(topo.nproc_per_node))
-    if stopped:
+    if stopped and code != 0:  # a run that finished as the signal came is stored as usual
         raise launcher.explain_stop(run)
     if code != 0:
         raise launcher.explain_failure(code, run, topo)

@@ -149,11 +149,11 @@ def main(argv=None) -> None:
     try:
         # The command checked this already; a worker started by hand (--print-command) checks it too.
         launcher.check_run_folder(out, args, int(os.environ.get("WORLD_SIZE", "1")), force=restarted)
-        _run(args, out)
+        finished = _run(args, out)
     except UsageError as exc:  # one line, exit 2, as the command's own refusals
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if _STOP.is_set():
+    if _STOP.is_set() and not finished:
         raise SystemExit(128 + signal.SIGTERM)
 
 
@@ -186,7 +186,7 @@ def _end_with_torchrun() -> None:
     threading.Thread(target=watch, name="end-with-torchrun", daemon=True).start()
 
 
-def _run(args: TrainBaseSettings, out: Path) -> None:
+def _run(args: TrainBaseSettings, out: Path) -> bool:
     cuda = torch.cuda.is_available()
     from datetime import timedelta
 
@@ -200,12 +200,13 @@ def _run(args: TrainBaseSettings, out: Path) -> None:
     if rank == 0:
         write_json(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
     try:
-        _train(args, out, rank, world, device)
+        return _train(args, out, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> None:
+def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> bool:
+    """Train to ``args.steps`` (True), or until stopped (``--stop-after``, SIGTERM: False)."""
     from engine.models import adapters
     from engine.models.state import weights_digest
     from engine.models.storage import load_base, load_sd, save_base
@@ -359,6 +360,7 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
         if rank == 0:
             _write_result(controlnet, conditions, args, out, save_base, eval_start, eval_end)
     dist.barrier()
+    return step >= args.steps
 
 
 def _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, path: Path, rank: int, world: int,
