@@ -158,6 +158,7 @@ def _write_chunk(chunk, writer, sd, resolution, pool, counts) -> None:
 
     from engine.models.encoders import tokenize
     from engine.training.pairs import posterior_moments
+    from engine.training.stream import raw_fields, vae_input
 
     fields = [raw_fields(s) for s in chunk]
     moments = {}
