@@ -3,6 +3,12 @@ processes. CPU: the tiny preset (gloo); GPU: pass --preset sd15 on a machine wit
 Prints JSON.
 
     python bench/train_base.py [--steps 12] [--preset tiny] [--resolution 64]
+
+``--shards``: instead, training from raw shards against latent shards (``encode-shards``), one
+process with the same threads, and the data path alone (the model replaced by a no-op: only the
+shard readers and the feed) with 1, 2 and 4 background readers:
+
+    python bench/train_base.py --shards [--steps 12] [--preset tiny] [--resolution 64]
 """
 
 from __future__ import annotations
@@ -46,13 +52,100 @@ def run(nproc: int, args, sd: str, data: list[str], out: Path) -> dict:
             "samples_per_s_per_process": per_process, "samples_per_s": per_process * nproc}
 
 
+def make_shards(specs: list[str], folder: Path, shards: int = 16, copies: int = 4) -> list[Path]:
+    """Raw tar shards of the folders' pairs (each pair ``copies`` times), dealt over ``shards`` files."""
+    import io
+    import tarfile
+
+    from engine.training.pairs import scan_folder
+
+    samples = [(c, p) for spec in specs for c, f in [spec.split("=", 1)] for p in scan_folder(f).pairs] * copies
+    folder.mkdir(parents=True)
+    paths = [folder / f"shard-{s:04d}.tar" for s in range(shards)]
+    tars = [tarfile.open(p, "w") for p in paths]
+    for i, (condition, pair) in enumerate(samples):
+        tar = tars[i % shards]
+        for name, data in ((f"{i:06d}.png", pair.target.read_bytes()), (f"{i:06d}.cond.png", pair.source.read_bytes()),
+                           (f"{i:06d}.json", json.dumps({"condition": condition, "prompt": pair.prompt}).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    for tar in tars:
+        tar.close()
+    return paths
+
+
+def run_shards(glob: str, args, sd: str, out: Path, workers: int, conditions: str | None) -> dict:
+    """One process trained from shards (raw: the VAE encodes in the step; latent: no VAE)."""
+    from engine.training.launcher import METRICS, Topology, worker_command, worker_env
+    from engine.training.settings import TrainBaseSettings
+
+    env = worker_env(1, dict(os.environ, PYTHONPATH=str(REPO)))
+    settings = TrainBaseSettings(sd=sd, out=str(out), shards=(glob,), conditions=conditions, steps=args.steps,
+                                 rank=args.rank, resolution=args.resolution, workers=workers,
+                                 cache=str(out / "cache")).checked()
+    subprocess.run(worker_command(Topology(), settings), check=True, env=env, capture_output=True)
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    steady = records[2:] or records
+    return {"threads_per_process": int(env["OMP_NUM_THREADS"]), "workers": workers,
+            "samples_per_s": sum(r["samples_per_s"] for r in steady) / len(steady)}
+
+
+def data_path(paths: list[Path], decode, workers: int, samples: int, conditions: list[str]) -> dict:
+    """The shard readers and the feed alone: samples/s taken, one condition per micro-batch."""
+    import time
+
+    from engine.training.stream import Layout, fresh_states, open_feed
+
+    layout = Layout(1, workers)
+    feed = open_feed(paths, layout, 0, *fresh_states(layout), seed=0, decode=decode, background=True)
+    feed.take(conditions[0], 4)  # the readers start (fork) before the clock
+    start, taken = time.perf_counter(), 0
+    while taken < samples:
+        taken += len(feed.take(conditions[taken // 4 % len(conditions)], 4))
+    return {"workers": workers, "samples_per_s": taken / (time.perf_counter() - start)}
+
+
+def shards_bench(args) -> None:
+    from engine.models.storage import make_random_model
+    from engine.runtime import resolve_device
+    from engine.training.latent_shards import LatentDecoder, encode_shards
+    from engine.training.shards import RawDecoder
+
+    conditions = ["edges", "mask"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_random_model(args.preset, tmp / "sd", tmp / "base")
+        paths = make_shards(make_data(tmp / "data", size=args.resolution, count=16), tmp / "raw")
+        encode_shards(paths, tmp / "latent", tmp / "sd", args.resolution, resolve_device("auto"))
+        latent_paths = sorted((tmp / "latent").glob("*.tar"))
+        raw = run_shards(str(tmp / "raw" / "*.tar"), args, str(tmp / "sd"), tmp / "run-raw", 2, ",".join(conditions))
+        latent = run_shards(str(tmp / "latent" / "*.tar"), args, str(tmp / "sd"), tmp / "run-latent", 2, None)
+        raw_decode = RawDecoder(tuple(conditions), args.resolution, str(tmp / "no-cache"), "none")
+        readers = {"raw": [data_path(paths, raw_decode, w, args.data_samples, conditions) for w in (1, 2, 4)],
+                   "latent": [data_path(latent_paths, LatentDecoder(tuple(conditions)), w, args.data_samples,
+                                        conditions) for w in (1, 2, 4)]}
+    import torch
+
+    print(json.dumps({"bench": "train_base --shards", "preset": args.preset, "resolution": args.resolution,
+                      "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
+                      "train_raw_shards": raw, "train_latent_shards": latent,
+                      "latent_over_raw": latent["samples_per_s"] / raw["samples_per_s"],
+                      "data_path_only": readers}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--shards", action="store_true", help="raw against latent shards, and the data path alone")
+    parser.add_argument("--data-samples", type=int, default=2000, help="--shards: samples the data path draws")
     args = parser.parse_args()
+    if args.shards:
+        shards_bench(args)
+        return
     from engine.models.storage import make_random_model
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,8 @@ app = typer.Typer(
 )
 
 # Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.
-COMMAND_MODULES: tuple[str, ...] = ("pull", "list", "show", "rm", "verify", "export", "gen", "fit", "train_base", "evaluate", "prep", "world",
+COMMAND_MODULES: tuple[str, ...] = ("pull", "list", "show", "rm", "verify", "export", "gen", "fit", "train_base",
+                                    "encode_shards", "evaluate", "prep", "world",
                                     "env")
 
 

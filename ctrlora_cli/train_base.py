@@ -43,6 +43,8 @@ def train_base(
     rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT every node can reach (usually node 0)."),
     rdzv_id: str = typer.Option(None, "--rdzv-id", help="Identifies this job at the rendezvous (default: ctrlora-OUT)."),
     rdzv_timeout: int = typer.Option(None, "--rdzv-timeout", help="Seconds to wait for all nodes to join."),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun restarts the workers this many times "
+                                     "after a failure, each time from the last checkpoint."),
     conditions: str = typer.Option(TRAIN.conditions, "--conditions", help=_help("conditions")),
     steps: TrainStepsOpt = TRAIN.steps,
     batch: int = typer.Option(TRAIN.batch, "--batch", help=_help("batch")),
@@ -53,6 +55,8 @@ def train_base(
     grad_checkpointing: bool = typer.Option(TRAIN.grad_checkpointing, "--grad-checkpointing",
                                             help=_help("grad_checkpointing")),
     save_every: int = typer.Option(TRAIN.save_every, "--save-every", help=_help("save_every")),
+    workers: int = typer.Option(TRAIN.workers, "--workers", help=_help("workers")),
+    timeout: int = typer.Option(TRAIN.timeout, "--timeout", help=_help("timeout")),
     resume: bool = typer.Option(TRAIN.resume, "--resume", help="Continue the run in --run-dir from its checkpoint "
                                 "(with the settings and data it began with; --steps may grow)."),
     force: bool = typer.Option(False, "--force", help="Replace store entries OUT and OUT-COND, and start over in a "
@@ -77,7 +81,8 @@ def train_base(
     # elsewhere, other nodes or another folder: every path absolute).
     settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                                  rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
-                                 save_every=save_every, resume=resume, resolution=resolution, seed=seed,
+                                 save_every=save_every, resume=resume, workers=workers, timeout=timeout,
+                                 resolution=resolution, seed=seed,
                                  data=tuple(_absolute_data(item) for item in data or []),
                                  shards=tuple(str(Path(pattern).expanduser().absolute()) for pattern in shards)
                                  ).checked()
@@ -89,7 +94,7 @@ def train_base(
     init = init or ask("SD model or base to start from (store name)", "missing --init; pass --init NAME",
                        batch=as_json)
     topo = launcher.choose_topology(nodes, nproc_per_node, node_rank, rdzv_endpoint, rdzv_id, rdzv_timeout,
-                                    default_id=f"ctrlora-{out_name}")
+                                    default_id=f"ctrlora-{out_name}", max_restarts=max_restarts)
     sd_name, init_base = resolve_init(store, init, sd)
     # The store's one rule for names, before any work. The conditions of shards are known only
     # once they are read: without --conditions their adapters' names are claimed by
@@ -120,8 +125,11 @@ def train_base(
     if not resume:
         (run / launcher.RENDEZVOUS_MARKER).unlink(missing_ok=True)
     started = time.time()
-    code = _run_with_progress(launcher.worker_command(topo, settings), run, settings, show=interactive() and not as_json,
-                              env=launcher.worker_env(topo.nproc_per_node), log_to=log_to and topo.node_rank == 0)
+    code, stopped = _run_with_progress(launcher.worker_command(topo, settings), run, settings,
+                                       show=interactive() and not as_json, env=launcher.worker_env(topo.nproc_per_node),
+                                       log_to=log_to and topo.node_rank == 0)
+    if stopped and code != 0:  # a run that finished as the signal came is stored as usual
+        raise launcher.explain_stop(run)
     if code != 0:
         raise launcher.explain_failure(code, run, topo)
     if topo.node_rank != 0:
@@ -144,16 +152,22 @@ def _absolute_data(item: str) -> str:
 
 
 def _run_with_progress(command: list[str], run: Path, settings: TrainBaseSettings, show: bool, env: dict[str, str],
-                       log_to: bool) -> int:
+                       log_to: bool) -> tuple[int, bool]:
     """Run torchrun; rank 0's metrics lines become progress events (with it/s; bars at a terminal,
     plain lines in logs) and, with ``log_to``, TensorBoard scalars written here (see
-    ``ctrlora_cli.tensorboard_log``)."""
+    ``ctrlora_cli.tensorboard_log``). A SIGTERM (SLURM's pre-emption) reaches torchrun and its
+    workers, which checkpoint and stop: this process waits for them. Returns torchrun's exit
+    status and whether SIGTERM came."""
+    import signal
+
     from ctrlora_cli.progress import describe_train_base, progress_bars
     from ctrlora_cli.tensorboard_log import TensorBoardLog
     from engine.progress import Progress
     from engine.training.launcher import METRICS
     from engine.training.metrics import MetricsTail
 
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     tail, board = MetricsTail(run / METRICS), TensorBoardLog(run) if log_to else None
     process = subprocess.Popen(command, env=env)
     try:
@@ -168,7 +182,7 @@ def _run_with_progress(command: list[str], run: Path, settings: TrainBaseSetting
                     if board:
                         board.train_base_record(record)
                 if not running:
-                    return process.returncode
+                    return process.returncode, bool(stopped)
                 time.sleep(0.5)
     finally:
         if board:

@@ -426,8 +426,11 @@ def test_resume_on_another_number_of_processes(runs):
     assert summary["eval_loss_end"] < summary["eval_loss_start"] - 1e-3
 
 
-def test_shards_are_indexed_by_condition(tmp_path):
-    from engine.training.shards import index_shards
+def test_raw_shard_samples_are_decoded_in_the_readers(tmp_path):
+    """A raw shard's samples, streamed: the images decoded at the training size, the prompt and
+    the condition read; a condition the run does not train is passed over."""
+    from engine.training.shards import RawDecoder
+    from engine.training.stream import read_shard
 
     folder = make_pairs(tmp_path / "edges", count=3)
     shard = tmp_path / "shard-000.tar"
@@ -439,9 +442,12 @@ def test_shards_are_indexed_by_condition(tmp_path):
                 path = tmp_path / f"{i}.{suffix}"
                 path.write_text(text)
                 tar.add(path, arcname=f"{i:06d}.{suffix}")
-    index = index_shards([str(tmp_path / "shard-*.tar")])
-    assert {c: len(v) for c, v in index.items()} == {"edges": 2, "seg": 1}
-    sample = index["edges"][1]
-    assert sample.prompt == "a red circle"
-    assert sample.target.read() == (folder / "target" / "1.png").read_bytes()
-    assert sample.cond.read() == (folder / "source" / "1.png").read_bytes()
+    decode = RawDecoder(("edges",), 32, str(tmp_path / "cache"), "vae")
+    decoded = [decode(sample) for _, sample in read_shard(shard)]
+    assert [d and d[0] for d in decoded] == ["edges", "edges", None]
+    assert [position for position, _ in read_shard(shard, first=1)] == [1, 2]
+    payload = decoded[1][1]
+    assert payload["prompt"] == "a red circle"
+    kind, _, pixels = payload["target"]
+    assert kind == "pixels" and pixels.shape == (3, 32, 32) and pixels.min() < 0  # SD's [-1, 1]
+    assert payload["condition"][2].min() >= 0  # conditions in [0, 1]

@@ -15,8 +15,9 @@ SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def load_sd(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            variant: str | None = None) -> SDComponents:
-    """SD components from a diffusers-layout folder (the subfolders of ``SD_SUBFOLDERS``)."""
+            variant: str | None = None, vae: bool = True) -> SDComponents:
+    """SD components from a diffusers-layout folder (the subfolders of ``SD_SUBFOLDERS``);
+    ``vae=False``: all but the VAE (None), for training from latents."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -25,11 +26,11 @@ def load_sd(folder: str | Path, device: str | torch.device = "cpu", dtype: torch
     if variant:
         kw["variant"] = variant
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw) if vae else None
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-    for module in (unet, vae, text_encoder):
+    for module in (m for m in (unet, vae, text_encoder) if m is not None):
         module.to(device).eval().requires_grad_(False)
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler)
 

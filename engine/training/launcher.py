@@ -19,7 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from engine.checks import at_least
@@ -49,10 +49,12 @@ class Topology:
     rdzv_endpoint: str | None = None  # HOST:PORT; None on one node means --standalone
     rdzv_id: str = "ctrlora"
     rdzv_timeout: int | None = None  # seconds to wait for every node to join
+    max_restarts: int = 0  # torchrun restarts every worker this many times after a failure (from the checkpoint)
 
     def check(self) -> "Topology":
         at_least("nodes", self.nodes, 1)
         at_least("nproc_per_node", self.nproc_per_node, 1)
+        at_least("max_restarts", self.max_restarts, 0)
         if not 0 <= self.node_rank < self.nodes:
             raise SettingError("node_rank", f"{self.node_rank} is outside 0..{self.nodes - 1}")
         if self.nodes > 1 and not self.rdzv_endpoint:
@@ -77,6 +79,8 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 def torchrun_args(topo: Topology) -> list[str]:
     """torchrun's own options for one node."""
     args = ["--nnodes", str(topo.nodes), "--nproc-per-node", str(topo.nproc_per_node)]
+    if topo.max_restarts:
+        args += ["--max-restarts", str(topo.max_restarts)]
     if topo.nodes == 1 and not topo.rdzv_endpoint:
         return ["--standalone", *args]
     args += ["--node-rank", str(topo.node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", topo.rdzv_endpoint,
@@ -113,7 +117,7 @@ def all_node_commands(topo: Topology, settings: TrainBaseSettings, python: str =
     """One shell line per node (``--print-command``), node ranks 0..N-1."""
     lines = []
     for rank in range(topo.nodes):
-        node = Topology(topo.nodes, topo.nproc_per_node, rank, topo.rdzv_endpoint, topo.rdzv_id, topo.rdzv_timeout)
+        node = replace(topo, node_rank=rank)
         lines.append(shlex.join(worker_command(node, settings, python=python)))
     return lines
 
@@ -129,6 +133,19 @@ def explain_failure(code: int, run: Path, topo: Topology) -> CtrloraError:
             f"{topo.nodes} nodes were started with the same --rdzv-id, and rerun with NCCL_DEBUG=INFO for details")
     return CtrloraError(f"training failed (torchrun exit {code}); the workers' messages are above; the run folder "
                         f"is {run} (continue with --resume)")
+
+
+def explain_stop(run: Path) -> CtrloraError:
+    """The run stopped on SIGTERM (pre-emption): where it stands and how to go on (exit 143)."""
+    import torch
+
+    checkpoint = Path(run) / CHECKPOINT
+    where = (f"its checkpoint is at step {torch.load(checkpoint, weights_only=True, mmap=True)['step']}"
+             if checkpoint.is_file() else "it stopped before its first checkpoint")
+    error = CtrloraError(f"stopped by SIGTERM (pre-emption): {where}; run the same command with --resume to "
+                         f"continue (run folder {run})")
+    error.exit_code = 143
+    return error
 
 
 # -- the data and the run folder, checked before any work -------------------------------------
@@ -147,9 +164,9 @@ def shard_files(patterns) -> list[Path]:
 def check_data(settings: TrainBaseSettings) -> tuple[list[str], bool]:
     """Refuse data that cannot be read (a folder missing or not a folder, a shard glob that
     matches nothing, ``--conditions`` naming a condition no folder has while there are no
-    shards). Returns the conditions known before reading any shard, and whether they are all of
-    the run's: shards name their conditions inside, so without ``--conditions`` theirs are known
-    only once the worker has indexed them."""
+    shards, raw shards without ``--conditions``: they are streamed, never indexed). Returns the
+    run's conditions, and True (they are all known before any shard is read: from
+    ``--conditions``, the folders or the latent shards' manifest)."""
     if not settings.data and not settings.shards:
         raise UsageError("no training data: give condition folders (COND=DIR) and/or --shards GLOB")
     folders = settings.folders()
@@ -160,6 +177,14 @@ def check_data(settings: TrainBaseSettings) -> tuple[list[str], bool]:
             raise UsageError(f"data folder {folder} is not a folder")
     shard_files(settings.shards)
     wanted = settings.wanted_conditions()
+    if settings.shards and not wanted:
+        from engine.training.latent_shards import shards_manifest
+
+        latent = shards_manifest(shard_files(settings.shards))
+        if latent:  # encode-shards counted their conditions
+            return sorted(set(latent["conditions"]) | set(folders)), True
+        raise SettingError("conditions", "shards are streamed, not indexed: name the conditions to train from them "
+                                         "(comma-separated, e.g. --conditions canny,depth)")
     if wanted and not settings.shards:
         unknown = sorted(set(wanted) - set(folders))
         if unknown:
@@ -283,7 +308,7 @@ def read_worker_args(argv: list[str] | None = None, description: str | None = No
 
 def choose_topology(nodes: int | None, nproc_per_node: int | None, node_rank: int | None, rdzv_endpoint: str | None,
                     rdzv_id: str | None, rdzv_timeout: int | None, default_id: str,
-                    env: dict[str, str] | None = None) -> Topology:
+                    env: dict[str, str] | None = None, max_restarts: int = 0) -> Topology:
     """Each part as the user gave it (None: not given), else SLURM's, else one process on one
     node (rendezvous id ``default_id``); checked."""
     slurm = topology_from_slurm(env)
@@ -294,6 +319,7 @@ def choose_topology(nodes: int | None, nproc_per_node: int | None, node_rank: in
         rdzv_endpoint=rdzv_endpoint or (slurm.rdzv_endpoint if slurm else None),
         rdzv_id=rdzv_id or (slurm.rdzv_id if slurm else default_id),
         rdzv_timeout=rdzv_timeout,
+        max_restarts=max_restarts,
     ).check()
 
 

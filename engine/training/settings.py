@@ -111,6 +111,10 @@ class TrainBaseSettings:
     resolution: int = field(default=512, metadata=_help("training size (short side resized, centre crop)"))
     drop_prompt: float = field(default=0.3, metadata=_help("probability of training on the empty prompt"))
     log_every: int = field(default=1, metadata=_help("write a metrics line every N steps"))
+    workers: int = field(default=2, metadata=_help("background shard readers per process (DataLoader workers; 0: "
+                                                   "read in the training process)"))
+    timeout: int = field(default=1800, metadata=_help("seconds a process waits for the others (e.g. while they "
+                                                      "encode their share of the folders) before the run ends"))
     stop_after: int = field(default=0, metadata=_help(None))  # tests: stop after N steps, as if preempted
     # tests: after N steps, wait to be killed (a machine lost mid-run, at a known step)
     pause_after: int = field(default=0, metadata=_help(None))
@@ -125,6 +129,8 @@ class TrainBaseSettings:
     def checked(self) -> "TrainBaseSettings":
         check_training(self)
         at_least("log_every", self.log_every, 1)
+        at_least("workers", self.workers, 0)
+        at_least("timeout", self.timeout, 1)
         at_least("stop_after", self.stop_after, 0)
         at_least("pause_after", self.pause_after, 0)
         return self

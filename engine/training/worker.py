@@ -15,11 +15,17 @@ another, so DDP is told to ignore adapter parameters, and the adapters used in a
 are all-reduced explicitly once per step, in the schedule's order (identical on every rank). No
 unused-parameter search, and idle adapters keep ``grad=None`` so AdamW leaves them untouched.
 
-Randomness is a pure function of (seed, micro-step, rank), and data positions are counters per
-condition, so a checkpoint holds everything needed to continue exactly, bit for bit. With another
-number of processes (the same total batch) the schedule and the samples of each step are the same
-(positions are counted globally; each rank takes its own slice), but not the noise, which is
-drawn per rank.
+Randomness is a pure function of (seed, micro-step, rank), and a folder's data positions are
+counters per condition, so a checkpoint holds everything needed to continue exactly, bit for bit.
+With another number of processes (the same total batch) the schedule and the samples of each step
+are the same (positions are counted globally; each rank takes its own slice), but not the noise,
+which is drawn per rank. Shards are streamed by each rank's readers (``engine.training.stream``);
+the checkpoint holds where every reader stands, so each sample is used once per epoch across
+resumes, with any number of processes and readers.
+
+SIGTERM (SLURM's pre-emption; torchrun forwards its own): the ranks agree at the end of the step,
+checkpoint there and stop (exit 143). Restarted by torchrun (``--max-restarts``), a worker
+continues from the checkpoint.
 
 Rank 0 writes checkpoints and the result atomically; ``<run>/metrics.jsonl`` carries progress for
 the CLI to render. A run keeps its folder: a new run refuses a folder that holds one, and
@@ -134,13 +140,33 @@ def main(argv=None) -> None:
     _end_with_torchrun()
     args = read_worker_args(argv, description=__doc__.split("\n\n")[0])
     out = Path(args.out)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted:  # torchrun --max-restarts started us again: continue from the last checkpoint, if any
+        from dataclasses import replace
+
+        args = replace(args, resume=(out / CHECKPOINT).is_file())
+    signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
     try:
         # The command checked this already; a worker started by hand (--print-command) checks it too.
-        launcher.check_run_folder(out, args, int(os.environ.get("WORLD_SIZE", "1")))
-        _run(args, out)
+        launcher.check_run_folder(out, args, int(os.environ.get("WORLD_SIZE", "1")), force=restarted)
+        finished = _run(args, out)
     except UsageError as exc:  # one line, exit 2, as the command's own refusals
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if _STOP.is_set() and not finished:
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+# SIGTERM (SLURM's pre-emption, torchrun's shutdown): the ranks agree at the end of the step,
+# write a checkpoint at that step and stop; the run continues with --resume.
+_STOP = threading.Event()
+
+
+def _agreed_stop(world: int, device) -> bool:
+    flag = torch.tensor([1.0 if _STOP.is_set() else 0.0], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _end_with_torchrun() -> None:
@@ -160,9 +186,11 @@ def _end_with_torchrun() -> None:
     threading.Thread(target=watch, name="end-with-torchrun", daemon=True).start()
 
 
-def _run(args: TrainBaseSettings, out: Path) -> None:
+def _run(args: TrainBaseSettings, out: Path) -> bool:
     cuda = torch.cuda.is_available()
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    from datetime import timedelta
+
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
@@ -172,12 +200,13 @@ def _run(args: TrainBaseSettings, out: Path) -> None:
     if rank == 0:
         write_json(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
     try:
-        _train(args, out, rank, world, device)
+        return _train(args, out, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> None:
+def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> bool:
+    """Train to ``args.steps`` (True), or until stopped (``--stop-after``, SIGTERM: False)."""
     from engine.models import adapters
     from engine.models.state import weights_digest
     from engine.models.storage import load_base, load_sd, save_base
@@ -187,8 +216,13 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     from engine.runtime import resolve_precision
 
     precision = resolve_precision(args.precision, device, training=True)
-    sd = load_sd(args.sd, device=device)
-    data = load_condition_data(args, sd, device, rank, world)
+    from engine.training.shards import needs_vae
+
+    sd = load_sd(args.sd, device=device, vae=needs_vae(args))  # latent shards alone: no VAE
+    checkpoint_path = out / CHECKPOINT
+    # check_run_folder made sure a resumed run has a checkpoint; its shard readers continue from it
+    state = torch.load(checkpoint_path, map_location=device, weights_only=True) if args.resume else None
+    data, feed = load_condition_data(args, sd, device, rank, world, state.get("stream") if state else None)
     conditions = list(data)
     wanted = args.wanted_conditions()
     if wanted:
@@ -197,8 +231,8 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
             raise UsageError(f"--conditions names {unknown} with no data (have: {conditions})")
         conditions = wanted
     # The run's identity, now with what only the data tells (its pairs) and the precision decided here.
-    identity = {**launcher.run_identity(args, world), "pairs per condition": {c: len(d) for c, d in data.items()},
-                "precision used": precision}
+    identity = {**launcher.run_identity(args, world), "precision used": precision,
+                "pairs per condition": {c: len(d) for c, d in data.items() if not d.streamed}}
     if args.resume:
         saved = launcher.saved_run(out)
         if saved is not None:
@@ -206,6 +240,7 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     elif rank == 0:
         write_json(out / RUN_JSON, {"identity": identity, "conditions": conditions, "world_size": world,
                                     "settings": asdict(args)}, sort_keys=False)
+        truncate_metrics(out / METRICS, 0)  # a restart (torchrun --max-restarts) before the first checkpoint
 
     from engine.models.controlnet import BaseControlNetModel
 
@@ -236,10 +271,8 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
 
     step, cursors, eval_start = 0, {c: 0 for c in conditions}, None
-    checkpoint_path = out / CHECKPOINT
     metrics = out / METRICS
-    if args.resume:  # check_run_folder made sure there is a checkpoint
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    if state is not None:
         if state["conditions"] != conditions:
             raise UsageError(f"cannot resume {out}: its checkpoint has the conditions {state['conditions']}, "
                              f"not {conditions}")
@@ -267,10 +300,13 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
             micro_step = step * args.grad_accum + micro
             condition = condition_at(micro_step, conditions, args.seed)
             source = data[condition]
-            indices = sample_indices(cursors[condition], rank, args.batch, len(source), args.seed, condition)
-            cursors[condition] += world * args.batch
             generator = step_generator(args.seed, micro_step, rank, device)
-            latents, cond, text = source.sample_batch(indices, generator, args.drop_prompt)
+            if source.streamed:
+                latents, cond, text = source.next_batch(args.batch, generator, args.drop_prompt)
+            else:
+                indices = sample_indices(cursors[condition], rank, args.batch, len(source), args.seed, condition)
+                cursors[condition] += world * args.batch
+                latents, cond, text = source.sample_batch(indices, generator, args.drop_prompt)
             sync = micro == args.grad_accum - 1
             with controlnet.routing.use(condition), autocast, (nullcontext() if sync else ddp.no_sync()):
                 loss = diffusion_loss(sd.unet, ddp, sd.scheduler, latents, cond, text, generator)
@@ -301,28 +337,45 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
                     f.write(json.dumps(record) + "\n")
             t0, samples_since = time.perf_counter(), 0
         if args.save_every and step % args.save_every == 0 and step < args.steps:
-            _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
-        while args.pause_after and step == args.pause_after:  # tests: killed here, as by a lost machine
-            time.sleep(1)
-    _checkpoint(controlnet, optimizer, step, cursors, conditions, args, checkpoint_path, rank, eval_start)
+            _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, checkpoint_path, rank, world,
+                        eval_start)
+        while args.pause_after and step == args.pause_after and not _STOP.is_set():  # tests: killed here
+            time.sleep(0.1)
+        if _agreed_stop(world, device):
+            if rank == 0:
+                print(f"SIGTERM: checkpoint at step {step} in {out}; continue with --resume", file=sys.stderr)
+            break
+    _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, checkpoint_path, rank, world,
+                        eval_start)
 
-    # Evidence for tests and logs: each rank's schedule and weights.
+    # Evidence for tests and logs: each rank's schedule and weights (and the shard samples it used).
     (out / RANKS).mkdir(exist_ok=True)
     write_json(out / RANKS / f"rank{rank}.json", {"drawn": drawn, "weights": weights_digest(controlnet),
                                                   "start_step": step - len(drawn) // args.grad_accum,
-                                                  "world_size": world, "threads": torch.get_num_threads()})
+                                                  "world_size": world, "threads": torch.get_num_threads(),
+                                                  "vae_loaded": sd.vae is not None,
+                                                  **({"used": feed.used} if feed is not None else {})})
     if step >= args.steps:
         eval_end = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
         if rank == 0:
             _write_result(controlnet, conditions, args, out, save_base, eval_start, eval_end)
     dist.barrier()
+    return step >= args.steps
 
 
-def _checkpoint(controlnet, optimizer, step, cursors, conditions, args, path: Path, rank: int, eval_start) -> None:
+def _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, path: Path, rank: int, world: int,
+                eval_start) -> None:
+    """Rank 0 writes the weights, the optimizer and every data position: the folders' cursors and
+    where each rank's shard readers stand (``engine.training.stream``)."""
+    stream = None
+    if feed is not None:
+        parts = [None] * world
+        dist.all_gather_object(parts, feed.state())
+        stream = {"layout": [world, feed.layout.workers], "ranks": parts}
     if rank == 0:
         _save_atomic({"model": controlnet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "cursors": cursors, "conditions": conditions, "seed": args.seed, "eval_start": eval_start},
-                     path)
+                      "cursors": cursors, "conditions": conditions, "seed": args.seed, "eval_start": eval_start,
+                      **({"stream": stream} if stream else {})}, path)
     dist.barrier()
 
 
@@ -333,10 +386,8 @@ def _eval_loss(sd, controlnet, data, conditions, args, device, autocast) -> floa
 
     total = 0.0
     for i, condition in enumerate(conditions):
-        source = data[condition]
-        indices = torch.arange(min(4, len(source)))
         generator = step_generator(args.seed, i, 0, device, stream=1)
-        latents, cond, text = source.sample_batch(indices, generator, 0.0)
+        latents, cond, text = data[condition].eval_batch(generator)
         with controlnet.routing.use(condition), autocast:
             total += diffusion_loss(sd.unet, controlnet, sd.scheduler, latents, cond, text, generator).item()
     return total / len(conditions)
