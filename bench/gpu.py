@@ -59,6 +59,9 @@ class Plan:
     check: str  # what the generation check compares with fp32: fp16 (bf16 in the dry run)
     conditions: tuple[int, ...]
     methods: tuple[str, ...]
+    bf16_methods: tuple[str, ...]
+    flops_methods: tuple[str, ...]  # counting FLOPs costs seconds per case on a CPU
+    warmup: int  # untimed steps before a generation case is timed
     fit_steps: int  # timed fit steps
     train_steps: int  # train-base steps
     check_steps: int  # fit steps of the correctness check
@@ -69,11 +72,15 @@ class Plan:
     @classmethod
     def make(cls, dry_run: bool, cache: str | None) -> "Plan":
         methods = ("ours", "reference", "diffusers")
-        if dry_run:  # every stage's code, at the least work: 2 conditions only, 1-3 steps
-            return cls(True, "cpu", "tiny", 64, 2, "fp32", "bf16", (2,), methods, 1, 2, 2, 8, 256,
-                       cache or os.path.join(tempfile.gettempdir(), "ctrlora-bench-tiny"))
-        return cls(False, "cuda", "sd15", 512, 20, "fp16", "fp16", (1, 2, 4), methods, 10, 12, 10, 128, 8192,
-                   cache or os.environ.get("CTRLORA_BENCH_CACHE", "/tmp/ctrlora-bench-sd15"))
+        if dry_run:  # every stage's code at the least work: the tiny preset, 2 conditions, 1-2 steps
+            return cls(dry_run=True, device="cpu", preset="tiny", size=64, steps=2, half="fp32", check="bf16",
+                       conditions=(2,), methods=methods, bf16_methods=("ours",), flops_methods=("ours",), warmup=1,
+                       fit_steps=1, train_steps=2, check_steps=2, rank=8, peak_n=256,
+                       cache=cache or os.path.join(tempfile.gettempdir(), "ctrlora-bench-tiny"))
+        return cls(dry_run=False, device="cuda", preset="sd15", size=512, steps=20, half="fp16", check="fp16",
+                   conditions=(1, 2, 4), methods=methods, bf16_methods=methods, flops_methods=methods, warmup=2,
+                   fit_steps=10, train_steps=12, check_steps=10, rank=128, peak_n=8192,
+                   cache=cache or os.environ.get("CTRLORA_BENCH_CACHE", "/tmp/ctrlora-bench-sd15"))
 
 
 # -- the stages (run in a stage process; ``emit`` records one result) -------------------------
@@ -130,7 +137,7 @@ def gen_case(plan: Plan, method: str, n: int, precision: str, compile_: bool = F
         run = gen._ours(sd, _images(plan, n), cache, n, device, dtype, PROMPT, method, compile_)
     del sd
     start = time.perf_counter()
-    run(2)  # lazily initialised kernels, cuDNN's autotuning, compilation
+    run(plan.warmup)  # lazily initialised kernels, cuDNN's autotuning, compilation
     warmup = time.perf_counter() - start
     memory = gen._reset_peak(device.type == "cuda")
     start = time.perf_counter()
@@ -173,13 +180,13 @@ def _gen_stage(precision: str, compile_: bool = False):
     def stage(plan: Plan, emit) -> None:
         # The target's case (2 conditions) first; FLOPs once per case (they do not depend on the dtype).
         conditions = (2,) if compile_ else sorted(plan.conditions, key=lambda n: (n != 2, n))
-        methods = ("ours",) if compile_ else plan.methods
+        methods = ("ours",) if compile_ else plan.bf16_methods if precision == "bf16" else plan.methods
         dtype = plan.half if precision == "fp16" else precision
         for n in conditions:
             for method in methods:
                 labels = {"method": method, "conditions": n, "precision": dtype, "compile": compile_}
-                emit(_guarded(labels, lambda: gen_case(plan, method, n, dtype, compile_,
-                                                       count_flops=precision == "fp16" and not compile_)))
+                flops = precision == "fp16" and not compile_ and method in plan.flops_methods
+                emit(_guarded(labels, lambda: gen_case(plan, method, n, dtype, compile_, count_flops=flops)))
     return stage
 
 
@@ -217,7 +224,7 @@ def stage_train_base(plan: Plan, emit) -> None:
     work = Path(tempfile.mkdtemp(prefix="ctrlora-gpu-train-base-"))
     try:
         sd = sd_folder(Path(plan.cache), work / "sd")
-        data = train_base.make_data(work / "data", size=plan.size)
+        data = train_base.make_data(work / "data", count=2 if plan.dry_run else 8, size=plan.size)
         args = SimpleNamespace(steps=plan.train_steps, rank=plan.rank, resolution=plan.size)
         try:
             result = train_base.run(1, args, str(sd), data, work / "run")
@@ -513,7 +520,7 @@ def print_table(report: dict, file=sys.stdout) -> None:
     for name, t in report["targets"].items():
         key = next(k for k in t if k not in ("bar", "peak_memory_gb", "memory_bar_gb", "met"))
         verdict = {True: "met", False: "NOT met", None: "not judged"}[t["met"]]
-        print(f"target {name}: {_f(t[key], '.3f')} (bar {t['bar']}), {_f(t['peak_memory_gb'], '.2f')} GB "
+        print(f"target {name}: {_f(t[key], '.3f') or 'n/a'} (bar {t['bar']}), {_f(t['peak_memory_gb'], '.2f') or 'n/a'} GB "
               f"(bar {t['memory_bar_gb']} GB): {verdict}", file=file)
 
 

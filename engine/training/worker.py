@@ -162,12 +162,16 @@ def _end_with_torchrun() -> None:
 
 def _run(args: TrainBaseSettings, out: Path) -> None:
     cuda = torch.cuda.is_available()
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
+        # Each rank on its own GPU before NCCL starts: a communicator (or a barrier) made first
+        # would sit on GPU 0 for every rank of the node.
         torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_json(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
