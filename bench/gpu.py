@@ -507,7 +507,8 @@ def table_rows(report: dict) -> list[list[str]]:
     return rows
 
 
-def print_table(report: dict, file=sys.stdout) -> None:
+def print_table(report: dict, file=None) -> None:
+    file = file or sys.stdout
     rows = table_rows(report)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     env = report["environment"]

@@ -16,7 +16,9 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import gpu  # noqa: E402
 
-STAGES = [s.name for s in gpu.STAGES]
+# train-base's stage is left out here (a torchrun and a worker process: ~15 s more on 2 cores);
+# tests/test_train_base.py runs train-base itself, and `bash bench/gpu.sh --dry-run` runs the stage.
+STAGES = [s.name for s in gpu.STAGES if s.name != "train-base"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu-bench")
     out = tmp / "bench.json"
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", "--cache", str(tmp / "cache"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp)
+                           "--out", str(out), "--stages", ",".join(STAGES)], capture_output=True, text=True, timeout=600, cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, json.loads(out.read_text())
 
@@ -58,10 +60,6 @@ def test_dry_run_runs_every_stage_and_writes_the_figures(dry_run):
         (r,) = stages[name]
         assert r["minutes_per_1000_steps"] == pytest.approx(r["seconds_per_step"] * 1000 / 60)
         assert r["fraction_of_bf16_peak"] == pytest.approx(r["achieved_tflops"] / peak) and r["peak_memory_gb"] > 0
-    (train,) = stages["train-base"]
-    assert train["processes"] == 1 and train["samples_per_s"] > 0 and train["steps"] == 2
-    assert train["fraction_of_bf16_peak_lower_bound"] == pytest.approx(
-        train["samples_per_s"] * stages["fit-ours"][0]["tflop_per_step"] / peak)
     (check_gen,) = stages["check-gen"]
     assert check_gen["ok"] and check_gen["finite"] and check_gen["precision"] == "bf16"
     assert 0 < check_gen["latents_relative_error"] <= gpu.CHECK_TOLERANCE  # bf16 differs from fp32, a little
@@ -81,8 +79,7 @@ def test_dry_run_prints_the_table(dry_run):
     assert lines[1].split() == ["stage", "case", "prec", "s/step", "result", "mem", "GB", "of", "peak", "status"]
     rows = {(line.split()[0], " ".join(line.split()[1:3])) for line in lines[3:] if line.split()}
     assert {("gen-fp16", "ours x2"), ("gen-fp16", "reference x2"), ("gen-fp16", "diffusers x2"),
-            ("gen-bf16", "ours x2"), ("fit-ours", "ours fp32"), ("fit-diffusers", "diffusers fp32"),
-            ("train-base", "1 process")} <= rows
+            ("gen-bf16", "ours x2"), ("fit-ours", "ours fp32"), ("fit-diffusers", "diffusers fp32")} <= rows
     assert any(line.startswith("gen-compile") and "skipped: not in the dry run" in line for line in lines)
     assert sum(line.startswith("target ") and line.endswith(": not judged") for line in lines) == 2
     ours = next(line for line in lines if line.startswith("gen-fp16") and "ours x2" in line)
