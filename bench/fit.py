@@ -63,12 +63,13 @@ def setup_ours(sd, size, device, precision):
     g = torch.Generator().manual_seed(0)
     # Cache contents as the encoders would leave them: posterior mean and log-variance.
     moments = lambda: torch.cat([torch.randn(n, 4, h, h, generator=g), torch.full((n, 4, h, h), -8.0)], 1)  # noqa: E731
-    data = EncodedPairs(target=moments(), cond=moments(), text=torch.randn(n, 77, 768, generator=g),
-                        text_index=torch.arange(n), empty=torch.randn(77, 768, generator=g), scaling_factor=0.18215)
+    width = sd.unet.config.cross_attention_dim  # 768 for SD1.5
+    data = EncodedPairs(target=moments(), cond=moments(), text=torch.randn(n, 77, width, generator=g),
+                        text_index=torch.arange(n), empty=torch.randn(77, width, generator=g), scaling_factor=0.18215)
     trainer = AdapterTrainer(sd.unet, controlnet, sd.scheduler, data,
                              FitConfig(rank=128, batch=1, resolution=size, precision=precision, device=str(device),
                                        drop_prompt=0.3))
-    return lambda: trainer.train_step()
+    return trainer.train_step  # bound: bench/gpu.py reaches the trainer through its __self__
 
 
 def _pixels(size, device, g):
@@ -170,12 +171,13 @@ def matmul_peak_tflops(device, dtype, n: int) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def run_variant(name: str, size: int, steps: int, device: torch.device, count_flops: bool) -> dict:
+def run_variant(name: str, size: int, steps: int, device: torch.device, count_flops: bool,
+                preset: str = "sd15") -> dict:
     from engine.models.presets import build_sd
 
     # The reference recipe is fp32 everywhere; the other two use bf16 autocast on CUDA.
     precision = "bf16" if device.type == "cuda" and name != "reference" else "fp32"
-    sd = build_sd("sd15", seed=0)
+    sd = build_sd(preset, seed=0)
     step = {"ours": setup_ours, "reference": setup_reference, "diffusers": setup_diffusers}[name](
         sd, size, device, precision)
     step()  # warm-up

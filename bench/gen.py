@@ -100,9 +100,9 @@ def ratios(results: list[dict]) -> dict:
     return out
 
 
-def make_weights(cache: Path) -> None:
-    """Random SD1.5-shape weights, saved once: UNet, VAE, text encoder, our Base ControlNet and a
-    diffusers ControlNetModel (both initialised from the UNet, as their authors do)."""
+def make_weights(cache: Path, preset: str = "sd15") -> None:
+    """Random SD1.5-shape weights (or another preset's), saved once: UNet, VAE, text encoder, our Base
+    ControlNet and a diffusers ControlNetModel (both initialised from the UNet, as their authors do)."""
     if (cache / "done").is_file():
         return
     from diffusers import ControlNetModel
@@ -111,7 +111,7 @@ def make_weights(cache: Path) -> None:
     from engine.models.storage import save_base
     from engine.models.presets import build_sd
 
-    sd = build_sd("sd15", seed=0)
+    sd = build_sd(preset, seed=0)
     for name in ("unet", "vae", "text_encoder"):
         getattr(sd, name).save_pretrained(cache / name)
     save_base(BaseControlNetModel.from_unet(sd.unet), cache / "base")
@@ -197,6 +197,7 @@ def _ours(sd, images, cache, n, device, dtype, prompt, method, compile_):
             reference_sample(pipe.sd, pipe.controlnet, conditions, prompt, callback=clock.tick, **kw)
         return clock.times
 
+    run.pipe, run.conditions = pipe, conditions  # bench/gpu.py's correctness pass calls the pipeline itself
     return run
 
 
@@ -314,6 +315,23 @@ def matmul_peak(n: int = 8192, repeats: int = 20) -> float:
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def load_components(cache: Path, device, dtype):
+    """The cached random SD components (``make_weights``) on ``device`` in ``dtype``, frozen."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from engine.models.presets import SCHEDULER_CONFIG, SDComponents, build_tiny_tokenizer
+
+    sd = SDComponents(UNet2DConditionModel.from_pretrained(cache / "unet", torch_dtype=dtype),
+                      AutoencoderKL.from_pretrained(cache / "vae", torch_dtype=dtype),
+                      CLIPTextModel.from_pretrained(cache / "text_encoder", dtype=dtype),
+                      build_tiny_tokenizer(),  # any CLIP tokenizer: ids only index the random embedding
+                      DDIMScheduler(**SCHEDULER_CONFIG))
+    for m in (sd.unet, sd.vae, sd.text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    return sd
 
 
 if __name__ == "__main__":

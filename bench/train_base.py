@@ -40,7 +40,9 @@ def run(nproc: int, args, sd: str, data: list[str], out: Path) -> dict:
     from engine.training.settings import TrainBaseSettings
 
     # The threads of each process as ctrlora train-base gives them (its share of the cores).
-    env = worker_env(nproc, dict(os.environ, PYTHONPATH=str(REPO)))
+    # The repository first, and whatever PYTHONPATH already held (packages installed with --target).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = worker_env(nproc, dict(os.environ, PYTHONPATH=path))
     settings = TrainBaseSettings(sd=sd, out=str(out), data=tuple(data), steps=args.steps, rank=args.rank,
                                  resolution=args.resolution, cache=str(out.parent / "cache")).checked()
     command = worker_command(Topology(nproc_per_node=nproc), settings)  # what ctrlora train-base runs on one node

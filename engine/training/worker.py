@@ -187,15 +187,20 @@ def _end_with_torchrun() -> None:
 
 
 def _run(args: TrainBaseSettings, out: Path) -> bool:
-    cuda = torch.cuda.is_available()
     from datetime import timedelta
 
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    timeout = timedelta(seconds=args.timeout)
     if cuda:
+        # Each rank on its own GPU before NCCL starts: a communicator (or a barrier) made first
+        # would sit on GPU 0 for every rank of the node.
         torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
+    else:
+        dist.init_process_group(backend="gloo", timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_json(out / RENDEZVOUS_MARKER, {"world_size": world, "time": time.time()})
