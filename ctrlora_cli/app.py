@@ -21,7 +21,7 @@ app = typer.Typer(
 
 # Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.
 COMMAND_MODULES: tuple[str, ...] = ("pull", "list", "show", "rm", "verify", "gen", "fit", "train_base", "evaluate", "prep", "world",
-                                    "env")
+                                    "ui", "env")
 
 
 def _version(value: bool) -> None:
