@@ -58,10 +58,11 @@ def build(session: Session) -> gr.Blocks:
                 base = gr.Dropdown(bases, value=first_base, label="Base")
                 sd = gr.Dropdown(handlers.choices(store, "sd"), value=_sd_of(store, first_base), label="SD model")
                 recipe_png = gr.File(label="Drop a PNG made by ctrlora to restore its settings",
-                                     file_types=[".png"], type="filepath", height=90)
+                                     file_types=[".png"], type="filepath", height=130,
+                                     elem_id="restore")
             groups, rows = [], []
             for i in range(MAX_ROWS):
-                with gr.Group(visible=i == 0) as group:
+                with gr.Group(visible=i == 0, elem_id=f"condition-{i}") as group:
                     with gr.Row():
                         adapter = gr.Dropdown(adapters, value=adapters[0] if adapters and i == 0 else None,
                                               label=f"Condition {i + 1}: adapter", scale=2)
@@ -92,25 +93,27 @@ def build(session: Session) -> gr.Blocks:
                 drop = gr.Button("Remove last condition", size="sm")
             with gr.Row():
                 with gr.Column(scale=3):
-                    prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what to draw")
+                    prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what to draw", elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", lines=2, placeholder="what to avoid")
                 with gr.Column(scale=1):
                     prompt_preset = gr.Dropdown(list(PROMPT_PRESETS), value="none", label="Add to prompt")
                     negative_preset = gr.Dropdown(list(NEGATIVE_PRESETS), value="none", label="Negative preset")
             with gr.Row():
-                steps = gr.Slider(1, min(MAX_STEPS, 150), value=20, step=1, label="Steps")
+                steps = gr.Slider(1, min(MAX_STEPS, 150), value=20, step=1, label="Steps", elem_id="steps")
                 guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler")
                 strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Control strength")
             with gr.Row():
-                seed = gr.Number(-1, precision=0, label="Seed (-1: random)", minimum=-1, maximum=2**32 - 1)
+                seed = gr.Number(-1, precision=0, label="Seed (-1: random)", minimum=-1, maximum=2**32 - 1,
+                                 elem_id="seed")
                 dice = gr.Button("Random seed", size="sm")
                 batch = gr.Slider(1, 16, value=1, step=1, label="Images")
                 width = gr.Number(0, precision=0, label="Width (0: the first image's)", minimum=0, maximum=4096)
                 height = gr.Number(0, precision=0, label="Height (0: the first image's)", minimum=0, maximum=4096)
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="Results (download: PNGs with their recipe)", format="png", columns=4,
-                                 height=420, buttons=["download", "fullscreen"], elem_id="results")
+                                 height=420, buttons=["download", "fullscreen"], elem_id="results",
+                                 object_fit="contain", preview=False)
             status = gr.Markdown(elem_id="status")
         with gr.Tab("Store"):
             listing = gr.Dataframe(store_tab.table(store), headers=store_tab.COLUMNS, interactive=False,
