@@ -65,7 +65,8 @@ def build(session: Session) -> gr.Blocks:
                 with gr.Group(visible=i == 0, elem_id=f"condition-{i}") as group:
                     with gr.Row():
                         adapter = gr.Dropdown(adapters, value=adapters[0] if adapters and i == 0 else None,
-                                              label=f"Condition {i + 1}: adapter", scale=2)
+                                              label=f"Condition {i + 1}: adapter", scale=2,
+                                              elem_id=f"adapter-{i}")
                         source = gr.Radio(["upload", "draw"], value="upload", label="Image", scale=1)
                         prep = gr.Dropdown(preps, value=NO_PREP, label="Prep (extract the condition)", scale=1)
                         weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight", scale=1)
