@@ -177,3 +177,27 @@ def test_only_loopback_hosts_count_as_local():
 
     assert _local("127.0.0.1") and _local("::1") and _local("localhost")
     assert not _local("0.0.0.0") and not _local("192.168.1.4") and not _local("example.org")
+
+
+def test_the_store_tab_says_what_rm_takes_along_before_removing(tiny_store):
+    from ctrlora_cli.webui import store_tab
+
+    assert [row[:3] for row in store_tab.table(tiny_store)] == [
+        ["tiny", "base", "-"], ["tiny-canny", "adapter", "canny"], ["tiny-sd", "sd", "-"]]
+    question = store_tab.removal(tiny_store, ["tiny-sd"])
+    assert question.startswith("Remove tiny-sd (sd, ") and question.endswith("leaving tiny pointing to nothing?")
+    assert tiny_store.exists("tiny-sd")  # asking removes nothing
+    assert store_tab.remove(tiny_store, ["tiny-sd"]).startswith("removed tiny-sd; freed ")
+    assert not tiny_store.exists("tiny-sd") and tiny_store.exists("tiny")
+
+
+def test_a_drawing_is_laid_on_white_and_adapters_follow_their_base(tiny_store, tmp_path):
+    from ctrlora_cli.webui import handlers
+
+    drawing = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    drawing.putpixel((3, 4), (0, 0, 0, 255))
+    drawing.save(tmp_path / "canvas.png")
+    flat = np.asarray(Image.open(handlers.flatten(str(tmp_path / "canvas.png"))))
+    assert flat[4, 3].tolist() == [0, 0, 0] and flat[0, 0].tolist() == [255, 255, 255]
+    assert handlers.adapters_for(tiny_store, "tiny") == ["tiny-canny"]
+    assert handlers.adapters_for(tiny_store, "nosuch") == []
