@@ -75,12 +75,13 @@ def main() -> None:
             page.locator("#steps input[type=number]").press("Enter")
             page.wait_for_timeout(1000)
 
-            def click() -> float:
-                before = page.locator("#status").inner_text()
+            shown = "[...document.querySelectorAll('#results img')].map(i => i.src)"
+
+            def click() -> float:  # until the new image is on the page
+                before = page.evaluate(shown)
                 started = time.perf_counter()
                 page.click("#generate")
-                page.wait_for_function("b => { const t = document.querySelector('#status').innerText; "
-                                       "return t !== b && t.includes('written'); }", arg=before, timeout=600_000)
+                page.wait_for_function(f"b => {shown}.some(s => !b.includes(s))", arg=before, timeout=600_000)
                 return time.perf_counter() - started
 
             clicks, gen = [click()], []  # the first click loads the models

@@ -158,6 +158,12 @@ def test_the_page_generates_and_a_dropped_png_restores_its_settings(app):
             page.locator("#restore input[type=file]").set_input_files(str(out / "ctrlora-11.png"))
             page.wait_for_function("document.querySelector('#prompt textarea').value === 'a blue dog'")
             assert page.locator("#seed input").input_value() == "11"
+            page.wait_for_timeout(500)
+            page.click("#generate")  # the restored settings make the same image again
+            page.wait_for_function("document.querySelector('#status').innerText.includes('ctrlora-11-1.png')")
+            assert _recipe(out / "ctrlora-11-1.png")["conditions"][0]["adapter"] == "tiny-canny"
+            assert np.array_equal(np.asarray(Image.open(out / "ctrlora-11-1.png")),
+                                  np.asarray(Image.open(out / "ctrlora-11.png")))
         finally:
             browser.close()
 

@@ -113,8 +113,8 @@ def build(session: Session) -> gr.Blocks:
                 height = gr.Number(0, precision=0, label="Height (0: the first image's)", minimum=0, maximum=4096)
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="Results (download: PNGs with their recipe)", format="png", columns=4,
-                                 height=420, buttons=["download", "fullscreen"], elem_id="results",
-                                 object_fit="contain", preview=False)
+                                 height=300, buttons=["download", "fullscreen"], elem_id="results",
+                                 object_fit="contain", preview=False, fit_columns=False)
             status = gr.Markdown(elem_id="status")
         with gr.Tab("Store"):
             listing = gr.Dataframe(store_tab.table(store), headers=store_tab.COLUMNS, interactive=False,
