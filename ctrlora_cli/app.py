@@ -23,8 +23,7 @@ app = typer.Typer(
 
 # Each module defines ``register(app)``; the order is the order of ``ctrlora --help``.
 COMMAND_MODULES: tuple[str, ...] = ("pull", "list", "show", "rm", "verify", "export", "gen", "fit", "train_base",
-                                    "encode_shards", "evaluate", "prep", "world",
-                                    "env")
+                                    "encode_shards", "evaluate", "prep", "world", "ui", "env")
 
 
 def _version(value: bool) -> None:

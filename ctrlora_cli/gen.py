@@ -90,22 +90,15 @@ def gen(
                                                 device, precision.value, compile_)
     settings = request.settings
     _warn_long_prompts(pipe.sd.tokenizer, prompt, settings["negative_prompt"])
-    from engine.images import image_to_tensor
-    from engine.generation.sampling import Condition
-
-    conditions = [Condition(names[digest], image_to_tensor(image), spec.weight, spec.start, spec.end)
-                  for spec, (_, _, digest), image in zip(request.specs, models.adapters, cond_images)]
     load_s = time.perf_counter() - started
 
     from ctrlora_cli.gen_outputs import recipe_of, summary, write_outputs
+    from ctrlora_cli.gen_request import sample
     from ctrlora_cli.progress import progress_bars
 
     with progress_bars(enabled=interactive() and not json_output,
                        describe=lambda e: f"{e.info.get('step_s', 0):.2f} s/step") as callback:
-        result = pipe(conditions, prompt, settings["negative_prompt"], steps=settings["steps"],
-                      guidance=settings["guidance"], scheduler=settings["scheduler"], seed=request.seed,
-                      condition_seed=request.condition_seed, width=request.width, height=request.height,
-                      batch=batch, strength=settings["strength"], callback=callback)
+        result = sample(pipe, names, request, models, cond_images, batch, callback)
 
     written, grid_path = write_outputs(request.outputs, result, recipe_of(request, models, precision, dev),
                                        cond_images, warn)

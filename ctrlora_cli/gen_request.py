@@ -79,3 +79,18 @@ def build_request(recipe: dict, specs: list[CondSpec], prompt: str, given: dict,
     outputs = output_paths(out_path, [seed + k for k in range(batch)], grid, force)
     check_prep(specs)
     return GenRequest(specs, images, prompt, settings, seed, condition_seed, width, height, outputs)
+
+
+def sample(pipe, names: dict, request: GenRequest, models, cond_images, batch: int, callback=None):
+    """Run the pipeline for ``request``: each condition's prepared image on its adapter (``names``:
+    adapter digest -> name in the pipeline, as ``store.resolve.load_pipeline`` gives them)."""
+    from engine.images import image_to_tensor
+    from engine.generation.sampling import Condition
+
+    conditions = [Condition(names[digest], image_to_tensor(image), spec.weight, spec.start, spec.end)
+                  for spec, (_, _, digest), image in zip(request.specs, models.adapters, cond_images)]
+    settings = request.settings
+    return pipe(conditions, request.prompt, settings["negative_prompt"], steps=settings["steps"],
+                guidance=settings["guidance"], scheduler=settings["scheduler"], seed=request.seed,
+                condition_seed=request.condition_seed, width=request.width, height=request.height,
+                batch=batch, strength=settings["strength"], callback=callback)

@@ -86,10 +86,9 @@ def _adapter(store: Store, spec, base: Manifest, warn) -> tuple[Path, dict, str]
     from engine.files import sha256_file
 
     if spec.digest:  # from a recipe: the very adapter the image was made with, wherever it is now
-        for m in store.list():
-            if m.kind == "adapter" and any(f.path == ADAPTER_FILE and f.digest == spec.digest for f in m.files):
-                spec.name = m.name
-                break
+        found = adapter_by_digest(store, spec.digest)
+        if found:
+            spec.name = found
         else:
             if _exists(store, spec.name):
                 warn(f"adapter {spec.name!r} differs from the one that made the image; the result will differ")
@@ -104,6 +103,14 @@ def _adapter(store: Store, spec, base: Manifest, warn) -> tuple[Path, dict, str]
     record = next(f for f in store.get(spec.name).files if f.path == ADAPTER_FILE)
     # The entry's view: the blob itself has no .safetensors suffix, which the loader goes by.
     return store.folder(spec.name) / ADAPTER_FILE, meta, record.digest
+
+
+def adapter_by_digest(store: Store, digest: str | None) -> str | None:
+    """The store's adapter entry holding the adapter file of ``digest`` (a recipe's), if any."""
+    for m in store.list():
+        if m.kind == "adapter" and any(f.path == ADAPTER_FILE and f.digest == digest for f in m.files):
+            return m.name
+    return None
 
 
 def _exists(store: Store, name: str) -> bool:
