@@ -7,14 +7,17 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import interactive, out
-from ctrlora_cli.options import DeviceOpt, JsonOpt, SdOpt, print_json, retold
+from ctrlora_cli.options import DeviceOpt, JsonOpt, SdOpt, examples, print_json, retold
 from engine.training.settings import TrainBaseSettings
 
 EncodeSdOpt = retold(SdOpt, "The SD model whose VAE and tokenizer encode the shards (store name; a base: its SD).")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("encode-shards")(encode_shards)
+    app.command("encode-shards", epilog=examples(
+        "ctrlora encode-shards /data/shards /data/latents --sd sd15",
+        "ctrlora encode-shards '/data/shards/*.tar' /data/latents --sd sd15 --part 2/4",
+    ))(encode_shards)
 
 
 def encode_shards(

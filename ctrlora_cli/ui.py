@@ -11,14 +11,18 @@ from pathlib import Path
 import typer
 
 from ctrlora_cli.console import say, warn
-from ctrlora_cli.options import DeviceOpt, Precision, PrecisionOpt
+from ctrlora_cli.options import DeviceOpt, Precision, PrecisionOpt, examples
 from engine.errors import CtrloraError
 
 INSTALL = "pip install 'ctrlora[ui]'"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("ui")(ui)
+    app.command("ui", epilog=examples(
+        "ctrlora ui",
+        "ctrlora ui --port 7861 --device cpu",
+        "ctrlora ui --host 0.0.0.0",
+    ))(ui)
 
 
 def ui(
