@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli import envconfig
 from ctrlora_cli.console import ask, interactive, out
 from ctrlora_cli.options import JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, print_json, retold
 from engine.errors import UsageError
@@ -70,6 +71,7 @@ def train_base(
     # elsewhere, other nodes or another folder: every path absolute).
     settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                                  rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
+                                 cpu_bf16={None: "auto", True: "1", False: "0"}[envconfig.cpu_bf16()],
                                  save_every=save_every, resume=resume, resolution=resolution, seed=seed,
                                  data=tuple(_absolute_data(item) for item in data or []),
                                  shards=tuple(str(Path(pattern).expanduser().absolute()) for pattern in shards)
