@@ -89,6 +89,8 @@ def apply_prep(specs: list[CondSpec], preps: list[str]) -> None:
 
 
 def check_prep(specs: list[CondSpec]) -> None:
+    if not any(spec.prep for spec in specs):
+        return  # (the extractors, numpy and scipy, load only for --prep)
     from engine.demo.extractors import EXTRACTORS, extract
 
     for spec in specs:
