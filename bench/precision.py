@@ -9,6 +9,10 @@ same seeds and inputs, so only the precision differs. Relative error: ||bf16 - f
 over the whole tensor (the worst residual is reported beside the mean).
 
     python bench/precision.py [--preset sd15] [--size 256] [--steps 4] [--conditions 2]
+    python bench/precision.py --demo [--size 32] [--steps 20]   # the demo model (`ctrlora pull demo`)
+
+``--demo``: the demo's SD, base and demo-seg adapter from the store (CTRLORA_HOME), one
+condition; the images' PSNR and each precision's best time of 3 alternating runs.
 
 tests/test_precision.py runs ``compare`` on the tiny preset and holds it to the tolerances there.
 """
@@ -101,6 +105,33 @@ def compare(preset: str = "sd15", size: int = 256, steps: int = 4, conditions: i
             "seconds": {"fp32": s32, "bf16": s16}, "bf16_speedup": s32 / s16}
 
 
+def compare_demo(size: int = 32, steps: int = 20, rounds: int = 3) -> dict:
+    """fp32 against bf16 on the demo model in the store: PSNR and best seconds per generation."""
+    from ctrlora_cli.store.store import Store
+    from engine.formats.adapter_file import load_adapter_file
+    from engine.models.storage import load_base, load_sd
+
+    store = Store()
+    state, meta = load_adapter_file(store.file("demo-seg", "adapter.safetensors"))
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+    pipes = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        pipe = CtrLoraPipeline(load_sd(store.folder("demo-sd"), dtype=dtype),
+                               load_base(store.folder("demo") / "controlnet", dtype=dtype), dtype=dtype)
+        pipe.load_adapter("seg", state, alpha=meta["alpha"])
+        pipes[name] = pipe
+    best, images = {}, {}
+    for _ in range(rounds):
+        for name, pipe in pipes.items():
+            started = time.perf_counter()
+            result = pipe([Condition("seg", image)], PROMPT, steps=steps, seed=1, width=size, height=size)
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - started)
+            images[name] = np.asarray(result.images[0])
+    return {"model": "demo", "size": size, "steps": steps, "threads": torch.get_num_threads(),
+            "image_psnr_db": psnr(images["fp32"], images["bf16"]), "seconds_best_of": rounds,
+            "seconds": best, "bf16_speedup": best["fp32"] / best["bf16"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="sd15", choices=("sd15", "tiny"))
@@ -109,10 +140,15 @@ def main() -> None:
     parser.add_argument("--conditions", type=int, default=2)
     parser.add_argument("--rank", type=int, default=RANK)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--demo", action="store_true", help="the demo model in the store instead (sizes default "
+                                                            "to 32 x 32, 20 steps)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = compare(args.preset, args.size, args.steps, args.conditions, args.rank)
+    if args.demo:
+        result = compare_demo(args.size if args.size != 256 else 32, args.steps if args.steps != 4 else 20)
+    else:
+        result = compare(args.preset, args.size, args.steps, args.conditions, args.rank)
     print(json.dumps({"bench": "precision", "cpu_native_bf16": _native(), **result}, indent=2))
 
 
