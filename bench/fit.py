@@ -7,7 +7,8 @@ Three ways to train a new condition, each in its own process (clean peak memory)
 
 - ``ours``: ``engine.training.fit.AdapterTrainer``: latents and text embeddings from the cache (the
   posterior is sampled per step), gradients for the adapter only, SDPA attention, bf16 autocast
-  with fp32 master weights on CUDA (fp32 on CPU).
+  with fp32 master weights on CUDA (fp32 on CPU). ``ours-bf16``: the same in bf16 autocast on the
+  CPU (what ``--precision auto`` picks on a CPU with native bf16; run by default on such a CPU).
 - ``reference``: the reference recipe (CtrLoRA's train_ctrlora_finetune.py with its rank-128
   config): fp32, batch 1, the VAE encodes target and condition and CLIP encodes the prompt at every
   step; gradient checkpointing on (``use_checkpoint: True``); attention computed as
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("ours", "reference", "diffusers")
+BF16_ON_CPU = "ours-bf16"  # ours in bf16 autocast on the CPU
 
 
 def peak_rss_gb() -> float:
@@ -176,9 +178,10 @@ def run_variant(name: str, size: int, steps: int, device: torch.device, count_fl
     from engine.models.presets import build_sd
 
     # The reference recipe is fp32 everywhere; the other two use bf16 autocast on CUDA.
-    precision = "bf16" if device.type == "cuda" and name != "reference" else "fp32"
+    precision = "bf16" if (device.type == "cuda" and name != "reference") or name == BF16_ON_CPU else "fp32"
     sd = build_sd(preset, seed=0)
-    step = {"ours": setup_ours, "reference": setup_reference, "diffusers": setup_diffusers}[name](
+    step = {"ours": setup_ours, BF16_ON_CPU: setup_ours, "reference": setup_reference,
+            "diffusers": setup_diffusers}[name](
         sd, size, device, precision)
     step()  # warm-up
     _sync(device)
@@ -213,7 +216,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 2 on CPU, 1 on CUDA)")
     parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=None, help=f"comma-separated: {', '.join(VARIANTS)}, {BF16_ON_CPU} "
+                        f"(default: all; {BF16_ON_CPU} beside them on a CPU with native bf16)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in this process
     parser.add_argument("--flops", action="store_true", help="count FLOPs (always on CUDA)")
     args = parser.parse_args()
@@ -224,7 +228,10 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, size, args.steps, device, args.flops or cuda)))
         return
 
-    names = args.variants.split(",")
+    from engine.runtime import native_cpu_bf16
+
+    names = (args.variants or ",".join(VARIANTS[:1] + ((BF16_ON_CPU,) if not cuda and native_cpu_bf16() else ())
+                                        + VARIANTS[1:])).split(",")
     rounds: dict[str, list[dict]] = {name: [] for name in names}
     for _ in range(args.rounds or (1 if cuda else 2)):
         for name in names:
@@ -254,7 +261,7 @@ def main() -> None:
     for name, r in results.items():
         if "seconds_per_step" in r:
             r["minutes_per_1000_steps"] = r["seconds_per_step"] * 1000 / 60
-            if ours and name != "ours":
+            if ours and not name.startswith("ours"):
                 r["ours_over_this"] = ours / r["seconds_per_step"]
                 r["ours_over_this_cpu_time"] = results["ours"]["cpu_seconds_per_step"] / r["cpu_seconds_per_step"]
     print(json.dumps(report, indent=2))

@@ -8,14 +8,17 @@
   (c) diffusers: StableDiffusionControlNetPipeline with a MultiControlNetModel of as many
       random-weight ControlNetModels (SD1.5 configuration).
 
-CPU: 256 x 256 fp32, 2 timed steps (a CPU step at this shape takes tens of seconds). CUDA: 512 x 512 fp16, 20 steps, and the fraction of the GPU's
+CPU: 256 x 256, 2 timed steps; ours in fp32 and, where the CPU computes bf16 natively
+(AVX512-BF16, AMX), in bf16 too (``--precisions``), each with and without the prepacked
+convolutions if ``--prepack both``; the baselines in fp32, as their code runs on a CPU. CUDA: 512 x 512 fp16, 20 steps, and the fraction of the GPU's
 measured bf16 matmul peak that a step achieves. Each (method, conditions) runs in its own process
 (peak memory is per process: CUDA max allocated, or the CPU's peak RSS after loading); the weights
 are made once and cached. The first step of each run warms up and is not counted. Prints JSON.
 
     python bench/gen.py [--conditions 1,2,4] [--methods ours,reference,diffusers] [--steps N]
-                        [--size S] [--cache DIR]
+                        [--size S] [--cache DIR] [--precisions fp32,bf16] [--prepack on|off|both]
 """
+
 
 from __future__ import annotations
 
@@ -32,11 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHODS = ("ours", "reference", "diffusers")
+
+ACCEPTANCE = """the CPU acceptance comparison (SD1.5 shape, 256 x 256, 2 conditions, 2 threads; ours in the
+default precision against the reference and diffusers, peak RSS beside):
+  python bench/gen.py --threads 2 --conditions 2 --size 256 --precisions auto,fp32
+what prepacking costs and buys in each precision:
+  python bench/gen.py --threads 2 --conditions 2 --methods ours --precisions fp32,bf16 --prepack both"""
 RANK = 128
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=ACCEPTANCE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conditions", default="1,2,4")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
@@ -45,6 +55,12 @@ def main() -> None:
     parser.add_argument("--flops", action="store_true", help="also count FLOPs per step (always on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours (CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precisions", default=None,
+                        help="ours' precisions, comma-separated; auto: what `ctrlora gen` picks here (default: "
+                             "fp32 and bf16 on a CPU with native bf16, fp32 on other CPUs, fp16 on CUDA)")
+    parser.add_argument("--prepack", choices=("on", "off", "both"), default="on",
+                        help="ours with the CPU's prepacked convolutions, without, or both (default: on)")
+    parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -64,18 +80,20 @@ def main() -> None:
     make_weights(cache)
     results = []
     for n in [int(c) for c in args.conditions.split(",")]:
-        for method in args.methods.split(","):
+        for method, precision, prepack in runs(args, cuda):
             cmd = [sys.executable, __file__, "--worker", method, str(n), "--steps", str(args.steps), "--size",
-                   str(args.size), "--cache", str(cache)] + (["--flops"] if args.flops else []) + \
+                   str(args.size), "--cache", str(cache), "--precision", precision, "--prepack", prepack] + \
+                  (["--flops"] if args.flops else []) + \
                   (["--compile"] if args.compile else []) + (["--threads", str(args.threads)] if args.threads else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
-                results.append({"method": method, "conditions": n, "error": proc.stderr.strip().splitlines()[-1:]})
+                results.append({"method": method, "conditions": n, "precision": precision,
+                                "error": proc.stderr.strip().splitlines()[-1:]})
             else:
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     report = {"bench": "gen", "device": "cuda" if cuda else "cpu", "gpu": torch.cuda.get_device_name() if cuda else None,
-              "dtype": "float16" if cuda else "float32", "size": args.size, "timed_steps": args.steps,
+              "baseline_dtype": "float16" if cuda else "float32", "size": args.size, "timed_steps": args.steps,
               "threads": torch.get_num_threads(), "results": results, "ratios": ratios(results),
               "bench_seconds": round(time.perf_counter() - started, 1)}
     if cuda:
@@ -87,16 +105,44 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
+def runs(args, cuda: bool) -> list[tuple[str, str, str]]:
+    """(method, precision, prepack "1"/"0") of each worker: ours in each of ``--precisions`` (and
+    with and without prepacking if asked), the baselines in the precision their code runs in."""
+    from engine.runtime import native_cpu_bf16, resolve_precision
+
+    import torch
+
+    default = "fp16" if cuda else ("fp32,bf16" if native_cpu_bf16() else "fp32")
+    device = torch.device("cuda" if cuda else "cpu")
+    ours = []
+    for name in (args.precisions or default).split(","):
+        name = resolve_precision(name, device)
+        if name not in ours:
+            ours.append(name)
+    prepacks = {"on": ["1"], "off": ["0"], "both": ["1", "0"]}[args.prepack]
+    out = []
+    for method in args.methods.split(","):
+        if method == "ours":
+            out += [(method, p, k) for p in ours for k in prepacks]
+        else:
+            out.append((method, "fp16" if cuda else "fp32", "1"))
+    return out
+
+
 def ratios(results: list[dict]) -> dict:
-    """ours / reference and ours / diffusers per number of conditions (seconds per step)."""
+    """ours (each precision; prepacked) / reference and / diffusers per number of conditions
+    (seconds per step and peak memory)."""
     out = {}
-    for key in ("seconds_per_step", "cpu_seconds_per_step"):
-        by = {(r["method"], r["conditions"]): r.get(key) for r in results}
+    for key in ("seconds_per_step", "cpu_seconds_per_step", "peak_memory_mb"):
+        by = {(r["method"], r["conditions"]): r.get(key) for r in results if r.get("prepacked", True)}
         for n in sorted({r["conditions"] for r in results}):
-            ours = by.get(("ours", n))
-            for other in ("reference", "diffusers"):
-                if ours and by.get((other, n)):
-                    out.setdefault(str(n), {})[f"ours/{other} ({key})"] = round(ours / by[(other, n)], 3)
+            for r in results:
+                if r["method"] != "ours" or r["conditions"] != n or not r.get(key) or not r.get("prepacked", True):
+                    continue
+                for other in ("reference", "diffusers"):
+                    if by.get((other, n)):
+                        out.setdefault(str(n), {})[f"ours {r['precision']}/{other} ({key})"] = \
+                            round(r[key] / by[(other, n)], 3)
     return out
 
 
@@ -127,8 +173,10 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
     from engine.models.presets import SCHEDULER_CONFIG, SDComponents, build_tiny_tokenizer
 
     cache = Path(args.cache)
+    from engine.runtime import DTYPES
+
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    dtype = DTYPES[args.precision]
     load = dict(torch_dtype=dtype)
     sd = SDComponents(UNet2DConditionModel.from_pretrained(cache / "unet", **load),
                       AutoencoderKL.from_pretrained(cache / "vae", **load),
@@ -144,7 +192,7 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
     if method == "diffusers":
         run = _diffusers(sd, images, cache, n, device, dtype, prompt)
     elif method in ("ours", "reference"):
-        run = _ours(sd, images, cache, n, device, dtype, prompt, method, args.compile)
+        run = _ours(sd, images, cache, n, device, dtype, prompt, method, args.compile, args.prepack == "1")
     else:
         raise SystemExit(f"unknown method {method}")
 
@@ -152,11 +200,13 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
         run(1)  # lazily-initialised kernels (and compilation); not timed
     memory = _reset_peak(cuda)
     step_times = run(steps)[1:]  # the first step warms up
-    result = {"method": method, "conditions": n,
+    result = {"method": method, "conditions": n, "precision": args.precision,
               "seconds_per_step": round(statistics.mean(wall for wall, _ in step_times), 4),
               "cpu_seconds_per_step": round(statistics.mean(cpu for _, cpu in step_times), 4),
               "step_seconds": [round(wall, 4) for wall, _ in step_times], "peak_memory_mb": round(memory(), 1),
               "memory_kind": "cuda max allocated" if cuda else "process peak RSS (weights included)"}
+    if method == "ours":
+        result["prepacked"] = args.prepack == "1"
     if cuda or args.flops:
         result["flops_per_step"] = _flops_per_step(run)
     if cuda:
@@ -168,7 +218,7 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
     return result
 
 
-def _ours(sd, images, cache, n, device, dtype, prompt, method, compile_):
+def _ours(sd, images, cache, n, device, dtype, prompt, method, compile_, prepack=True):
     import torch
 
     from engine.models import adapters
@@ -184,7 +234,7 @@ def _ours(sd, images, cache, n, device, dtype, prompt, method, compile_):
         with torch.no_grad():  # a trained adapter's values, roughly: LoRA up and zero convs non-zero
             for key, p in adapters.adapter_parameters(controlnet, f"c{i}").items():
                 p.add_(torch.randn(p.shape, generator=g) * 1e-3)
-    pipe = CtrLoraPipeline(sd, controlnet, device=device, dtype=dtype, compile=compile_)
+    pipe = CtrLoraPipeline(sd, controlnet, device=device, dtype=dtype, compile=compile_, prepack=prepack)
     conditions = [Condition(f"c{i}", image) for i, image in enumerate(images)]
 
     def run(steps: int, decode: bool = False) -> list[tuple[float, float]]:

@@ -227,7 +227,7 @@ def stage_train_base(plan: Plan, emit) -> None:
         data = train_base.make_data(work / "data", count=2 if plan.dry_run else 8, size=plan.size)
         args = SimpleNamespace(steps=plan.train_steps, rank=plan.rank, resolution=plan.size)
         try:
-            result = train_base.run(1, args, str(sd), data, work / "run")
+            result = train_base.run(1, os.cpu_count() or 1, args, str(sd), data, work / "run")
         except subprocess.CalledProcessError as exc:
             lines = [line for line in (exc.stderr or b"").decode(errors="replace").splitlines() if line.strip()]
             raise RuntimeError(f"train-base exited {exc.returncode}: {lines[-1] if lines else ''}") from None

@@ -57,6 +57,8 @@ LOG_EVERY = Variable("CTRLORA_LOG_EVERY", str(DEFAULT_LOG_EVERY), "seconds betwe
                     "of long jobs when no terminal is attached (a pipe, nohup, SLURM); 0: none")
 SHARE_HF_CACHE = Variable("CTRLORA_SHARE_HF_CACHE", "on", "0: hub files are not also placed in the Hugging "
                           "Face cache (by default they are, hard-linked: one copy on disk that every HF tool finds)")
+CPU_BF16 = Variable("CTRLORA_CPU_BF16", "auto", "whether --precision auto runs in bf16 on a CPU: 1 yes, 0 "
+                    "no (fp32); auto: where the CPU computes bf16 natively (AVX512-BF16 or AMX)")
 HF_TOKEN = Variable("HF_TOKEN", "none (or a saved `hf auth login`)", "token for gated or private repositories",
                     secret=True)
 HF_ENDPOINT = Variable("HF_ENDPOINT", DEFAULT_HF_ENDPOINT, "another hub (a mirror)")
@@ -64,8 +66,8 @@ HF_HUB_OFFLINE = Variable("HF_HUB_OFFLINE", "off", "1: as CTRLORA_OFFLINE=1")
 HF_HOME = Variable("HF_HOME", "~/.cache/huggingface", "the Hugging Face folder; its hub/ is the cache looked up")
 HF_HUB_CACHE = Variable("HF_HUB_CACHE", "$HF_HOME/hub", "where the Hugging Face cache is looked up")
 
-VARIABLES: tuple[Variable, ...] = (HOME, OFFLINE, CATALOG, DOWNLOAD_RETRIES, DEMO_DIR, SHARE_HF_CACHE, HF_TOKEN,
-                                   HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE, LOG_EVERY)
+VARIABLES: tuple[Variable, ...] = (HOME, OFFLINE, CATALOG, DOWNLOAD_RETRIES, DEMO_DIR, SHARE_HF_CACHE, CPU_BF16,
+                                   HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE, LOG_EVERY)
 
 
 def describe() -> list[dict]:
@@ -127,6 +129,27 @@ def demo_dir() -> Path | None:
     """CTRLORA_DEMO_DIR, or None for the demo inside the package."""
     value = DEMO_DIR.raw()
     return Path(value) if value else None
+
+
+def cpu_bf16() -> bool | None:
+    """CTRLORA_CPU_BF16: True (bf16) or False (fp32) for ``--precision auto`` on a CPU; None (unset
+    or ``auto``): the engine asks the CPU (``engine.runtime.native_cpu_bf16``)."""
+    value = (CPU_BF16.raw() or "auto").strip().lower()
+    if value == "auto":
+        return None
+    if value in TRUE or value in ("0", "off", "no", "false"):
+        return flag(value)
+    raise UsageError(f"CTRLORA_CPU_BF16 must be 1, 0 or auto, not {CPU_BF16.raw()!r}")
+
+
+def apply_cpu_bf16() -> bool | None:
+    """Hand CTRLORA_CPU_BF16 to the engine (which reads no CTRLORA_ variable), before a command
+    decides its precision; returns the value handed."""
+    from engine.runtime import set_cpu_bf16
+
+    value = cpu_bf16()
+    set_cpu_bf16(value)
+    return value
 
 
 def hf_endpoint() -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli import envconfig
 from ctrlora_cli.console import ask, err, interactive, out, warn
 from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, LogToOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
 from ctrlora_cli.options import examples, print_json, retold
@@ -19,8 +20,8 @@ FitBaseOpt = retold(BaseOpt, "Base ControlNet to fit on (default: with --resume,
                              "'base').")
 FitStepsOpt = retold(StepsOpt, "Optimizer steps.")
 FitSeedOpt = retold(SeedOpt, "Seed for the adapter's init, the data order and the noise.")
-FitPrecisionOpt = retold(PrecisionOpt, "auto: bf16 on GPU, fp32 on CPU; fp32 or bf16 (fit keeps fp32 master "
-                                       "weights either way).")
+FitPrecisionOpt = retold(PrecisionOpt, "auto: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), "
+                                       "else fp32; fp32 or bf16 (fit keeps fp32 master weights either way).")
 
 
 def register(app: typer.Typer) -> None:
@@ -105,6 +106,7 @@ def fit(
                                       "--resume, start over in it with --force, or delete the folder") from None
     base = base or (run_base(store, run_dir) if resume else None) or default_base(store)
     base_manifest, controlnet_dir, sd_dir = base_folders(store, base, sd)
+    envconfig.apply_cpu_bf16()  # CTRLORA_CPU_BF16, before auto is decided
     config = replace(config, condition=(condition or recorded_condition(data) or name).strip()).resolved()
     cache_dir = cache_dir or store.root / "cache" / "latents"
 

@@ -10,12 +10,14 @@ import typer
 from ctrlora_cli.completion import cond_values, extractor_kinds
 from ctrlora_cli.console import ask, err, go_on_despite, interactive, out, warn
 from engine.generation.settings import SCHEDULERS
-from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
+from ctrlora_cli.options import BaseOpt, DeviceOpt, JsonOpt, PrecisionOpt, SdOpt, SeedOpt, StepsOpt
 from ctrlora_cli.options import YesOpt, examples, print_json, retold
 
 GenBaseOpt = retold(BaseOpt, "Base in the store (default: the image's with --from, else the one the adapters were "
                              "made for, else the only one, or 'base').")
 GenStepsOpt = retold(StepsOpt, "Denoising steps (default: 20).", optional=True)
+GenPrecisionOpt = retold(PrecisionOpt, "auto: fp16 on GPU; on CPU bf16 where it is native (AVX512-BF16, AMX), "
+                                       "else fp32 (default: the image's with --from, else auto).", optional=True)
 GenSeedOpt = retold(SeedOpt, "Seed of the first image (image k: seed + k) (default: random).", optional=True)
 
 
@@ -50,7 +52,7 @@ def gen(
     out_path: Path | None = typer.Option(None, "--out", "-o", help="A .png file, or a folder (default: the current "
                                                                    "folder; new names there never replace a file)."),
     force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
-    precision: PrecisionOpt = Precision.auto,
+    precision: GenPrecisionOpt = None,
     device: DeviceOpt = "auto",
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet and ControlNet (slow first step)."),
     grid: bool = typer.Option(False, "--grid", help="Also write a sheet with the condition images beside the results."),
@@ -87,7 +89,8 @@ def gen(
                    for spec, image in zip(request.specs, request.images)]
 
     pipe, names, dev, precision = load_pipeline(models.sd_dir, models.controlnet_dir, models.adapters,
-                                                device, precision.value, compile_)
+                                                device, precision and precision.value, compile_,
+                                                recorded_precision=recipe.get("precision"))
     settings = request.settings
     _warn_long_prompts(pipe.sd.tokenizer, prompt, settings["negative_prompt"])
     load_s = time.perf_counter() - started

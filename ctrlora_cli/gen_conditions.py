@@ -90,6 +90,8 @@ def apply_prep(specs: list[CondSpec], preps: list[str]) -> None:
 
 def check_prep(specs: list[CondSpec]) -> None:
     """Every --prep kind known, and an annotator's extra and weights present, before any work."""
+    if not any(spec.prep for spec in specs):
+        return  # (the extractors, numpy and scipy, load only for --prep)
     from engine import annotators
     from engine.demo.extractors import EXTRACTORS, extract
 

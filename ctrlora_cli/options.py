@@ -30,7 +30,8 @@ SdOpt = Annotated[str | None, typer.Option("--sd", help="Stable Diffusion model 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto: cuda when present).")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", case_sensitive=False,
                                                  help="auto: fp16 on GPU for generation, bf16 for training; "
-                                                      "fp32 on CPU.")]
+                                                      "on CPU bf16 where it is native (AVX512-BF16, AMX), else "
+                                                      "fp32.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
 # Numbers carry no Typer ranges: every command checks its numbers through engine.checks, so that
 # each refusal reads the same ("--steps: must be between 1 and 1000, not 0") and NaN is refused too.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from ctrlora_cli import envconfig
 from ctrlora_cli.completion import init_names
 from ctrlora_cli.console import ask, interactive, out
 from ctrlora_cli.options import JsonOpt, LogToOpt, Precision, PrecisionOpt, SdOpt, SeedOpt, StepsOpt, examples, print_json
@@ -81,6 +82,7 @@ def train_base(
     # elsewhere, other nodes or another folder: every path absolute).
     settings = TrainBaseSettings(conditions=conditions, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                                  rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
+                                 cpu_bf16={None: "auto", True: "1", False: "0"}[envconfig.cpu_bf16()],
                                  save_every=save_every, resume=resume, workers=workers, timeout=timeout,
                                  resolution=resolution, seed=seed,
                                  data=tuple(_absolute_data(item) for item in data or []),

@@ -2,7 +2,13 @@
 
 ``resolve_device("auto")`` is the GPU when there is one, else the CPU. ``resolve_precision``
 fills in ``auto`` for what the run does: generation runs in fp16 on GPUs, training in bf16
-autocast (fp32 master weights); both run in fp32 on CPUs. fp16 on a CPU is refused.
+autocast (fp32 master weights). On a CPU both run in bf16 where the CPU computes bf16 natively
+(AVX512-BF16 or AMX, as ``torch.cpu`` reports them: then a bf16 matmul is several times faster
+than fp32) and in fp32 elsewhere (bf16 emulated in fp32 units is slower than fp32). fp16 on a
+CPU is refused.
+
+The engine reads no ``CTRLORA_`` variable: a face that offers an override of the CPU's answer
+(``CTRLORA_CPU_BF16``) passes it to ``set_cpu_bf16``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,31 @@ from engine.errors import SettingError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# CPU features with bf16 arithmetic in hardware, as torch.cpu.get_capabilities() names them.
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+_cpu_bf16: bool | None = None  # set_cpu_bf16's override; None: ask the CPU
+
+
+def native_cpu_bf16(capabilities: dict | None = None) -> bool:
+    """Whether this CPU (or ``capabilities``, as ``torch.cpu.get_capabilities()`` returns them)
+    computes bf16 natively: AVX512-BF16 or AMX-BF16."""
+    if capabilities is None:
+        get = getattr(torch.cpu, "get_capabilities", None)
+        capabilities = get() if get is not None else {
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_bf16": torch.cpu._is_amx_tile_supported()}
+    return any(bool(capabilities.get(name)) for name in NATIVE_BF16_FEATURES)
+
+
+def set_cpu_bf16(value: bool | None) -> None:
+    """Override what ``auto`` picks on a CPU: True bf16, False fp32, None the CPU's own answer."""
+    global _cpu_bf16
+    _cpu_bf16 = value
+
+
+def cpu_bf16() -> bool:
+    """Whether ``auto`` runs in bf16 on the CPU here (the override, else ``native_cpu_bf16``)."""
+    return native_cpu_bf16() if _cpu_bf16 is None else _cpu_bf16
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -36,12 +67,23 @@ def resolve_precision(precision: str | None, device: torch.device, *, training: 
     if precision not in PRECISIONS:
         raise SettingError("precision", f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = ("bf16" if training else "fp16") if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            precision = "bf16" if training else "fp16"
+        else:
+            precision = "bf16" if device.type == "cpu" and cpu_bf16() else "fp32"
     if precision not in allowed:
         raise SettingError("precision", f"{precision} is not supported here; choose one of {', '.join(allowed)}")
     if precision == "fp16" and device.type == "cpu":
         raise SettingError("precision", "fp16 needs a GPU; use fp32 or bf16 on the CPU")
     return precision
+
+
+def replayed_precision(recorded: str | None, device: torch.device) -> str:
+    """The precision to make a recorded image again in (``gen --from``): the one it was made in,
+    unless this device cannot run it (an fp16 recipe from a GPU, replayed on a CPU): then ``auto``."""
+    if recorded not in DTYPES or (recorded == "fp16" and device.type == "cpu"):
+        return "auto"
+    return recorded
 
 
 def device_and_dtype(device: str | torch.device | None, precision: str | None, *, training: bool = False,

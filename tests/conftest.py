@@ -8,6 +8,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CTRLORA_SHARED", REPO.parent / "shared"))
 REF_TINY = SHARED / "data" / "ref-tiny"
+# The suite's numbers are the same on every CPU: --precision auto means fp32 here (and in every
+# subprocess) unless the run sets CTRLORA_CPU_BF16; tests of bf16 ask for it.
+os.environ.setdefault("CTRLORA_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +58,13 @@ def tiny_store(tiny_store_template, tmp_path, monkeypatch):
     shutil.copytree(tiny_store_template, root, ignore=shutil.ignore_patterns("views", ".lock"))
     monkeypatch.setenv("CTRLORA_HOME", str(root))
     return Store(root)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_bf16_from_env():
+    """The engine's CPU bf16 choice as CTRLORA_CPU_BF16 says, again before each test (a test may
+    have changed it in this process)."""
+    from ctrlora_cli.envconfig import apply_cpu_bf16
+
+    apply_cpu_bf16()
+    yield

@@ -37,3 +37,19 @@ def test_an_engine_setting_is_worded_as_the_flag():
     """SettingError("grad_accum", ...) from the engine reaches the user as --grad-accum."""
     result = run_cli("train-base", "x=.", "--out", "x", "--grad-accum", "0", "--print-command")
     assert result.returncode == 2 and result.stderr.startswith("error: --grad-accum: "), result.stderr
+
+
+def test_the_app_and_help_import_no_model_library():
+    """Start-up: the command table and --help load no torch, diffusers, transformers or peft (each
+    command imports them when it needs them); `ctrlora gen --help` answers without them too."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys, ctrlora_cli.app as app; from typer.testing import CliRunner; "
+            "CliRunner().invoke(app.app, ['gen', '--help']); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

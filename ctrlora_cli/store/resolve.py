@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctrlora_cli import envconfig
 from ctrlora_cli.store.names import validate_name
 from ctrlora_cli.store.store import Manifest, Store
 from engine.errors import UsageError
@@ -129,14 +130,19 @@ def adapter_file(store: Store, name_or_path: str, base: Manifest) -> tuple[Path,
     return path, meta
 
 
-def load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str, compile_: bool):
+def load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str | None, compile_: bool,
+                  recorded_precision: str | None = None):
     """(pipeline, {adapter digest: name in the model}, device, precision name); ``adapters`` are
-    (path, metadata, digest) as ``adapter_file`` and the store give them."""
+    (path, metadata, digest) as ``adapter_file`` and the store give them. ``precision`` None: the
+    recipe's ``recorded_precision`` where the device runs it, else auto (``engine.runtime``)."""
     from engine.formats.adapter_file import load_adapter_file
     from engine.models.storage import load_base, load_sd
     from engine.generation.pipeline import CtrLoraPipeline
-    from engine.runtime import device_and_dtype
+    from engine.runtime import device_and_dtype, replayed_precision, resolve_device
 
+    envconfig.apply_cpu_bf16()  # CTRLORA_CPU_BF16, before auto is decided
+    if precision is None:
+        precision = replayed_precision(recorded_precision, resolve_device(device))
     dev, dtype, precision = device_and_dtype(device, precision)
     pipe = CtrLoraPipeline(load_sd(sd_dir, device=dev, dtype=dtype), load_base(cn_dir, device=dev, dtype=dtype),
                            device=dev, dtype=dtype, compile=compile_)

@@ -73,7 +73,7 @@ class CtrLoraPipeline:
         # Several: merged weights per adapter where LoRA costs most (engine.generation.premerge). Not under
         # torch.compile, whose graphs would keep the patched layers' closures.
         self.premerge = premerge and not compile
-        # CPU fp32: wide low-resolution convolutions with weights reordered once (engine.generation.prepacked).
+        # CPU fp32/bf16: wide low-resolution convolutions with weights reordered once (engine.generation.prepacked).
         self.prepack = prepack and not compile and prepacked_available(self.device, dtype)
         if borrow:
             # Fusing and unfusing would leave the base weights off by rounding; a model in training

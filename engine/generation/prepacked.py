@@ -8,7 +8,10 @@ and IPEX do). High-resolution convolutions gain nothing and keep the eager path.
 
 ``prepacked_convs(modules)`` is a context manager. Inside it, each eligible ``nn.Conv2d`` keeps
 only its reordered weight (so memory does not grow); on leaving, the plain weight is restored
-exactly (a reorder is a permutation). Only fp32 on the CPU, where oneDNN is available.
+exactly (a reorder is a permutation). fp32 and bf16 on the CPU, where oneDNN is available: in bf16
+the reorder gains as much (measured on 4 x C x H x W inputs, eager over prepacked time: 1.6x for
+1280 channels at 4 x 4, 1.3x at 8 x 8, 1.6x for 640 at 16 x 16; 1.1x for 320 at 32 x 32, which
+stays eager).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ MAX_PIXELS = 16 * 16  # convolutions on inputs this small or smaller use reorder
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 

@@ -43,7 +43,7 @@ class FitConfig:
     grad_accum: int = 1
     lr: float = 1e-5
     resolution: int = 512
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere; fit trains in fp32 or bf16 only
+    precision: str = "auto"  # auto: engine.runtime's choice (bf16 on CUDA and native-bf16 CPUs); fp32 or bf16 only
     grad_checkpointing: bool = False
     drop_prompt: float = 0.3
     val_every: int = 0
@@ -103,7 +103,8 @@ class TrainBaseSettings:
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     lr: float = field(default=1e-5, metadata=_help("AdamW learning rate"))
     rank: int = field(default=PAPER_RANK, metadata=_help("LoRA rank of every condition"))
-    precision: str = field(default="auto", metadata=_help("auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16"))
+    precision: str = field(default="auto", metadata=_help("auto (bf16 on GPU and on CPUs with native bf16, else "
+                                                             "fp32), fp32, bf16 or fp16"))
     grad_checkpointing: bool = field(default=False, metadata=_help("recompute activations: less memory, slower"))
     save_every: int = field(default=1000, metadata=_help("write a checkpoint every N steps (0: only at the end)"))
     resume: bool = field(default=False, metadata=_help("continue the run in the run folder from its checkpoint"))
@@ -115,6 +116,8 @@ class TrainBaseSettings:
                                                    "read in the training process)"))
     timeout: int = field(default=1800, metadata=_help("seconds a process waits for the others (e.g. while they "
                                                       "encode their share of the folders) before the run ends"))
+    # the face's CTRLORA_CPU_BF16 (engine.runtime.set_cpu_bf16): auto, 1 or 0
+    cpu_bf16: str = field(default="auto", metadata=_help(None))
     stop_after: int = field(default=0, metadata=_help(None))  # tests: stop after N steps, as if preempted
     # tests: after N steps, wait to be killed (a machine lost mid-run, at a known step)
     pause_after: int = field(default=0, metadata=_help(None))

@@ -218,8 +218,9 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     from engine.training.objective import diffusion_loss
     from engine.training.shards import load_condition_data
 
-    from engine.runtime import resolve_precision
+    from engine.runtime import resolve_precision, set_cpu_bf16
 
+    set_cpu_bf16(None if args.cpu_bf16 == "auto" else args.cpu_bf16 == "1")
     precision = resolve_precision(args.precision, device, training=True)
     from engine.training.shards import needs_vae
 
