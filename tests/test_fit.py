@@ -170,6 +170,17 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_store, tmp_path,
     assert [x["step"] for x in lines] == list(range(1, 13))
     assert [x["loss"] for x in lines] == [x["loss"] for x in whole_lines]
 
+    # --precision auto on resume keeps what the run began with (fp32 here), even where this CPU
+    # would now pick bf16: the finished run resumes to the same adapter.
+    from engine import runtime
+
+    runtime.set_cpu_bf16(True)
+    again = fit(scan_folder(data), sd=sd, controlnet=controlnet, run_dir=tmp_path / "whole",
+                cache_dir=tmp_path / "cache", config=FitConfig(condition="whole", **_RESUME_SETTINGS), resume=True)
+    runtime.set_cpu_bf16(False)
+    c, _ = load_adapter_file(again.adapter_file)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
     # Resuming with other settings is refused, naming what changed.
     with pytest.raises(UsageError, match=r"lr 0\.001 -> 0\.0001"):
         fit(scan_folder(data), sd=sd, controlnet=controlnet, run_dir=tmp_path / "whole", cache_dir=tmp_path / "cache",

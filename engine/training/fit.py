@@ -189,6 +189,13 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
     ``controlnet``: the frozen Base ControlNet (left bit-identical; the adapter lives beside it).
     A run already in ``run_dir`` is continued with ``resume``, or started over with ``restart``
     (its files are deleted once the new run's setup has worked); else it is refused."""
+    if resume and config.precision == "auto":
+        # auto keeps what the run began with (an older build, or another CPU, may have decided otherwise)
+        began = ((saved_run(Path(run_dir)) or {}).get("identity") or {}).get("precision")
+        if began in ("fp32", "bf16"):
+            from dataclasses import replace
+
+            config = replace(config, precision=began)
     config = config.resolved()
     run_dir = Path(run_dir)
     started = time.perf_counter()

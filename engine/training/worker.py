@@ -222,6 +222,10 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
 
     set_cpu_bf16(None if args.cpu_bf16 == "auto" else args.cpu_bf16 == "1")
     precision = resolve_precision(args.precision, device, training=True)
+    saved = launcher.saved_run(out) if args.resume else None
+    if saved is not None and args.precision == "auto":
+        # auto keeps what the run began with (an older build, or another CPU, may have decided otherwise)
+        precision = saved["identity"].get("precision used", precision)
     from engine.training.shards import needs_vae
 
     sd = load_sd(args.sd, device=device, vae=needs_vae(args))  # latent shards alone: no VAE
@@ -240,7 +244,6 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     identity = {**launcher.run_identity(args, world), "precision used": precision,
                 "pairs per condition": {c: len(d) for c, d in data.items() if not d.streamed}}
     if args.resume:
-        saved = launcher.saved_run(out)
         if saved is not None:
             launcher.refuse_changes(out, launcher.resume_changes(saved["identity"], identity))
     elif rank == 0:
