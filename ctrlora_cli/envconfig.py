@@ -176,6 +176,7 @@ LIBRARY_DEFAULTS = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",  # ctrlora ui: the app sends nothing home
 }
 
 

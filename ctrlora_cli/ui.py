@@ -4,7 +4,6 @@ itself is ``ctrlora_cli.webui``."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import tempfile
 from pathlib import Path
 
@@ -47,7 +46,6 @@ def ui(
         import gradio  # noqa: F401
     except ImportError:
         raise CtrloraError(f"the app needs Gradio, an optional extra: {INSTALL}") from None
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from ctrlora_cli.store.store import Store
     from ctrlora_cli.webui.handlers import Session

@@ -51,7 +51,10 @@ def _at_a_terminal(args: list[str], env: dict, answer: str | None, timeout: floa
     try:
         while time.monotonic() < deadline:
             # select first: a child waiting on a question we never saw must not hang the suite
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            wait = max(0.0, deadline - time.monotonic())
+            if answer is None and answered:
+                wait = min(wait, 2.0)  # after Ctrl-C the child should end at once
+            ready, _, _ = select.select([master], [], [], wait)
             if not ready:
                 break
             try:

@@ -205,11 +205,7 @@ class Scene:
             return extract("outpainting", image, ratio=self.outpaint_ratio)
         if kind == "inpainting":
             return extract("inpainting", image, **self.inpaint)
-        if kind == "canny":
-            # The world's canny keeps the blur the shipped demo adapters were trained on (the
-            # extractor's default became cv2.Canny's: no blur).
-            return extract("canny", image, sigma=1.0)
-        return extract(kind, image)  # mosaic, palette, sketch: the extractors' defaults
+        return extract(kind, image)  # canny, mosaic, palette, sketch: the extractors' defaults
 
 
 def check_size(size: int) -> int:
