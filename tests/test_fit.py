@@ -371,12 +371,15 @@ def test_fit_refuses_latent_shards_of_another_size_or_vae(tiny_store, latent_sha
 
     from engine.training.latent_shards import fit_source
 
-    vae_config = tiny_store.folder("tiny-sd") / "vae" / "config.json"
-    vae_config.write_text(vae_config.read_text() + "\n")  # another VAE, as far as its files tell
+    sd = tiny_store.folder("tiny-sd")  # a view of links to the store's blobs: one is replaced below
+    vae_config = sd / "vae" / "config.json"
+    text = vae_config.read_text()
+    vae_config.unlink()  # a new file, not the blob
+    vae_config.write_text(text + "\n")  # another VAE, as far as its files tell
     with pytest.raises(UsageError, match="encoded with another VAE than .*tiny-sd's; train with the SD they were"):
-        fit_source(latent_shards, "mask", FitConfig(resolution=64), tiny_store.folder("tiny-sd"))
+        fit_source(latent_shards, "mask", FitConfig(resolution=64), sd)
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "shard-0.tar").write_bytes(b"")
     with pytest.raises(UsageError, match="holds shards but no manifest.json of finished latent shards"):
-        fit_source(raw, None, FitConfig(), tiny_store.folder("tiny-sd"))
+        fit_source(raw, None, FitConfig(), sd)
