@@ -63,7 +63,7 @@ def encode_shards(
     if "conditions" in summary:
         counts = ", ".join(f"{c} {n}" for c, n in summary["conditions"].items())
         out.print(f"{done}; {summary['out']} holds {summary['shards']} latent shards ({counts}): train with "
-                  f"--shards '{summary['out']}/*.tar'", highlight=False)
+                  f"train-base --shards '{summary['out']}/*.tar', or fit {summary['out']}", highlight=False)
     else:
         out.print(f"{done}; {summary['shards done']} of {summary['shards']} shards are done (the other parts' "
                   f"processes write the rest; the manifest comes with the last)", highlight=False)

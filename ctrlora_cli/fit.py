@@ -1,4 +1,4 @@
-"""``ctrlora fit``: a new condition's adapter from a folder of pairs, straight into the store."""
+"""``ctrlora fit``: a new condition's adapter from a folder of pairs (or of latent shards), straight into the store."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from engine.training.settings import FitConfig
 
 DATA_HELP = """Folder of training pairs: either prompt.json (JSON lines {"source", "target", "prompt"}) with
 source/ and target/, or source/ and target/ with matching file names and prompts in prompts.jsonl
-({"name", "prompt"} lines) or one .txt per image."""
+({"name", "prompt"} lines) or one .txt per image. Or a folder of latent shards (`ctrlora encode-shards`' OUT):
+trained from without loading the VAE."""
 FIT = FitConfig()  # the defaults
 FitBaseOpt = retold(BaseOpt, "Base ControlNet to fit on (default: with --resume, the run's; else the only one, or "
                              "'base').")
@@ -26,15 +27,17 @@ FitPrecisionOpt = retold(PrecisionOpt, "auto: bf16 on GPU and on CPUs with nativ
 
 def register(app: typer.Typer) -> None:
     app.command("fit", epilog=examples("ctrlora fit ./my-pairs --name mosaic", "ctrlora fit ./my-pairs --name mosaic "
-                                       "--resume", "ctrlora fit ./my-pairs --name mosaic --steps 200 --json"))(fit)
+                                       "--resume", "ctrlora fit ./my-pairs --name mosaic --steps 200 --json",
+                                       "ctrlora fit /data/latents --name mosaic --condition mosaic"))(fit)
 
 
 def fit(
     data: Path = typer.Argument(..., help=DATA_HELP, show_default=False),
     name: str | None = typer.Option(None, "--name", help="Store name of the new adapter (asked for when interactive)."),
     condition: str | None = typer.Option(None, "--condition", help="The condition's name, recorded in the adapter "
-                                                                   "(what eval measures) [default: the data's own "
-                                                                   "(world.json), else NAME]", show_default=False),
+                                                                   "(what eval measures); of latent shards, the one "
+                                                                   "to fit [default: the data's own (world.json, the "
+                                                                   "shards' only one), else NAME]", show_default=False),
     base: FitBaseOpt = None,
     sd: SdOpt = None,
     rank: int = typer.Option(FIT.rank, "--rank", help="LoRA rank, at least 1."),
@@ -98,6 +101,7 @@ def fit(
     from ctrlora_cli.store.results import add_fitted_adapter, weights_digest
     from engine.demo.world import recorded_condition
     from engine.training import fit as fitting
+    from engine.training.latent_shards import fit_source, read_condition
 
     try:
         fitting.check_run_folder(run_dir, resume, restart=force)
@@ -107,7 +111,9 @@ def fit(
     base = base or (run_base(store, run_dir) if resume else None) or default_base(store)
     base_manifest, controlnet_dir, sd_dir = base_folders(store, base, sd)
     envconfig.apply_cpu_bf16()  # CTRLORA_CPU_BF16, before auto is decided
-    config = replace(config, condition=(condition or recorded_condition(data) or name).strip()).resolved()
+    latent = fit_source(data, condition and condition.strip(), config, sd_dir)  # None: a folder of pairs
+    picked = latent[2] if latent else (condition or recorded_condition(data) or name).strip()
+    config = replace(config, condition=picked).resolved()
     cache_dir = cache_dir or store.root / "cache" / "latents"
 
     # The cheap checks are done; now the heavy work.
@@ -119,14 +125,19 @@ def fit(
 
     show = interactive()
     with progress_bars(show, describe=describe_fit) as callback:
-        pairs = scan_folder(data, skip_bad=skip_bad, workers=workers, callback=callback)
-    if pairs.skipped:
+        if latent:
+            pairs = read_condition(data, *latent, callback)  # the condition picked: config.condition
+        else:
+            pairs = scan_folder(data, skip_bad=skip_bad, workers=workers, callback=callback)
+    if not latent and pairs.skipped:
         warn(f"left out {describe_problems(pairs.skipped, pairs.folder)}")
     if show:
-        err.print(f"{len(pairs.pairs)} pairs ({pairs.layout} layout) of condition {config.condition!r}; training on "
+        kind = "from latent shards" if latent else f"({pairs.layout} layout)"
+        err.print(f"{len(pairs)} pairs {kind} of condition {config.condition!r}; training on "
                   f"{config.device} in {config.precision}; run folder {run_dir}", highlight=False)
 
-    sd_components = load_sd(sd_dir)
+    # From latent shards the VAE is loaded only for validation grids (--val-every), never for training.
+    sd_components = load_sd(sd_dir, vae=not latent or bool(config.val_every))
     controlnet = load_base(controlnet_dir)
     board = TensorBoardLog(run_dir) if log_to else None
     try:

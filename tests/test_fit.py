@@ -295,3 +295,91 @@ def test_names_and_run_folders_are_never_lost_or_silently_replaced(tiny_store, t
     assert len([m for m in tiny_store.list() if m.name == "edges"]) == 1
     blobs = {f.digest for m in tiny_store.list() for f in m.files}
     assert len(list((tiny_store.root / "blobs").iterdir())) == len(blobs)  # the old adapter's blob is gone
+
+
+# -- from latent shards (ctrlora encode-shards): no VAE --------------------------------------------
+
+@pytest.fixture(scope="module")
+def latent_shards(tiny_store_template, tmp_path_factory):
+    """The latent shards of 4 raw shards (4 pairs of edges, 4 of mask) at 64 px, encoded with tiny-sd's VAE."""
+    from ctrlora_cli.store.store import Store
+    from engine.training.latent_shards import encode_shards, input_shards
+    from test_train_scale import raw_shards
+
+    folder = tmp_path_factory.mktemp("latent-fit")
+    out = folder / "latent"
+    encode_shards(input_shards(str(raw_shards(folder))), out, Store(tiny_store_template).folder("tiny-sd"), 64,
+                  torch.device("cpu"), batch=4)
+    return out
+
+
+def test_fit_from_latent_shards_never_loads_the_vae_and_resumes_exactly(tiny_store, latent_shards, tmp_path,
+                                                                      monkeypatch, one_thread):
+    from engine.models import storage
+    from engine.training.latent_shards import fit_source, read_condition
+    from hub_fixtures import cli
+
+    loads = []
+    real_load_sd = storage.load_sd
+    monkeypatch.setattr(storage, "load_sd", lambda folder, **kw: loads.append(kw) or real_load_sd(folder, **kw))
+    s = {**_RESUME_SETTINGS, "steps": 4, "save_every": 2}
+    args = ["fit", str(latent_shards), "--name", "masks", "--base", "tiny", "--precision", "fp32", "--json",
+            *[x for k in ("rank", "steps", "batch", "lr", "resolution", "save_every", "seed")
+              for x in (f"--{k.replace('_', '-')}", str(s[k]))]]
+    for more, message in (((), "the latent shards hold 2 conditions (edges, mask); pick the one to fit"),
+                          (("--condition", "canny"), "the latent shards hold no samples of 'canny'"),
+                          (("--condition", "mask", "--val-every", "2"), "latent shards hold no condition images to "
+                                                                        "validate with; give --val-cond IMAGE")):
+        refused = cli(*args, *more)
+        assert refused.code == 2 and message in refused.err, refused.err
+    assert loads == [] and not tiny_store.exists("masks")
+
+    done = cli(*args, "--condition", "mask")
+    assert done.code == 0, done.err
+    assert loads == [{"vae": False}]  # the SD without its VAE: training never needed it
+    summary = json.loads(done.out)
+    assert (summary["condition"], summary["pairs"], summary["steps"]) == ("mask", 4, 4)
+    entry = tiny_store.get("masks")
+    assert (entry.kind, entry.condition, entry.extra["pairs"]) == ("adapter", "mask", 4)
+    fitted, meta = load_adapter_file(tiny_store.folder("masks") / "adapter.safetensors")
+    assert meta["condition"] == "mask"
+
+    # The same run stopped at step 2 then resumed to 4 (steps may grow) gives the very same adapter.
+    _, controlnet_dir, sd_dir = base_folders(tiny_store, "tiny")
+    config = FitConfig(condition="mask", precision="fp32", **{**s, "steps": 2})
+    samples = read_condition(latent_shards, *fit_source(latent_shards, "mask", config, sd_dir))
+    assert entry.extra["data_digest"] == samples.digest and samples.target.dtype == torch.float16
+    sd, controlnet = real_load_sd(sd_dir, vae=False), load_base(controlnet_dir)
+    run = tmp_path / "stopped"
+    fit(samples, sd=sd, controlnet=controlnet, run_dir=run, cache_dir=tmp_path / "cache", config=config)
+    resumed = fit(samples, sd=sd, controlnet=controlnet, run_dir=run, cache_dir=tmp_path / "cache",
+                  config=FitConfig(condition="mask", precision="fp32", **s), resume=True)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    again, _ = load_adapter_file(resumed.adapter_file)
+    assert fitted.keys() == again.keys() and all(torch.equal(fitted[k], again[k]) for k in fitted)
+    assert any(fitted[k].abs().sum() > 0 for k in fitted if "lora_B" in k)  # it trained (lora_B starts at 0)
+
+
+def test_fit_refuses_latent_shards_of_another_size_or_vae(tiny_store, latent_shards, tmp_path):
+    env = {"CTRLORA_HOME": str(tiny_store.root)}
+    result = run_cli("fit", str(latent_shards), "--name", "x", "--base", "tiny", "--condition", "mask", env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: the latent shards were encoded at 64 px, not --resolution 512; train at their size, or encode them "
+        "again"]
+    assert not tiny_store.exists("x") and not (tiny_store.root / "runs" / "x").exists()
+
+    from engine.training.latent_shards import fit_source
+
+    sd = tiny_store.folder("tiny-sd")  # a view of links to the store's blobs: one is replaced below
+    vae_config = sd / "vae" / "config.json"
+    text = vae_config.read_text()
+    vae_config.unlink()  # a new file, not the blob
+    vae_config.write_text(text + "\n")  # another VAE, as far as its files tell
+    with pytest.raises(UsageError, match="encoded with another VAE than .*tiny-sd's; train with the SD they were"):
+        fit_source(latent_shards, "mask", FitConfig(resolution=64), sd)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "shard-0.tar").write_bytes(b"")
+    with pytest.raises(UsageError, match="holds shards but no manifest.json of finished latent shards"):
+        fit_source(raw, None, FitConfig(), sd)

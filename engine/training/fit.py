@@ -5,6 +5,10 @@ transformer norms, started from the base's values (``engine.models.adapters.add_
 equals the base. AdamW (torch defaults, lr 1e-5), epsilon-MSE on SD1.5's schedule
 (``engine.training.objective``), the prompt replaced by "" with probability 0.3, the condition never.
 
+The data is a folder of pairs (``PairSet``: the VAE and CLIP encode them once into the latent cache) or
+one condition of latent shards (``LatentSamples``, from ``ctrlora encode-shards``: the VAE is not
+needed at all; CLIP turns the stored token ids into embeddings once).
+
 What makes it cheap: the frozen encoders ran once (``engine.training.pairs``), so a step is the ControlNet
 and the UNet only; gradients flow to the adapter alone (no weight gradients for the 1.2 B frozen
 weights, which the reference computes and throws away); on GPU the frozen weights are held in bf16
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from engine.models import adapters
+from engine.training.latent_shards import LatentSamples, check_latent_shards, check_latent_validation
 from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, load_image
 from engine.training.objective import diffusion_loss
 from engine.training.metrics import TENSORBOARD, truncate_metrics
@@ -182,11 +187,13 @@ def _use_sdpa(*models) -> None:
 
 # -- the run -----------------------------------------------------------------------------------
 
-def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str | Path, config: FitConfig,
-        resume: bool = False, restart: bool = False, base_digest: str = "",
+def fit(pairs: PairSet | LatentSamples, *, sd, controlnet, run_dir: str | Path, cache_dir: str | Path,
+        config: FitConfig, resume: bool = False, restart: bool = False, base_digest: str = "",
         callback: ProgressCallback | None = None) -> FitResult:
-    """Fit an adapter on ``pairs``. ``sd``: SD components (engine.models.storage.load_sd, fp32, CPU);
-    ``controlnet``: the frozen Base ControlNet (left bit-identical; the adapter lives beside it).
+    """Fit an adapter on ``pairs`` (a folder's, or latent shards' samples of one condition).
+    ``sd``: SD components (engine.models.storage.load_sd, fp32, CPU; from latent shards its VAE may
+    be None: only validation grids need one); ``controlnet``: the frozen Base ControlNet (left
+    bit-identical; the adapter lives beside it).
     A run already in ``run_dir`` is continued with ``resume``, or started over with ``restart``
     (its files are deleted once the new run's setup has worked); else it is refused."""
     if resume and config.precision == "auto":
@@ -205,11 +212,17 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
     checkpoint = _open_run(run_dir, checkpoint_path, identity, resume, restart)
 
     device = torch.device(config.device)
-    vae, text_encoder = sd.vae.to(device), sd.text_encoder.to(device)
-    data = encode_pairs(pairs, vae, text_encoder, sd.tokenizer, config.resolution, LatentCache(cache_dir),
-                        batch_size=8 if device.type == "cuda" else 2, workers=config.workers, callback=callback,
-                        condition=config.condition)
+    text_encoder = sd.text_encoder.to(device)
     validation = _Validation.build(config, pairs, run_dir)
+    if isinstance(pairs, LatentSamples):  # encoded already: no VAE work (validation draws with it, if on)
+        check_latent_shards(pairs.manifest, config.resolution, None)  # (the caller checked the VAE's identity)
+        data = pairs.encoded(text_encoder, sd.tokenizer)
+    else:
+        data = encode_pairs(pairs, sd.vae.to(device), text_encoder, sd.tokenizer, config.resolution,
+                            LatentCache(cache_dir), batch_size=8 if device.type == "cuda" else 2,
+                            workers=config.workers, callback=callback, condition=config.condition)
+    if validation:
+        sd.vae.to(device)
     # Training needs no text encoder: its device memory back (validation encodes its few prompts on the CPU)
     sd.text_encoder = text_encoder.to("cpu")
     if device.type == "cuda":
@@ -257,7 +270,7 @@ def fit(pairs: PairSet, *, sd, controlnet, run_dir: str | Path, cache_dir: str |
     draw_loss_curve(history, run_dir / "loss.png")
     adapters.delete_adapter(controlnet, ADAPTER)  # leave the caller's base as it came
     return FitResult(adapter_file, run_dir, trainer.step, history[-1]["loss_smooth"] if history else loss, pairs.digest,
-                     base_digest, len(pairs.pairs), time.perf_counter() - started, resumed_from)
+                     base_digest, len(pairs), time.perf_counter() - started, resumed_from)
 
 
 def saved_run(run_dir: str | Path) -> dict | None:
@@ -340,11 +353,11 @@ def _save_checkpoint(path: Path, trainer: AdapterTrainer, smooth: "_Smoother", i
 
 
 def _write_adapter(path: Path, trainer: AdapterTrainer, controlnet, config: FitConfig, identity: dict,
-                   pairs: PairSet) -> Path:
+                   pairs: PairSet | LatentSamples) -> Path:
     from engine.formats.adapter_file import save_adapter_file
     from engine.models.arch import arch_id
 
-    provenance = {"type": "fit", "steps": trainer.step, "pairs": len(pairs.pairs), **identity}
+    provenance = {"type": "fit", "steps": trainer.step, "pairs": len(pairs), **identity}
     return save_adapter_file(path, trainer.adapter_state(), rank=config.rank, alpha=float(config.rank),
                              base_arch=arch_id(controlnet.config), condition=config.condition, provenance=provenance)
 
@@ -382,14 +395,19 @@ class _Validation:
         self.config, self.cond_images, self.prompts, self.folder = config, cond_images, prompts, folder
 
     @classmethod
-    def build(cls, config: FitConfig, pairs: PairSet, run_dir: Path) -> "_Validation | None":
+    def build(cls, config: FitConfig, pairs: PairSet | LatentSamples, run_dir: Path) -> "_Validation | None":
         if not config.val_every:
             return None
-        cond_paths = [Path(p) for p in config.val_conds] or [p.source for p in pairs.pairs[:2]]
+        if isinstance(pairs, LatentSamples):
+            check_latent_validation(config)
+            cond_paths, prompt = [Path(p) for p in config.val_conds], pairs.prompts[0]
+        else:
+            cond_paths = [Path(p) for p in config.val_conds] or [p.source for p in pairs.pairs[:2]]
+            prompt = pairs.pairs[0].prompt
         for path in cond_paths:
             if not path.is_file():
                 raise UsageError(f"validation condition {path} does not exist")
-        prompts = list(config.val_prompts) or [pairs.pairs[0].prompt]
+        prompts = list(config.val_prompts) or [prompt]
         try:
             images = [load_image(p, config.resolution) for p in cond_paths]
         except OSError as exc:

@@ -9,7 +9,9 @@ is written once every input shard is done. A sample of a latent shard:
                                  fp16; ids: the prompt's CLIP token ids (77,), int32
     000017.json                  {"condition": "canny", "prompt": "..."}
 
-Every step still draws a fresh latent from the posterior (as training from images does). Encoding
+Every step still draws a fresh latent from the posterior (as training from images does).
+``train-base`` streams latent shards (``engine.training.shards``); ``fit`` reads one condition's
+samples of them into memory once (``read_condition``), as it holds a folder's encoded pairs. Encoding
 is resumable: a finished shard (its ``.json`` written after it) is skipped, each shard is written
 to a temporary file and renamed, and several processes may encode one input list at once, each
 its own part (``part``/``parts``), into the same folder.
@@ -18,9 +20,14 @@ its own part (``part``/``parts``), into the same folder.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 KIND = "ctrlora latent shards"
@@ -191,3 +198,135 @@ class LatentDecoder:
         return meta["condition"], {"target": ("moments", None, tensors["target"].float()),
                                    "condition": ("moments", None, tensors["cond"].float()),
                                    "ids": tensors["ids"].long(), "prompt": meta.get("prompt", "")}
+
+
+def check_latent_shards(manifest: dict, resolution: int, sd_folder: str | Path | None) -> None:
+    """Latent shards are used at their size and with the VAE they were encoded with (checked by
+    its files' digests: nothing is loaded; ``sd_folder`` None: not checked here)."""
+    if manifest["resolution"] != resolution:
+        raise UsageError(f"the latent shards were encoded at {manifest['resolution']} px, not --resolution "
+                         f"{resolution}; train at their size, or encode them again")
+    if sd_folder is not None and manifest["vae"] != vae_files_digest(sd_folder):
+        raise UsageError(f"the latent shards were encoded with another VAE than {sd_folder}'s; train with the SD "
+                         f"they were encoded with (--sd), or encode them again")
+
+
+# -- fit: one condition of a latent shard folder, in memory ------------------------------------
+
+def latent_folder(folder: str | Path) -> tuple[list[Path], dict] | None:
+    """``fit``'s DATA when it is an ``encode-shards`` folder: (its shards, its manifest); None for
+    any other folder (pairs). Shards without a manifest (raw, or still being encoded) are refused."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if any(folder.glob("*.tar")):
+            raise UsageError(f"{folder} holds shards but no {MANIFEST} of finished latent shards: fit trains from a "
+                             f"folder of pairs or of latent shards; run `ctrlora encode-shards {folder} OUT --sd NAME` "
+                             f"(or let it finish) and fit from OUT")
+        return None
+    return [folder / name for name in manifest["shards"]], manifest
+
+
+def pick_condition(manifest: dict, condition: str | None) -> str:
+    """The one condition a fit trains on: ``condition`` among the shards', or their only one."""
+    held = list(manifest["conditions"])
+    if condition is None:
+        if len(held) == 1:
+            return held[0]
+        raise SettingError("condition", f"the latent shards hold {len(held)} conditions ({', '.join(held)}); pick "
+                                        "the one to fit with --condition")
+    if condition not in held:
+        raise SettingError("condition", f"the latent shards hold no samples of {condition!r} (they hold "
+                                        f"{', '.join(held)})")
+    return condition
+
+
+def fit_source(folder: str | Path, condition: str | None, config, sd_folder: str | Path
+               ) -> tuple[list[Path], dict, str] | None:
+    """``fit``'s checks of a latent shard folder, before anything loads: (its shards, its manifest,
+    the condition to fit), or None when ``folder`` is not one (a folder of pairs). ``config``: the
+    fit's ``FitConfig``; ``sd_folder``: the SD it trains with (its VAE must be the shards')."""
+    found = latent_folder(folder)
+    if found is None:
+        return None
+    paths, manifest = found
+    picked = pick_condition(manifest, condition)
+    check_latent_shards(manifest, config.resolution, sd_folder)
+    check_latent_validation(config)
+    return paths, manifest, picked
+
+
+def check_latent_validation(config) -> None:
+    """Validation grids from latent shards need condition images of their own: the shards hold none."""
+    if config.val_every and not config.val_conds:
+        raise SettingError("val_cond", "latent shards hold no condition images to validate with; give --val-cond "
+                                       "IMAGE (the VAE is then loaded for the validation grids only), or leave "
+                                       "--val-every off")
+
+
+@dataclass
+class LatentSamples:
+    """One condition's samples of a latent shard folder, in shard order (``fit``'s data):
+    posterior moments (N, 2C, h, w) in fp16 as stored, token ids (N, 77), prompts."""
+
+    folder: Path
+    condition: str
+    target: torch.Tensor
+    cond: torch.Tensor
+    ids: torch.Tensor
+    prompts: list[str]
+    manifest: dict
+    digest: str  # the samples' stored bytes, in order: what a resumed run must train on again
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def encoded(self, text_encoder, tokenizer):
+        """As ``engine.training.pairs.EncodedPairs``: each distinct prompt through the text encoder
+        once (and the empty prompt); the moments stay fp16 until a batch is drawn."""
+        import torch
+
+        from engine.models.encoders import encode_text
+        from engine.training.pairs import EncodedPairs
+
+        unique, index = torch.unique(self.ids, dim=0, return_inverse=True)
+        with torch.no_grad():
+            text = torch.cat([text_encoder(chunk.to(text_encoder.device))[0].float().cpu()
+                              for chunk in unique.split(32)])
+        empty = encode_text(text_encoder, tokenizer, [""])[0].float().cpu()
+        return EncodedPairs(self.target, self.cond, text, index, empty, float(self.manifest["scaling_factor"]),
+                            self.condition)
+
+
+def read_condition(folder: Path, paths: list[Path], manifest: dict, condition: str,
+                   callback=None) -> LatentSamples:
+    """Read ``condition``'s samples of the shards (``LatentDecoder`` on ``stream.read_shard``)."""
+    import hashlib
+
+    import torch
+
+    from engine.progress import report
+    from engine.training.stream import read_shard
+
+    decode = LatentDecoder((condition,))
+    digest = hashlib.sha256()
+    target, cond, ids, prompts = [], [], [], []
+    for done, path in enumerate(paths, 1):
+        for _, sample in read_shard(path):
+            decoded = decode(sample)
+            if decoded is None:
+                continue
+            payload = decoded[1]
+            digest.update(sample[LATENTS])
+            digest.update(sample["json"])
+            target.append(payload["target"][2].half())  # stored as fp16: exact both ways
+            cond.append(payload["condition"][2].half())
+            ids.append(payload["ids"])
+            prompts.append(payload["prompt"])
+        report(callback, "read", done, len(paths))
+    if not prompts:
+        raise UsageError(f"the latent shards of {folder} hold no sample of {condition!r}")
+    return LatentSamples(Path(folder), condition, torch.stack(target), torch.stack(cond), torch.stack(ids), prompts,
+                         manifest, "sha256:" + digest.hexdigest())

@@ -76,6 +76,9 @@ class PairSet:
     pairs: list[Pair]
     skipped: list[Problem] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return len(self.pairs)
+
     @property
     def digest(self) -> str:
         """Identifies the training data by content: the pairs' image digests and prompts."""
@@ -277,8 +280,9 @@ class LatentCache:
 class EncodedPairs:
     """A folder's pairs as cached encoder outputs (kept in memory, on the training device).
 
-    ``target``/``cond``: (N, 2C, h, w) posterior moments; ``text``: (U, L, D) embeddings of the U
-    distinct prompts, ``text_index`` (N,) which one each pair uses; ``empty``: (L, D) of ""."""
+    ``target``/``cond``: (N, 2C, h, w) posterior moments (fp32; fp16 from latent shards); ``text``:
+    (U, L, D) embeddings of the U distinct prompts, ``text_index`` (N,) which one each pair uses;
+    ``empty``: (L, D) of ""."""
 
     target: torch.Tensor
     cond: torch.Tensor
@@ -301,8 +305,9 @@ class EncodedPairs:
         from their posteriors and scaled, as the reference's VAE call at every step; each prompt
         replaced by "" with probability ``drop_prompt`` (the condition is never dropped)."""
         indices = indices.to(self.target.device)
-        latents = sample_posterior(self.target[indices], generator) * self.scaling_factor
-        cond = sample_posterior(self.cond[indices], generator) * self.scaling_factor
+        # .float(): latent shards' moments are held in fp16, as stored (fp32 ones are left as they are)
+        latents = sample_posterior(self.target[indices].float(), generator) * self.scaling_factor
+        cond = sample_posterior(self.cond[indices].float(), generator) * self.scaling_factor
         text = self.text[self.text_index[indices]]
         drop = torch.rand(len(indices), generator=generator, device=generator.device) < drop_prompt
         text = torch.where(drop.to(text.device)[:, None, None], self.empty.expand_as(text), text)

@@ -192,7 +192,7 @@ def load_condition_data(args, sd, device, rank: int, world: int, stream_state: d
     ``sample_batch(indices, generator, drop_prompt)``; a shard condition's (``streamed``)
     ``next_batch(n, generator, drop_prompt)``; both ``eval_batch(generator)``. ``stream_state``:
     the checkpoint's, to continue the shard readers where they stood."""
-    from engine.training.latent_shards import LatentDecoder, shards_manifest
+    from engine.training.latent_shards import LatentDecoder, check_latent_shards, shards_manifest
     from engine.training.launcher import shard_files
     from engine.training.pairs import LatentCache, vae_identity
 
@@ -208,7 +208,7 @@ def load_condition_data(args, sd, device, rank: int, world: int, stream_state: d
         states, leftovers = (resume_states(stream_state, layout, len(paths), args.seed) if stream_state
                              else fresh_states(layout))
         if latent:
-            check_latent_shards(latent, args)
+            check_latent_shards(latent, args.resolution, args.sd)
             decode, scaling = LatentDecoder(tuple(wanted)), latent["scaling_factor"]
         else:
             decode = RawDecoder(tuple(wanted), args.resolution, str(cache.root), vae_identity(sd.vae))
@@ -229,15 +229,3 @@ def needs_vae(args) -> bool:
     from engine.training.launcher import shard_files
 
     return bool(args.data) or not (args.shards and shards_manifest(shard_files(args.shards)))
-
-
-def check_latent_shards(manifest: dict, args) -> None:
-    """Latent shards are used at their size and with the VAE they were encoded with."""
-    from engine.training.latent_shards import vae_files_digest
-
-    if manifest["resolution"] != args.resolution:
-        raise UsageError(f"the latent shards were encoded at {manifest['resolution']} px, not --resolution "
-                         f"{args.resolution}; train at their size, or encode them again")
-    if manifest["vae"] != vae_files_digest(args.sd):
-        raise UsageError(f"the latent shards were encoded with another VAE than {args.sd}'s; train with the SD "
-                         f"they were encoded with (--sd), or encode them again")
