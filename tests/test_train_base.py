@@ -299,7 +299,8 @@ def runs(tiny_store_template, tmp_path_factory):
 
     killed = tmp / "killed"
     worker = ["--sd", str(store.folder("tiny-sd")), "--init-base", str(store.folder("tiny") / "controlnet"),
-              "--data", f"edges={edges}", "--data", f"mask={masks}", "--out", str(killed), *COMMON, "--pause-after", "6"]
+              "--data", f"edges={edges}", "--data", f"mask={masks}", "--out", str(killed), *COMMON, "--pause-after", "6",
+              "--cpu-bf16", "0"]  # as the command passes CTRLORA_CPU_BF16=0 (conftest) on: fp32 like the others
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                                 "--nproc-per-node", "2", "-m", "engine.training.worker", *worker],
                                env=_worker_env(), start_new_session=True, stdout=subprocess.DEVNULL,
