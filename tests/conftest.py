@@ -68,3 +68,13 @@ def _cpu_bf16_from_env():
 
     apply_cpu_bf16()
     yield
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: a shell without job control
+    starts background jobs (a CI script run with ``&``) with SIGINT ignored, children inherit
+    that, and Python then never turns Ctrl-C into KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

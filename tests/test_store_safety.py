@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, ctrl_c_as_at_a_terminal, run_cli
 from hub_fixtures import COND0_FILE, COND1_FILE, CTRLORA_REPO, cli, hub, hub_server, store_env, tiny_sd_folder  # noqa: F401
 from ctrlora_cli.store import resolve
 from ctrlora_cli.store.store import Store
@@ -45,7 +45,7 @@ def _at_a_terminal(args: list[str], env: dict, answer: str | None, timeout: floa
     full = dict(os.environ, **env, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 COLUMNS="200", TERM="dumb")
     proc = subprocess.Popen([sys.executable, "-m", "ctrlora_cli", *args], stdin=slave, stdout=slave, stderr=slave,
-                            env=full, close_fds=True)
+                            env=full, close_fds=True, preexec_fn=ctrl_c_as_at_a_terminal)
     os.close(slave)
     seen, answered, deadline = b"", False, time.monotonic() + timeout
     try:

@@ -12,7 +12,7 @@ import time
 import pytest
 from filelock import FileLock
 
-from conftest import REPO, run_cli
+from conftest import REPO, ctrl_c_as_at_a_terminal, run_cli
 from hub_fixtures import BASE_FILE, cli, hub, hub_server, store_env, tiny_sd_folder  # noqa: F401
 from ctrlora_cli.store.store import Store
 
@@ -21,7 +21,7 @@ def _spawn(env: dict, *args: str) -> subprocess.Popen:
     full = dict(os.environ, **env)
     full["PYTHONPATH"] = str(REPO) + os.pathsep + full.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-m", "ctrlora_cli", *args], env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_at_a_terminal)
 
 
 @pytest.mark.slow
