@@ -106,7 +106,7 @@ def main() -> None:
 
 
 def runs(args, cuda: bool) -> list[tuple[str, str, str]]:
-    """(method, precision, prepack "1"/"0") of each worker: ours in each of ``--precisions`` (and
+    """(method, precision, prepack "on"/"off") of each worker: ours in each of ``--precisions`` (and
     with and without prepacking if asked), the baselines in the precision their code runs in."""
     from engine.runtime import native_cpu_bf16, resolve_precision
 
@@ -119,7 +119,7 @@ def runs(args, cuda: bool) -> list[tuple[str, str, str]]:
         name = resolve_precision(name, device)
         if name not in ours:
             ours.append(name)
-    prepacks = {"on": ["1"], "off": ["0"], "both": ["1", "0"]}[args.prepack]
+    prepacks = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.prepack]
     out = []
     for method in args.methods.split(","):
         if method == "ours":
@@ -167,24 +167,13 @@ def make_weights(cache: Path, preset: str = "sd15") -> None:
 
 def worker(method: str, n: int, args, cuda: bool) -> dict:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
-    from engine.models.presets import SCHEDULER_CONFIG, SDComponents, build_tiny_tokenizer
-
-    cache = Path(args.cache)
     from engine.runtime import DTYPES
 
+    cache = Path(args.cache)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.precision]
-    load = dict(torch_dtype=dtype)
-    sd = SDComponents(UNet2DConditionModel.from_pretrained(cache / "unet", **load),
-                      AutoencoderKL.from_pretrained(cache / "vae", **load),
-                      CLIPTextModel.from_pretrained(cache / "text_encoder", dtype=dtype),
-                      build_tiny_tokenizer(),  # any CLIP tokenizer: ids only index the random embedding
-                      DDIMScheduler(**SCHEDULER_CONFIG))
-    for m in (sd.unet, sd.vae, sd.text_encoder):
-        m.to(device).eval().requires_grad_(False)
+    sd = load_components(cache, device, dtype)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, args.size, args.size, generator=g) for _ in range(n)]
     prompt, steps = "a red circle above a blue square", args.steps + 1  # + the warm-up step
@@ -192,7 +181,7 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
     if method == "diffusers":
         run = _diffusers(sd, images, cache, n, device, dtype, prompt)
     elif method in ("ours", "reference"):
-        run = _ours(sd, images, cache, n, device, dtype, prompt, method, args.compile, args.prepack == "1")
+        run = _ours(sd, images, cache, n, device, dtype, prompt, method, args.compile, args.prepack == "on")
     else:
         raise SystemExit(f"unknown method {method}")
 
@@ -206,7 +195,7 @@ def worker(method: str, n: int, args, cuda: bool) -> dict:
               "step_seconds": [round(wall, 4) for wall, _ in step_times], "peak_memory_mb": round(memory(), 1),
               "memory_kind": "cuda max allocated" if cuda else "process peak RSS (weights included)"}
     if method == "ours":
-        result["prepacked"] = args.prepack == "1"
+        result["prepacked"] = args.prepack == "on"
     if cuda or args.flops:
         result["flops_per_step"] = _flops_per_step(run)
     if cuda:
