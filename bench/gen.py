@@ -125,7 +125,7 @@ def runs(args, cuda: bool) -> list[tuple[str, str, str]]:
         if method == "ours":
             out += [(method, p, k) for p in ours for k in prepacks]
         else:
-            out.append((method, "fp16" if cuda else "fp32", "1"))
+            out.append((method, "fp16" if cuda else "fp32", "on"))
     return out
 
 
