@@ -160,10 +160,12 @@ def test_readme_first_command_runs_offline_in_an_empty_store(tmp_path, also):
     condition = Image.open(tmp_path / condition_path).convert("RGB")
     assert image.size == condition.size
     # It follows its condition: the segmentation re-extracted from the image matches the map given
-    # (boundary F1 0.80 when measured), far better than it matches the same map mirrored.
+    # far better than it matches the same map mirrored. The command takes a random seed, so the
+    # bounds hold for any: over 24 seeds the given map scored 0.59-0.92 (mean 0.76), the mirrored
+    # one 0.13-0.33, and the gap was never under 0.34.
     from PIL import ImageOps
 
     from engine.demo.fidelity import fidelity
 
     given = fidelity("seg", image, condition)["f1"]
-    assert given > 0.65 and given > fidelity("seg", image, ImageOps.mirror(condition))["f1"] + 0.3
+    assert given > 0.5 and given > fidelity("seg", image, ImageOps.mirror(condition))["f1"] + 0.2
