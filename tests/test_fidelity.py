@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
 from engine.demo.fidelity import PRIMARY, aggregate, edge_scores, fidelity, iou
 from engine.demo.world import CONDITIONS, make_scene
 
-EXACT = {"canny", "sketch", "outpainting", "inpainting", "mosaic", "palette"}
+EXACT = {"canny", "sketch", "hed", "outpainting", "inpainting", "mosaic", "palette", "grayscale", "blur"}
 
 
 @pytest.mark.parametrize("kind", CONDITIONS)
@@ -39,6 +39,12 @@ def test_fidelity_degrades_gracefully_with_a_blurred_copy():
     canny = fidelity("canny", soft, scene.condition("canny", image))
     assert 0.8 < canny["f1"] <= 1.0
     assert 0 < fidelity("mosaic", soft, scene.condition("mosaic", image))["mse"] < 0.005
+    assert 0.8 < fidelity("hed", soft, scene.condition("hed", image))["f1"] <= 1.0
+    assert 0 < fidelity("grayscale", soft, scene.condition("grayscale", image))["mse"] < 0.01
+    # blur and hed default to the world's settings for the condition's size; given ones are checked
+    assert fidelity("blur", image, scene.condition("blur", image), radius=4)["mse"] > 0
+    with pytest.raises(SettingError, match="greater than 0"):
+        fidelity("hed", image, scene.condition("hed", image), sigma=0)
 
 
 def test_edge_scores_tolerance():

@@ -100,7 +100,7 @@ def test_world_make_and_conditions(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--condition", "hed", "--count", "3"], "unknown world condition 'hed'"),
+    (["--condition", "openpose", "--count", "3"], "unknown world condition 'openpose'"),
     (["--condition", "canny"], "give --count"),
 ])
 def test_world_make_errors(args, message, tmp_path):

@@ -15,6 +15,7 @@ from engine.models.controlnet import BaseControlNetModel
 from engine.models.encoders import encode_text, tokenize
 from engine.models.presets import build_sd, unet_config, vae_config
 from engine.demo.toy_sd import ToySDSettings, render_world
+from engine.demo.world import BASE_CONDITIONS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_whole_demo_fits_the_size_budget(demo):
     base = BaseControlNetModel.from_unet(demo.unet)
     parts = {name: fp16_bytes(getattr(demo, name).state_dict()) for name in ("unet", "vae", "text_encoder")}
     parts["base"] = fp16_bytes(base_state_dict(base))
-    for i, rank in enumerate((8, 16, 16, 16, 16, 16)):  # five base conditions and a held-out one
+    for i, rank in enumerate((8,) + (16,) * len(BASE_CONDITIONS)):  # the base conditions and a held-out one
         add_adapter(base, f"c{i}", rank=rank)
         parts[f"c{i}"] = fp16_bytes(adapter_state_dict(base, f"c{i}"))
     total = sum(parts.values())

@@ -9,6 +9,7 @@ from PIL import Image
 from engine.demo import world
 from engine.errors import SettingError, UsageError
 from engine.demo.extractors import extract
+from engine.demo.fidelity import dilate
 from engine.models.presets import _TINY_WORDS, build_tiny_tokenizer
 from engine.demo.world import (BASE_CONDITIONS, CLASS_COLOURS, COLOURS, CONDITIONS, HELD_OUT_CONDITIONS, make_scene,
                                recorded_condition, write_dataset)
@@ -74,7 +75,7 @@ def test_captions_name_what_is_drawn(tokenizer):
 def test_condition_sets():
     assert set(BASE_CONDITIONS).isdisjoint(HELD_OUT_CONDITIONS)
     assert set(CONDITIONS) == set(BASE_CONDITIONS) | set(HELD_OUT_CONDITIONS) == set(world.CONDITION_HELP)
-    assert {"canny", "seg", "depth", "bbox", "outpainting"} <= set(BASE_CONDITIONS)
+    assert BASE_CONDITIONS == ("canny", "seg", "depth", "bbox", "outpainting", "grayscale", "blur", "hed")
     assert {"mosaic", "inpainting", "palette", "sketch"} <= set(HELD_OUT_CONDITIONS)
 
 
@@ -101,11 +102,29 @@ def test_conditions_are_exact():
         hole = ~pixels(scene.condition("inpainting", image)).any(axis=2)
         assert 0.02 < hole.mean() < 0.5
         assert pixels(image).any(axis=2).all()  # scenes never use pure black: it means "masked"
+        assert (pixels(scene.condition("grayscale", image)) == pixels(extract("grayscale", image))).all()
+
+
+def test_blur_and_hed_scale_with_the_size():
+    for size in (32, 64):
+        scene = make_scene(4, size=size)
+        image = scene.image()
+        blurred = pixels(scene.condition("blur", image))
+        assert (blurred == pixels(extract("blur", image, radius=size / 12))).all()
+        assert np.abs(blurred - pixels(image)).max() > 60  # the outlines are gone
+        soft = pixels(scene.condition("hed", image))[..., 0]
+        edges = pixels(scene.condition("canny", image))[..., 0] > 0
+        sigma = size / 32
+        assert soft[edges].max() == 255 and np.median(soft[edges]) > 200  # white on the edges ...
+        beside = dilate(edges, round(sigma)) & ~edges
+        assert 100 < soft[beside].mean() < 250  # ... fading beside them ...
+        assert (soft[~dilate(edges, 3 * round(sigma))] == 0).all()  # ... to black
+        assert (pixels(scene.condition("hed", image)) == soft[..., None]).all()  # grey
 
 
 def test_bad_condition_size_and_count(tmp_path):
-    with pytest.raises(UsageError, match="unknown world condition 'hed'"):
-        make_scene(0).condition("hed")
+    with pytest.raises(UsageError, match="unknown world condition 'openpose'"):
+        make_scene(0).condition("openpose")
     with pytest.raises(UsageError, match="multiple of 8"):
         make_scene(0, size=60)
     # Settings are refused naming the setting (the CLI words it as the flag: --count, --size).

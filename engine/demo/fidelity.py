@@ -1,8 +1,10 @@
 """How well a generated image follows its condition, as in the CtrLoRA paper's protocol: run the
 condition's extractor on the generated image and compare the result with the condition given.
 
-- Edges (canny, sketch): F1 of edge pixels, a pixel counting as matched when an edge of the other
-  map lies within ``tolerance`` pixels (the usual boundary F-measure).
+- Edges (canny, sketch, hed): F1 of edge pixels, a pixel counting as matched when an edge of the
+  other map lies within ``tolerance`` pixels (the usual boundary F-measure). For hed (soft lines)
+  the edge pixels are those at least half white, in the condition and in the generated image's
+  soft edges alike.
 - Segmentation and layer-order maps (seg, depth): no network ships with ctrlora to extract them
   from a picture, so we score their boundaries instead: Canny edges of the generated image against
   the places where the condition's colour changes (boundary F1).
@@ -11,6 +13,9 @@ condition's extractor on the generated image and compare the result with the con
 - Masked images (outpainting, inpainting): error on the pixels the condition keeps.
 - Everything else (mosaic, palette, grayscale, blur): error between the extractor's output on the
   generated image and the condition (mse and mae on [0, 1] values, and psnr in dB).
+
+Without ``params``, blur and hed take the demo world's settings for the condition's size
+(``engine.demo.world.BLUR_RADIUS`` and ``HED_SIGMA``).
 
 For an image the condition was extracted from, edge and error kinds score exactly 1.0 (or 0
 error) with the same extractor parameters; seg, depth and bbox score close to 1.0.
@@ -23,11 +28,13 @@ import math
 import numpy as np
 from PIL import Image
 
-from engine.checks import at_least
+from engine.checks import above, at_least
 from engine.errors import UsageError
-from engine.demo.extractors import (ALIASES, canny_edges, component_boxes, extract, label_components, to_array)
+from engine.demo.extractors import (ALIASES, canny_edges, component_boxes, extract, label_components, soft_edges,
+                                    to_array)
+from engine.demo.world import BLUR_RADIUS, HED_SIGMA
 
-EDGE_KINDS = ("canny", "sketch")
+EDGE_KINDS = ("canny", "sketch", "hed")
 BOUNDARY_KINDS = ("seg", "depth")
 BOX_KINDS = ("bbox",)
 MASKED_KINDS = ("outpainting", "inpainting")
@@ -58,6 +65,10 @@ def fidelity(kind: str, generated: Image.Image, condition: Image.Image, toleranc
     if kind == "canny":
         return edge_scores(to_array(extract(kind, generated, **params))[..., 0] > 127, wanted[..., 0] > 127,
                            tolerance)
+    if kind == "hed":
+        sigma = float(params.get("sigma", HED_SIGMA * min(condition.size)))
+        above("sigma", sigma, 0)
+        return edge_scores(to_array(soft_edges(generated, sigma))[..., 0] > 127, wanted[..., 0] > 127, tolerance)
     if kind == "sketch":
         return edge_scores(to_array(extract(kind, generated, **params))[..., 0] < 128, wanted[..., 0] < 128,
                            tolerance)
@@ -71,6 +82,8 @@ def fidelity(kind: str, generated: Image.Image, condition: Image.Image, toleranc
     if kind in MASKED_KINDS:
         kept = wanted.any(axis=2)  # masked-out pixels are exactly black
         return error_scores(to_array(generated)[kept], wanted[kept])
+    if kind == "blur":
+        params = {"radius": BLUR_RADIUS * min(condition.size), **params}
     return error_scores(to_array(extract(kind, generated, **params)), wanted)
 
 

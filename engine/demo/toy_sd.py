@@ -54,8 +54,8 @@ class WorldImages:
 
 
 def render_world(count: int, size: int = 64, seed: int = 0, progress: ProgressCallback | None = None) -> WorldImages:
-    """Scenes 0..count-1 of world ``seed``; scene i also gives its condition of kind i mod 9, so
-    every condition is seen equally often."""
+    """Scenes 0..count-1 of world ``seed``; scene i also gives condition i mod len(CONDITIONS) of
+    the world, so every condition is seen equally often."""
     from engine.demo.world import CONDITIONS, make_scene
 
     scenes = torch.empty((count, 3, size, size), dtype=torch.uint8)

@@ -24,11 +24,11 @@ from PIL import Image, ImageDraw
 
 from engine.checks import at_least, multiple_of, seed as check_seed
 from engine.errors import SettingError, UsageError
-from engine.demo.extractors import draw_boxes, extract
+from engine.demo.extractors import draw_boxes, extract, soft_edges
 from engine.files import write_atomic
 from engine.progress import ProgressCallback, report
 
-BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")
+BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting", "grayscale", "blur", "hed")
 HELD_OUT_CONDITIONS = ("mosaic", "inpainting", "palette", "sketch")
 CONDITIONS = BASE_CONDITIONS + HELD_OUT_CONDITIONS
 
@@ -38,6 +38,9 @@ CONDITION_HELP = {
     "depth": "layer order: later-drawn (nearer) shapes brighter, background black",
     "bbox": "each shape's box filled with its class colour, largest first",
     "outpainting": "a centred part of the scene kept, black elsewhere",
+    "grayscale": "the scene in grey levels (luminance only)",
+    "blur": "the scene blurred: a Gaussian of a twelfth of its side, layout kept, shapes lost",
+    "hed": "soft edges as HED draws them: Canny edges as white lines fading to black",
     "mosaic": "the scene pixelated into blocks of a sixteenth of its side",
     "inpainting": "the scene with a rectangle or brush strokes blacked out",
     "palette": "an 8 x 8 grid of cells painted with 6 colours",
@@ -81,6 +84,11 @@ GRADIENT = 24
 # Background pixels never reach pure black: (0, 0, 0) is reserved for masked-out regions.
 FLOOR = 8
 SIZES = (32, 512)
+# The blur condition's radius (a Gaussian's standard deviation) and the hed condition's line
+# softness (sigma), as fractions of the image side: 2.7 and 1 pixels at 32 x 32, where the blur
+# keeps where each shape is and its colour but not its outline.
+BLUR_RADIUS = 1 / 12
+HED_SIGMA = 1 / 32
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,11 @@ class Scene:
             return extract("outpainting", image, ratio=self.outpaint_ratio)
         if kind == "inpainting":
             return extract("inpainting", image, **self.inpaint)
-        return extract(kind, image)  # canny, mosaic, palette, sketch: the extractors' defaults
+        if kind == "blur":
+            return extract("blur", image, radius=BLUR_RADIUS * self.size)
+        if kind == "hed":
+            return soft_edges(image, HED_SIGMA * self.size)
+        return extract(kind, image)  # canny, grayscale, mosaic, palette, sketch: the extractors' defaults
 
 
 def check_size(size: int) -> int:
