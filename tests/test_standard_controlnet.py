@@ -14,17 +14,10 @@ from engine.models.controlnet import BaseControlNetModel
 from engine.models.presets import build_sd
 from engine.training.fit import AdapterTrainer, FitConfig
 from engine.training.pairs import LatentCache, encode_pairs, load_image, scan_folder
+from test_pipeline import one_thread  # noqa: F401  (module-wide, autouse: tiny tensors run best on one thread)
 
 SIZE = 32  # the demo's: 8 x 8 latents
 DRAW = dict(steps=3, guidance=3.0, seed=5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
