@@ -208,11 +208,11 @@ class CtrLoraPipeline:
             for i, t in enumerate(sched.timesteps):
                 start = time.perf_counter()
                 active = [k for k, c in enumerate(conditions) if c.acts_at(i, len(sched.timesteps))]
-                down, mid = self._residuals(conditions, active, cond_latents, text, t, strength, branches,
-                                            batch // per)
                 model_in = sched.scale_model_input(torch.cat([latents] * branches), t).to(self.dtype)
                 if self.channels_last:
                     model_in = model_in.contiguous(memory_format=torch.channels_last)
+                down, mid = self._residuals(conditions, active, cond_latents, text, t, strength, branches,
+                                            batch // per, model_in)
                 eps = self._unet(model_in, t, encoder_hidden_states=unet_text, down_block_additional_residuals=down,
                                  mid_block_additional_residual=mid, return_dict=False)[0].float()
                 if cfg:
@@ -234,10 +234,11 @@ class CtrLoraPipeline:
         return GenerationResult(images, latents.float().cpu(), [seed + k for k in range(batch)], condition_seed,
                                 width, height, timings)
 
-    def _residuals(self, conditions, active, cond_latents, text, t, strength, branches, repeat):
+    def _residuals(self, conditions, active, cond_latents, text, t, strength, branches, repeat, sample):
         """The weighted sum over the active conditions of their ControlNet residuals, for each
         guidance branch and distinct image (``text`` rows), repeated ``repeat`` times for the
-        images of the batch that share them: (down list, mid), or (None, None)."""
+        images of the batch that share them: (down list, mid), or (None, None). ``sample``: the
+        UNet's input at this step (the Base ControlNet never sees it; a standard ControlNet does)."""
         if not active:
             return None, None
         k, rows = len(active), len(text)

@@ -34,7 +34,7 @@ import torch
 from engine.models import adapters
 from engine.training.latent_shards import LatentSamples, check_latent_shards, check_latent_validation
 from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, load_image
-from engine.training.objective import diffusion_loss
+from engine.training.objective import controlled_eps, diffusion_loss
 from engine.training.metrics import TENSORBOARD, truncate_metrics
 from engine.training.settings import FitConfig  # its defaults and ranges; imported from here too
 from engine.errors import SettingError, UsageError
@@ -75,7 +75,13 @@ class FitResult:
 # -- the training step -------------------------------------------------------------------------
 
 class AdapterTrainer:
-    """The adapter, its optimizer and the step; no files. ``bench/fit.py`` times this class."""
+    """The adapter, its optimizer and the step; no files. ``bench/fit.py`` times this class.
+
+    What trains, what the ControlNet is fed and how it predicts are hooks (``_add_trainable``,
+    ``_batch``, ``_routing``, ``predict``): the demo's standard-ControlNet baseline
+    (``engine.demo.standard_controlnet``) trains with the same data order, generator and objective."""
+
+    predict = staticmethod(controlled_eps)  # diffusion_loss's ``predict``
 
     def __init__(self, unet, controlnet, scheduler, data: EncodedPairs, config: FitConfig):
         config = config.resolved()
@@ -86,9 +92,7 @@ class AdapterTrainer:
 
         unet.requires_grad_(False).eval()
         controlnet.requires_grad_(False).eval()
-        torch.manual_seed(config.seed)  # the LoRA down-projections' initial values
-        adapters.add_adapter(controlnet, ADAPTER, rank=config.rank)
-        self.params = adapters.adapter_parameters(controlnet, ADAPTER)
+        self.params = self._add_trainable(controlnet, config)
         for p in self.params.values():
             p.requires_grad_(True)
         unet.to(self.device)
@@ -109,6 +113,22 @@ class AdapterTrainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.step = 0
         self._orders: dict[int, torch.Tensor] = {}
+
+    def _add_trainable(self, controlnet, config: FitConfig) -> dict[str, torch.nn.Parameter]:
+        """What trains, by name: the new adapter's parameters."""
+        torch.manual_seed(config.seed)  # the LoRA down-projections' initial values
+        adapters.add_adapter(controlnet, ADAPTER, rank=config.rank)
+        return adapters.adapter_parameters(controlnet, ADAPTER)
+
+    def _batch(self, indices: torch.Tensor, generator: torch.Generator, drop_prompt: float):
+        """(target latents, what the ControlNet is fed, text embeddings) of ``indices``."""
+        return self.data.sample_batch(indices, generator, drop_prompt)
+
+    def _routing(self):
+        return self.controlnet.routing.use(ADAPTER)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.params.values())
 
     @property
     def samples_per_step(self) -> int:
@@ -139,12 +159,12 @@ class AdapterTrainer:
         position = self.step * self.samples_per_step
         for micro in range(c.grad_accum):
             idx = self.indices(position + micro * c.batch, c.batch)
-            latents, cond, text = self.data.sample_batch(idx, self.generator, c.drop_prompt)
+            latents, cond, text = self._batch(idx, self.generator, c.drop_prompt)
             # Backward inside the routing too: gradient checkpointing reruns forward pieces then.
-            with self.controlnet.routing.use(ADAPTER):
+            with self._routing():
                 with self.autocast():
                     loss = diffusion_loss(self.unet, self.controlnet, self.scheduler, latents, cond, text,
-                                          generator=self.generator)
+                                          generator=self.generator, predict=self.predict)
                 (loss / c.grad_accum).backward()
             total += loss.item()
         self.optimizer.step()
@@ -156,9 +176,10 @@ class AdapterTrainer:
     def loss_on(self, indices: torch.Tensor, seed: int) -> float:
         """The loss on fixed samples with fixed noise and timesteps (no prompt dropout)."""
         g = torch.Generator(self.device).manual_seed(seed)
-        latents, cond, text = self.data.sample_batch(indices, g, 0.0)
-        with self.autocast(), self.controlnet.routing.use(ADAPTER):
-            return diffusion_loss(self.unet, self.controlnet, self.scheduler, latents, cond, text, generator=g).item()
+        latents, cond, text = self._batch(indices, g, 0.0)
+        with self.autocast(), self._routing():
+            return diffusion_loss(self.unet, self.controlnet, self.scheduler, latents, cond, text, generator=g,
+                                  predict=self.predict).item()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.params.items()}

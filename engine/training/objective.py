@@ -40,7 +40,9 @@ def controlled_eps(unet, controlnet, noisy: torch.Tensor, timesteps: torch.Tenso
 
 
 def diffusion_loss(unet, controlnet, scheduler, latents: torch.Tensor, cond_latents: torch.Tensor,
-                   text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                   text: torch.Tensor, generator: torch.Generator | None = None, predict=controlled_eps) -> torch.Tensor:
+    """``predict``: how the controlled UNet predicts, ``controlled_eps``'s signature; the
+    condition (``cond_latents``) goes to it as given (a standard ControlNet takes pixels there)."""
     noisy, noise, timesteps = add_noise(scheduler, latents, generator)
-    prediction = controlled_eps(unet, controlnet, noisy, timesteps, text, cond_latents)
+    prediction = predict(unet, controlnet, noisy, timesteps, text, cond_latents)
     return F.mse_loss(prediction.float(), prediction_target(scheduler, latents, noise, timesteps).float())

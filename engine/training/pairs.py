@@ -291,13 +291,17 @@ class EncodedPairs:
     empty: torch.Tensor
     scaling_factor: float
     condition: str = ""
+    # (N, 3, H, W) condition images in [0, 1] at the training resolution, as ``load_image`` gives
+    # them: only with ``encode_pairs(..., condition_pixels=True)`` (a standard ControlNet's input)
+    cond_pixels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.target.shape[0]
 
     def to(self, device) -> "EncodedPairs":
-        for name in ("target", "cond", "text", "text_index", "empty"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("target", "cond", "text", "text_index", "empty", "cond_pixels"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def sample_batch(self, indices: torch.Tensor, generator: torch.Generator, drop_prompt: float = 0.0):
@@ -329,8 +333,9 @@ def posterior_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 def encode_pairs(pairs: PairSet, vae, text_encoder, tokenizer, resolution: int, cache: LatentCache,
                  batch_size: int = 4, workers: int = 4, callback: ProgressCallback | None = None,
-                 condition: str = "") -> EncodedPairs:
-    """Run the frozen encoders on whatever the cache lacks, then gather every pair's entries."""
+                 condition: str = "", condition_pixels: bool = False) -> EncodedPairs:
+    """Run the frozen encoders on whatever the cache lacks, then gather every pair's entries.
+    ``condition_pixels``: also keep every condition image itself (``EncodedPairs.cond_pixels``)."""
     vae_id, text_id = vae_identity(vae), text_identity(text_encoder, tokenizer)
     # Each image is keyed by its bytes, its role (the VAE sees targets in [-1, 1], conditions in
     # [0, 1]), the resolution and the encoder: a target reused with another condition is shared.
@@ -381,6 +386,10 @@ def encode_pairs(pairs: PairSet, vae, text_encoder, tokenizer, resolution: int, 
         return torch.stack([values[k] for k in keys])
 
     text_rows = {p: i for i, p in enumerate(prompts)}
+    pixels = None
+    if condition_pixels:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            pixels = torch.stack(list(pool.map(lambda pair: load_image(pair.source, resolution), pairs.pairs)))
     return EncodedPairs(
         target=gather(target_keys),
         cond=gather(cond_keys),
@@ -389,4 +398,5 @@ def encode_pairs(pairs: PairSet, vae, text_encoder, tokenizer, resolution: int, 
         empty=gather([prompt_keys[""]])[0],
         scaling_factor=float(vae.config.scaling_factor),
         condition=condition,
+        cond_pixels=pixels,
     )
