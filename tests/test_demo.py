@@ -81,43 +81,56 @@ def test_pull_demo_without_weights_says_how_to_build_them(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_builds_a_demo_that_pull_and_gen_use(tmp_path):
-    """Every stage of the recipe with tiny settings: toy SD, world data, train-base, the fit and
-    from-scratch curves with eval, the table, the fp16 export; then pull demo and gen with it."""
+    """Every stage of the recipe with tiny settings: toy SD, world data, train-base, the claim (every
+    arm, its lr sweep, both held-out conditions and data sizes; claim.json and claim.png), the
+    held-out fits, the fp16 export; then pull demo and gen with it."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    work, export = tmp_path / "work", tmp_path / "demo"
-    done = subprocess.run([sys.executable, str(RECIPE), "--quick", "--work", str(work), "--export", str(export)],
+    work, export, docs = tmp_path / "work", tmp_path / "demo", tmp_path / "docs"
+    done = subprocess.run([sys.executable, str(RECIPE), "--quick", "--work", str(work), "--export", str(export),
+                           "--docs", str(docs)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    table = json.loads((work / "fidelity.json").read_text())
-    assert table["condition"] == "sketch" and table["metric"] == "f1" and table["steps"] == 2
-    assert set(table["rows"]) == {"bare", "ctrlora", "scratch"}
-    for method in ("ctrlora", "scratch"):
-        assert [n for n, _ in table["rows"][method]["curve"]] == [2]
-        assert all(0 <= v <= 1 for _, v in table["rows"][method]["curve"])
-    assert "| (b) CtrLoRA adapter fitted on the base |" in done.stdout
+    # The claim: every arm on both held-out conditions and data sizes, its lr sweep, the verdict
+    claim = json.loads((docs / "claim.json").read_text())
+    assert [(p["condition"], p["pairs"]) for p in claim["panels"]] == [
+        ("sketch", 8), ("sketch", 4), ("palette", 8), ("palette", 4)]
+    for panel in claim["panels"]:
+        assert set(panel["arms"]) == {"adapter", "controlnet", "scratch", "full"}
+        assert (panel["metric"], panel["higher_is_better"]) == (
+            ("f1", True) if panel["condition"] == "sketch" else ("mse", False))
+        for arm in panel["arms"].values():
+            assert arm["steps"] == [1, 2] and len(arm["mean"]) == 2 and arm["trainable_parameters"] > 0
+            assert all(lo <= m <= hi for lo, m, hi in zip(arm["min"], arm["mean"], arm["max"]))
+    for key, tried in claim["sweep"].items():
+        assert set(tried["mean_over_curve"]) == {"0.0001", "0.0003"} and tried["chosen"] in (1e-4, 3e-4), key
+    assert set(claim["verdict"]) == {"8", "4"}
+    assert Image.open(docs / "claim.png").size[0] == 2 * 420
+    assert "| (c) standard ControlNet from the UNet (diffusers) |" in done.stdout.replace("sketch, 8 | ", "| ")
 
     about = json.loads((export / "demo.json").read_text())
-    assert set(about["adapters"]) == {"canny", "seg", "sketch"}
+    assert set(about["adapters"]) == {"canny", "seg", "sketch", "palette"}
     assert about["adapters"]["sketch"]["how"] == "fitted on the demo base"
-    assert about["fidelity"] == table
+    assert about["claim"]["verdict"] == claim["verdict"]
     # preview.png: a row per adapter, three unseen scenes of condition | generated | scene, 4x zoom
-    assert Image.open(export / "preview.png").size == (9 * 128 + 8 * 4 + 2 * 12, 3 * 128 + 2 * 4)
+    assert Image.open(export / "preview.png").size == (9 * 128 + 8 * 4 + 2 * 12, 4 * 128 + 3 * 4)
     from safetensors import safe_open
 
     with safe_open(str(export / "base" / "controlnet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
 
     # A second run finds every stage done and only re-exports.
-    again = subprocess.run([sys.executable, str(RECIPE), "--quick", "--work", str(work), "--export", str(export)],
+    again = subprocess.run([sys.executable, str(RECIPE), "--quick", "--work", str(work), "--export", str(export),
+                            "--docs", str(docs)],
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ ctrlora fit" not in again.stdout and "done earlier" in again.stdout
+    assert " runs, " not in again.stdout  # every claim run read back from its file
 
     home = {"CTRLORA_HOME": str(tmp_path / "home"), "CTRLORA_DEMO_DIR": str(export), "CTRLORA_OFFLINE": "1"}
     pulled = run_cli("pull", "demo", env=home)
     assert pulled.returncode == 0, pulled.stderr
     listed = json.loads(run_cli("list", "--json", env=home).stdout)
-    assert {e["name"] for e in listed} == {"demo", "demo-sd", "demo-canny", "demo-seg", "demo-sketch"}
+    assert {e["name"] for e in listed} == {"demo", "demo-sd", "demo-canny", "demo-seg", "demo-sketch", "demo-palette"}
     condition = make_world(tmp_path / "cond", "sketch", count=1, size=32, seed=3)
     out = tmp_path / "out.png"
     made = run_cli("gen", "--cond", f"demo-sketch={condition / 'source' / '0.png'}", "-p", "a red circle",

@@ -1,25 +1,31 @@
 """The recipe of the demo model that ships with ctrlora (``ctrlora pull demo``), and of the
-fidelity table in docs/demo.md: every stage is one of the project's own commands.
+paper's claim measured at toy scale (docs/claim.json, docs/claim.png): every stage is one of the
+project's own commands or engine functions.
 
 1. ``ctrlora world train-sd``: a toy Stable Diffusion (VAE, text encoder, v-prediction UNet of
-   the ``demo`` preset) trained on 32 x 32 world scenes.
-2. ``ctrlora world make``: 1,000 pairs for each base condition and for the held-out one, and a
-   held-out evaluation set drawn from another world seed (scenes never seen in training).
-3. ``ctrlora train-base``: the demo Base ControlNet and one adapter per base condition.
-4. The paper's claim at toy scale, on the held-out condition, with the same data and steps:
-   (b) ``ctrlora fit``: a CtrLoRA adapter on the base, scored by ``ctrlora eval`` after each
-   stage of the schedule; (c) ``ctrlora train-base`` on that condition alone from the UNet: a
-   ControlNet of the same architecture trained from scratch, scored the same way; (a) the base
-   with no adapter (``ctrlora eval none``).
-5. ``preview.png``: condition | generated | scene, for every adapter on unseen scenes.
-6. Export: fp16 weights, ``demo.json`` (names, sizes, the table) and the preview into the
+   the ``demo`` preset) trained on 32 x 32 world scenes; or, with ``--continue-shipped``, the
+   shipped build's toy SD and base pulled from the package folder.
+2. ``ctrlora world make``: 1,000 pairs for each base condition and each held-out one, and a
+   held-out evaluation set per held-out condition from another world seed (unseen scenes).
+3. ``ctrlora train-base``: the demo Base ControlNet on the world's eight base conditions with one
+   adapter each (from the toy SD's UNet, or continuing the shipped base); and ``demo-5``, the same
+   training on the first builds' five conditions, to measure what the other three buy.
+4. The claim (``engine.demo.claim``, ``claim_report.py``): on each held-out condition, (a) the bare
+   base, (b) a CtrLoRA adapter (``ctrlora fit``'s trainer), (c) a standard diffusers ControlNet
+   from the UNet, (d) our base architecture from the UNet, (e) the base fully fine-tuned; a
+   learning-rate sweep for every arm, then every arm at its best rate on every seed and data size,
+   scored by ``ctrlora eval``'s protocol after each step count of the curve. Written to
+   ``docs/claim.json`` and ``docs/claim.png`` (``--docs``).
+5. ``ctrlora fit``: the shipped held-out adapters (demo-sketch, demo-palette) at the adapter arm's rate.
+6. ``preview.png``: condition | generated | scene, for every adapter on unseen scenes.
+7. Export: fp16 weights, ``demo.json`` (names, sizes, the verdict) and the preview into the
    package folder beside this file (or ``--export``).
 
-    python ctrlora_cli/data/demo/recipe.py [--work build/demo] [--export DIR] [--quick]
+    python ctrlora_cli/data/demo/recipe.py [--work build/demo] [--continue-shipped] [--quick]
 
-Every stage is skipped when its result exists in the work folder, so an interrupted recipe
-continues where it stopped. ``--quick`` runs every stage with tiny settings (the CI test).
-The full settings take about an hour on 2 quiet CPU cores (docs/demo.md, "The demo model").
+Every stage is skipped when its result exists in the work folder, and every claim run when its
+result file exists, so an interrupted recipe continues where it stopped. ``--quick`` runs every
+stage with tiny settings (the CI test). Timings: docs/claim.md.
 """
 
 from __future__ import annotations
@@ -41,53 +47,91 @@ from engine.files import atomic_path, write_json  # noqa: E402  (write_json: who
 
 FULL = dict(
     size=32, sd_count=4000, vae_steps=800, unet_steps=1000, sd_batch=64, vae_batch=32,
-    pairs=1000, eval_pairs=64, rank=16, batch=16,
-    base_steps=1500, base_batch=32, base_lr=3e-4,
-    held="sketch", curve=[50, 100, 200, 400], lr=3e-4,
-    eval_steps=20, guidance=5.0, threshold=None,
+    pairs=1000, eval_pairs=64, rank=16, batch=8,
+    base_steps=1500, base_batch=32, base_lr=3e-4, continue_steps=1000,
+    held=("sketch", "palette"), eval_steps=20, guidance=5.0,
+    # The claim (engine.demo.claim): every arm, held-out condition, data size and seed. The lr sweep
+    # first: short runs of every arm at each rate (seed 0, the full data), the best by the mean score
+    # over sweep_curve; then every arm at its rate on every seed and size over the whole curve.
+    arms=("adapter", "controlnet", "scratch", "full"), sizes=(1000, 100), seeds=(0, 1), lrs=(1e-4, 3e-4, 1e-3),
+    sweep_curve=(50, 100), curve=(25, 50, 100, 200, 400), ablation_curve=(100, 200, 400), ablation_lr=3e-4, jobs=2,
 )
 QUICK = dict(
     size=32, sd_count=64, vae_steps=3, unet_steps=3, sd_batch=8, vae_batch=8,
     pairs=8, eval_pairs=2, rank=4, batch=4,
-    base_steps=2, base_batch=4, base_lr=3e-4,
-    held="sketch", curve=[2], lr=3e-4,
-    eval_steps=2, guidance=5.0, threshold=None,
+    base_steps=2, base_batch=4, base_lr=3e-4, continue_steps=2,
+    held=("sketch", "palette"), eval_steps=2, guidance=5.0,
+    arms=("adapter", "controlnet", "scratch", "full"), sizes=(8, 4), seeds=(0,), lrs=(1e-4, 3e-4),
+    sweep_curve=(1,), curve=(1, 2), ablation_curve=(2,), ablation_lr=3e-4, jobs=2,
 )
-BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")
 QUICK_BASE_CONDITIONS = ("canny", "seg")
+ORIGINAL_BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")  # the first builds' five (ablation)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("build/demo"), help="work folder (store, data, runs)")
     parser.add_argument("--export", type=Path, default=HERE, help="where the weights and demo.json go")
+    parser.add_argument("--docs", type=Path, default=HERE.parents[2] / "docs", help="where claim.json and claim.png go")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks every stage in a minute")
-    parser.add_argument("--no-export", action="store_true", help="stop after the fidelity table")
+    parser.add_argument("--continue-shipped", action="store_true",
+                        help="start from the shipped build (the package's demo-sd and base) instead of training the "
+                             "toy SD: the base is the shipped one trained on for continue_steps over every base condition")
+    parser.add_argument("--jobs", type=int, default=None, help="claim runs at once (default: the settings', 2)")
+    parser.add_argument("--arms", default=None, help="comma-separated claim arms (default: all; (e) 'full' may "
+                                                     "be dropped to save time)")
+    parser.add_argument("--no-export", action="store_true", help="stop after the claim and the preview")
     args = parser.parse_args()
     s = dict(QUICK if args.quick else FULL)
+    if args.jobs:
+        s["jobs"] = args.jobs
+    if args.arms:
+        s["arms"] = tuple(args.arms.split(","))
+    from engine.demo.world import BASE_CONDITIONS
+
     conditions = QUICK_BASE_CONDITIONS if args.quick else BASE_CONDITIONS
     recipe = Recipe(args.work.resolve(), s)
     started = time.time()
 
-    recipe.stage("toy SD", recipe.has("demo-sd"), "world", "train-sd", "--name", "demo-sd", "--size", s["size"],
-                 "--count", s["sd_count"], "--vae-steps", s["vae_steps"], "--unet-steps", s["unet_steps"],
-                 "--batch", s["sd_batch"], "--vae-batch", s["vae_batch"], "--json")
-    for condition in (*conditions, s["held"]):
+    if args.continue_shipped:
+        source = args.export if (args.export / "demo.json").is_file() else HERE
+        recipe.stage("shipped SD", recipe.has("demo-sd"), "pull", source / "sd", "--name", "demo-sd", "--kind", "sd")
+        recipe.stage("shipped base", recipe.has("demo-shipped"), "pull", source / "base" / "controlnet", "--name",
+                     "demo-shipped", "--kind", "base", "--sd", "demo-sd")
+    else:
+        recipe.stage("toy SD", recipe.has("demo-sd"), "world", "train-sd", "--name", "demo-sd", "--size", s["size"],
+                     "--count", s["sd_count"], "--vae-steps", s["vae_steps"], "--unet-steps", s["unet_steps"],
+                     "--batch", s["sd_batch"], "--vae-batch", s["vae_batch"], "--json")
+    for condition in (*conditions, *s["held"]):
         recipe.make_data(condition, condition, s["pairs"], seed=0)
-    recipe.make_data("eval", s["held"], s["eval_pairs"], seed=1)
-    data = [f"{c}={recipe.data(c)}" for c in conditions]
-    # --force: the stage starts over from what an interrupted attempt left (it saves no checkpoint to resume).
-    recipe.stage("base", recipe.has("demo"), "train-base", *data, "--init", "demo-sd", "--out", "demo",
-                 "--steps", s["base_steps"], "--batch", s["base_batch"], "--lr", s["base_lr"], "--rank", s["rank"],
-                 "--resolution", s["size"], "--save-every", 0, "--run-dir", recipe.work / "runs" / "base", "--json",
-                 "--force")
+    for held in s["held"]:
+        recipe.make_data(f"eval-{held}", held, s["eval_pairs"], seed=1)
+    init, steps = ("demo-shipped", s["continue_steps"]) if args.continue_shipped else ("demo-sd", s["base_steps"])
+    recipe.train_base("demo", conditions, init, steps)
+    bases = ["demo"]
+    if not args.quick:  # what the eight conditions buy: the same training on the first builds' five
+        recipe.train_base("demo-5", ORIGINAL_BASE_CONDITIONS, init, steps)
+        bases = (["demo-shipped"] if args.continue_shipped else []) + ["demo-5", "demo"]
 
-    table = recipe.compare(s)
-    write_json(recipe.work / "fidelity.json", table, sort_keys=False)
-    print(markdown_table(table))
-    preview = recipe.preview((*conditions, s["held"]))
+    from claim_report import draw, markdown, summarise
+
+    claim = recipe.claim(bases)
+    summary = summarise(claim["runs"], claim["bare"], claim["sweep"],
+                        {k: s[k] for k in ("held", "arms", "sizes", "seeds", "lrs", "sweep_curve", "curve", "batch", "rank",
+                                           "eval_pairs", "eval_steps", "guidance", "size")}
+                        | {"conditions": list(s["held"]), "bases": claim["bases"],
+                           "base_conditions": list(conditions)})
+    summary["wall_seconds"] = _timings(recipe.work)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    write_json(args.docs / "claim.json", summary, sort_keys=False)
+    draw(summary, args.docs / "claim.png")
+    print(markdown(summary))
+
+    for held in s["held"]:  # the shipped held-out adapters, fitted with ctrlora fit at the adapter arm's rate
+        recipe.fit_adapter(held, claim["chosen"][("adapter", held)] if ("adapter", held) in claim["chosen"] else s["ablation_lr"])
+    preview = recipe.preview((*conditions, *s["held"]))
     if not args.no_export:
-        export(recipe, conditions, s, table, args.export.resolve())
+        export(recipe, conditions, s, summary, args.export.resolve())
         shutil.copyfile(preview, args.export.resolve() / "preview.png")
     print(f"recipe done in {time.time() - started:.0f} s")
 
@@ -131,54 +175,124 @@ class Recipe:
         self.run("world", "make", folder, "--condition", condition, "--count", count, "--size", self.s["size"],
                  "--seed", seed, "--force")
 
-    def evaluate(self, adapter: str, base: str) -> dict:
+    def folder(self, name: str) -> Path:
+        from ctrlora_cli.store.store import Store
+
+        return Store(self.work / "store").folder(name)
+
+    def train_base(self, name: str, conditions, init: str, steps: int) -> None:
         s = self.s
-        out = self.run("eval", adapter, self.data("eval"), "--base", base, "--kind", s["held"], "--steps",
-                       s["eval_steps"], "--guidance", s["guidance"], "--json", capture=True)
-        return json.loads(out)
+        data = [f"{c}={self.data(c)}" for c in conditions]
+        # --force: the stage starts over from what an interrupted attempt left (it saves no checkpoint to resume).
+        self.stage(f"base {name}", self.has(name), "train-base", *data, "--init", init, "--out", name,
+                   "--steps", steps, "--batch", s["base_batch"], "--lr", s["base_lr"], "--rank", s["rank"],
+                   "--resolution", s["size"], "--save-every", 0, "--run-dir", self.work / "runs" / name, "--json",
+                   "--force")
 
-    def compare(self, s: dict) -> dict:
-        """The held-out condition: the bare base, a fitted adapter and a ControlNet from scratch,
-        scored after each stage of the same step schedule."""
-        results_file = self.work / "compare.json"
-        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    def fit_adapter(self, held: str, lr: float) -> None:
+        s = self.s
+        self.stage(f"fit demo-{held}", self.has(f"demo-{held}"), "fit", self.data(held), "--name", f"demo-{held}",
+                   "--base", "demo", "--steps", s["curve"][-1], "--batch", s["batch"], "--lr", lr, "--rank",
+                   s["rank"], "--resolution", s["size"], "--save-every", 0, "--run-dir",
+                   self.work / "runs" / f"fit-{held}", "--force")
 
-        def save():
-            write_json(results_file, results, sort_keys=False)
+    def claim(self, bases: list[str]) -> dict:
+        """The paper's claim (engine.demo.claim): the bare base per held-out condition, what each
+        base buys (the adapter arm on the first held-out condition), the lr sweep, then every arm at
+        its rate on every seed and data size. Each run's result is a file: an interrupted stage
+        redoes only the runs it had not finished."""
+        from engine.demo.claim import ArmRun
+        from engine.demo.settings import EvalSettings
 
-        held = s["held"]
-        if "bare" not in results:
-            results["bare"] = self.evaluate("none", "demo")
-            save()
-        for method in ("ctrlora", "scratch"):
-            for i, steps in enumerate(s["curve"]):
-                key = f"{method}@{steps}"
-                if key in results:
-                    continue
-                t0 = time.time()
-                resume = ["--resume"] if i else []
-                if method == "ctrlora":
-                    name = f"demo-{held}" if steps == s["curve"][-1] else f"fit-{held}-{steps}"
-                    # --force: a stage interrupted after its fit (the entry made, its score not saved)
-                    # is done again; without --resume it also starts the run over.
-                    self.run("fit", self.data(held), "--name", name, "--base", "demo", "--steps", steps,
-                             "--batch", s["batch"], "--lr", s["lr"], "--rank", s["rank"], "--resolution", s["size"],
-                             "--save-every", 0, "--run-dir", self.work / "runs" / "fit", "--force", *resume)
-                    adapter, base = name, "demo"
-                else:
-                    base = f"scratch-{steps}"
-                    # --force: the first stage starts over from what an interrupted attempt left; a later
-                    # one resumes the run's last checkpoint and replaces an entry an interrupted attempt stored.
-                    self.run("train-base", f"{held}={self.data(held)}", "--init", "demo-sd", "--out", base,
-                             "--steps", steps, "--batch", s["batch"], "--lr", s["lr"], "--rank", s["rank"],
-                             "--resolution", s["size"], "--save-every", 0, "--run-dir", self.work / "runs" / "scratch",
-                             "--json", "--force", *resume)
-                    adapter = f"{base}-{held}"
-                trained = time.time() - t0
-                results[key] = {**self.evaluate(adapter, base), "train_seconds": round(trained, 1)}
-                save()
-                self.log(key, time.time() - t0)
-        return summarise(results, s)
+        s, folder = self.s, self.work / "claim"
+        sd_dir = self.folder("demo-sd")
+        base_dir = lambda name: self.folder(name) / "controlnet"  # noqa: E731
+        ev = EvalSettings(steps=s["eval_steps"], guidance=s["guidance"])
+
+        def arm_run(arm, held, pairs, seed, lr, curve):
+            return ArmRun(arm, str(self.data(held)), str(self.data(f"eval-{held}")), held, pairs, tuple(curve), lr,
+                          seed=seed, batch=s["batch"], rank=s["rank"], resolution=s["size"], eval=ev,
+                          eval_pairs=s["eval_pairs"])
+
+        bare = {}
+        for held in s["held"]:
+            bare[held] = self.cached(folder / f"bare-{held}.json", "bare", held, lambda h=held: _bare(
+                sd_dir, base_dir("demo"), self.data(f"eval-{h}"), h, ev, s["eval_pairs"]))
+        # What each base buys: the adapter arm, first held-out condition, one seed, the full data.
+        held0 = s["held"][0]
+        ablation = {b: (arm_run("adapter", held0, s["pairs"], 0, s["ablation_lr"], s["ablation_curve"]), base_dir(b))
+                    for b in bases}
+        done = self.runs(folder / "bases", list(ablation.values()), sd_dir, "what each base buys")
+        base_rows = {}
+        for b, (run, _) in ablation.items():
+            result = done[run.key]
+            base_rows[b] = {"curve": [(p["steps"], p["value"]) for p in result["curve"]],
+                            "bare": self.cached(folder / f"bare-{held0}-{b}.json", "bare", b, lambda b=b: _bare(
+                                sd_dir, base_dir(b), self.data(f"eval-{held0}"), held0, ev, s["eval_pairs"]))["value"]}
+        # The sweep: short runs of every arm at every rate, seed 0, the full data; the best by the mean
+        # over the sweep's curve.
+        sweep_runs = [(arm_run(a, h, s["sizes"][0], s["seeds"][0], lr, s["sweep_curve"]), base_dir("demo"))
+                      for h in s["held"] for a in s["arms"] for lr in s["lrs"]]
+        swept = self.runs(folder / "sweep", sweep_runs, sd_dir, "lr sweep")
+        sweep, chosen = {}, {}
+        for h in s["held"]:
+            for a in s["arms"]:
+                tried = {lr: swept[arm_run(a, h, s["sizes"][0], s["seeds"][0], lr, s["sweep_curve"]).key]
+                         for lr in s["lrs"]}
+                higher = next(iter(tried.values()))["higher_is_better"]
+                mean = {lr: sum(p["value"] for p in r["curve"]) / len(r["curve"]) for lr, r in tried.items()}
+                best = (max if higher else min)(mean, key=mean.get)
+                chosen[(a, h)] = best
+                sweep[f"{a}/{h}"] = {"chosen": best, "mean_over_curve": {f"{lr:g}": v for lr, v in mean.items()},
+                                     "curves": {f"{lr:g}": [(p["steps"], p["value"]) for p in r["curve"]]
+                                                for lr, r in tried.items()}}
+        main_runs = [(arm_run(a, h, n, seed, chosen[(a, h)], s["curve"]), base_dir("demo"))
+                     for h in s["held"] for a in s["arms"] for n in s["sizes"] for seed in s["seeds"]]
+        results = self.runs(folder / "runs", main_runs, sd_dir, "arms")
+        return {"bare": bare, "runs": [results[r.key] for r, _ in main_runs], "sweep": sweep, "chosen": chosen,
+                "bases": base_rows}
+
+    def cached(self, path: Path, label: str, what: str, compute) -> dict:
+        if path.is_file():
+            return json.loads(path.read_text())
+        t0 = time.time()
+        value = compute()
+        write_json(path, value, sort_keys=False)
+        self.log(f"{label} {what}", time.time() - t0)
+        return value
+
+    def runs(self, folder: Path, runs: list, sd_dir: Path, label: str) -> dict:
+        """Every run's result by key: read where a file holds it, else run (``jobs`` at once, each
+        with its share of the cores) and written whole as it finishes."""
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        import multiprocessing
+
+        from engine.demo.claim import run_to_file
+
+        results, todo = {}, []
+        for run, base in runs:
+            path = folder / f"{run.key}.json"
+            if path.is_file():
+                results[run.key] = json.loads(path.read_text())
+            elif run.key not in {r.key for r, _, _ in todo}:
+                todo.append((run, base, path))
+        if not todo:
+            print(f"[{label}] done earlier")
+            return results
+        jobs = max(1, min(self.s["jobs"], len(todo)))
+        threads = max(1, (os.cpu_count() or 2) // jobs)
+        t0 = time.time()
+        print(f"[{label}] {len(todo)} runs, {jobs} at once, {threads} threads each", flush=True)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_to_file, run, sd_dir, base, self.work / "cache", path, threads): run
+                       for run, base, path in todo}
+            for future in as_completed(futures):
+                result = future.result()
+                results[result["key"]] = result
+                print(f"  {result['key']}: " + " ".join(f"{p['value']:.3f}" for p in result["curve"])
+                      + f" ({result['seconds']:.0f} s)", flush=True)
+        self.log(label, time.time() - t0)
+        return results
 
     def preview(self, conditions, scenes: int = 3, zoom: int = 4) -> Path:
         """``preview.png``: for every adapter, ``scenes`` unseen scenes (world seed 2) as rows of
@@ -213,53 +327,21 @@ class Recipe:
         return path
 
 
-def summarise(results: dict, s: dict) -> dict:
-    bare = results["bare"]
-    metric, higher = bare["metric"], bare["higher_is_better"]
-    ceiling = bare["ceiling"][metric]
-    rows = {"bare": {"steps": 0, "value": bare["value"]}}
-    curves = {m: [(n, results[f"{m}@{n}"]["value"]) for n in s["curve"]] for m in ("ctrlora", "scratch")}
-    # The fixed fidelity of "steps to reach": half-way from the bare base to the data's own targets.
-    threshold = s["threshold"] if s["threshold"] is not None else bare["value"] + 0.5 * (ceiling - bare["value"])
-    for method, curve in curves.items():
-        reached = [n for n, v in curve if (v >= threshold if higher else v <= threshold)]
-        rows[method] = {"value": curve[-1][1], "curve": curve, "steps_to_threshold": reached[0] if reached else None,
-                        "train_seconds": sum(results[f"{method}@{n}"]["train_seconds"] for n in s["curve"])}
-    return {"condition": s["held"], "metric": metric, "higher_is_better": higher, "ceiling": ceiling,
-            "threshold": threshold, "pairs": s["pairs"], "eval_pairs": s["eval_pairs"], "steps": s["curve"][-1],
-            "rows": rows}
+def _bare(sd_dir, base_dir, eval_data, kind, settings, eval_pairs) -> dict:
+    from engine.demo.claim import bare_and_ceiling
+
+    return bare_and_ceiling(sd_dir, base_dir, eval_data, kind, settings, eval_pairs)
 
 
-def markdown_table(table: dict) -> str:
-    m, steps = table["metric"], table["steps"]
-    r = table["rows"]
-
-    def reach(row):
-        n = row["steps_to_threshold"]
-        return f"{n}" if n is not None else f"> {steps}"
-
-    lines = [f"| {table['condition']} (held out), {table['pairs']} pairs, {steps} steps | {m} | "
-             f"steps to {m} {table['threshold']:.3f} |",
-             "| --- | --- | --- |",
-             f"| (a) base, no adapter | {r['bare']['value']:.3f} | - |",
-             f"| (b) CtrLoRA adapter fitted on the base | {r['ctrlora']['value']:.3f} | {reach(r['ctrlora'])} |",
-             f"| (c) ControlNet from scratch (from the UNet) | {r['scratch']['value']:.3f} | {reach(r['scratch'])} |",
-             f"| the data's own target images | {table['ceiling']:.3f} | - |"]
-    curve = " / ".join(f"{n}" for n, _ in r["ctrlora"]["curve"])
-    lines.append("")
-    lines.append(f"{m} after {curve} steps: CtrLoRA " + " / ".join(f"{v:.3f}" for _, v in r["ctrlora"]["curve"])
-                 + "; from scratch " + " / ".join(f"{v:.3f}" for _, v in r["scratch"]["curve"]))
-    return "\n".join(lines)
-
-
-def export(recipe: Recipe, conditions, s: dict, table: dict, target: Path) -> None:
+def export(recipe: Recipe, conditions, s: dict, summary: dict, target: Path) -> None:
     """fp16 weights of demo-sd, demo and its adapters, plus demo.json, into ``target``."""
     from ctrlora_cli.store.demo import export_demo
     from ctrlora_cli.store.store import Store
 
-    adapters = {c: f"demo-{c}" for c in (*conditions, s["held"])}
+    adapters = {c: f"demo-{c}" for c in (*conditions, *s["held"])}
+    claim = {"verdict": summary["verdict"], "bases": summary["settings"]["bases"], "details": "docs/claim.json"}
     export_demo(Store(recipe.work / "store"), target, sd="demo-sd", base="demo", adapters=adapters,
-                about={"settings": s, "fidelity": table, "timings": _timings(recipe.work)})
+                about={"settings": s, "claim": claim, "timings": _timings(recipe.work)})
     print(f"exported the demo to {target}")
 
 
