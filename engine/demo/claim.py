@@ -55,6 +55,7 @@ class ArmRun:
     resolution: int = 32
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(steps=20, guidance=5.0))
     eval_pairs: int = 64
+    base: str = ""  # which pretrained base, by name (part of the key where runs differ by it)
 
     def __post_init__(self):
         if self.arm not in ARMS:
@@ -63,7 +64,8 @@ class ArmRun:
 
     @property
     def key(self) -> str:
-        return f"{self.arm}-{self.kind}-{self.pairs}p-seed{self.seed}-lr{self.lr:g}-{self.curve[-1]}steps"
+        on = f"-on-{self.base}" if self.base else ""
+        return f"{self.arm}{on}-{self.kind}-{self.pairs}p-seed{self.seed}-lr{self.lr:g}-{self.curve[-1]}steps"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "curve": list(self.curve)}

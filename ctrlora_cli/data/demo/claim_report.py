@@ -90,6 +90,14 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {head} | {a['label']} | {a['lr']:g} | {spread} | "
                          f"{_reach(a['steps_to_mark'], a['steps'][-1])} | {a['train_seconds']:.0f} | "
                          f"{a['trainable_parameters'] / 1e6:.2f} M |")
+    bases = summary["settings"].get("bases") or {}
+    if len(bases) > 1:
+        first = next(iter(bases.values()))
+        lines += ["", f"| base | {summary['settings']['conditions'][0]}: bare base | adapter after "
+                  + " / ".join(str(n) for n, _ in first["curve"]) + " steps (seed 0, lr "
+                  f"{summary['settings'].get('ablation_lr', '')}) |", "| --- | --- | --- |"]
+        for name, row in bases.items():
+            lines.append(f"| {name} | {row['bare']:.3f} | " + " / ".join(f"{v:.3f}" for _, v in row["curve"]) + " |")
     v = summary["verdict"]
     lines += ["", "Claim holds (adapter reaches the mark before the standard ControlNet on every condition): "
               + ", ".join(f"{k} pairs: {'yes' if ok else 'no' if ok is False else 'n/a'}" for k, ok in v.items())]
@@ -142,7 +150,7 @@ def draw(summary: dict, path: Path, panel: tuple[int, int] = (420, 300)) -> Path
             v = lo_v + (hi_v - lo_v) * k / 4
             _, y = xy(min(steps), v)
             draw_.line((x0 - 4, y, x0, y), fill=(0, 0, 0))
-            draw_.text((ox + 6, y - 6), f"{v:.2f}", fill=(0, 0, 0))
+            draw_.text((ox + 6, y - 6), f"{v:.3f}" if hi_v - lo_v < 0.2 else f"{v:.2f}", fill=(0, 0, 0))
         for value, label in ((p["bare"], "bare"), (p["mark"], "mark"), (p["ceiling"], "targets")):
             if lo_v <= value <= hi_v:
                 _, y = xy(min(steps), value)

@@ -54,7 +54,8 @@ FULL = dict(
     # first: short runs of every arm at each rate (seed 0, the full data), the best by the mean score
     # over sweep_curve; then every arm at its rate on every seed and size over the whole curve.
     arms=("adapter", "controlnet", "scratch", "full"), sizes=(1000, 100), seeds=(0, 1), lrs=(1e-4, 3e-4, 1e-3),
-    sweep_curve=(50, 100), curve=(25, 50, 100, 200, 400), ablation_curve=(100, 200, 400), ablation_lr=3e-4, jobs=2,
+    sweep_curve=(50, 100), sweep_grow=2, curve=(25, 50, 100, 200, 400), ablation_curve=(100, 200, 400),
+    ablation_lr=3e-4, jobs=2,
 )
 QUICK = dict(
     size=32, sd_count=64, vae_steps=3, unet_steps=3, sd_batch=8, vae_batch=8,
@@ -62,7 +63,7 @@ QUICK = dict(
     base_steps=2, base_batch=4, base_lr=3e-4, continue_steps=2,
     held=("sketch", "palette"), eval_steps=2, guidance=5.0,
     arms=("adapter", "controlnet", "scratch", "full"), sizes=(8, 4), seeds=(0,), lrs=(1e-4, 3e-4),
-    sweep_curve=(1,), curve=(1, 2), ablation_curve=(2,), ablation_lr=3e-4, jobs=2,
+    sweep_curve=(1,), sweep_grow=0, curve=(1, 2), ablation_curve=(2,), ablation_lr=3e-4, jobs=2,
 )
 QUICK_BASE_CONDITIONS = ("canny", "seg")
 ORIGINAL_BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")  # the first builds' five (ablation)
@@ -117,8 +118,8 @@ def main() -> None:
 
     claim = recipe.claim(bases)
     summary = summarise(claim["runs"], claim["bare"], claim["sweep"],
-                        {k: s[k] for k in ("held", "arms", "sizes", "seeds", "lrs", "sweep_curve", "curve", "batch", "rank",
-                                           "eval_pairs", "eval_steps", "guidance", "size")}
+                        {k: s[k] for k in ("held", "arms", "sizes", "seeds", "lrs", "sweep_curve", "curve", "ablation_lr",
+                                           "batch", "rank", "eval_pairs", "eval_steps", "guidance", "size")}
                         | {"conditions": list(s["held"]), "bases": claim["bases"],
                            "base_conditions": list(conditions)})
     summary["wall_seconds"] = _timings(recipe.work)
@@ -128,7 +129,7 @@ def main() -> None:
     print(markdown(summary))
 
     for held in s["held"]:  # the shipped held-out adapters, fitted with ctrlora fit at the adapter arm's rate
-        recipe.fit_adapter(held, claim["chosen"][("adapter", held)] if ("adapter", held) in claim["chosen"] else s["ablation_lr"])
+        recipe.fit_adapter(held, claim["chosen"].get(("adapter", held), s["ablation_lr"]))
     preview = recipe.preview((*conditions, *s["held"]))
     if not args.no_export:
         export(recipe, conditions, s, summary, args.export.resolve())
@@ -209,10 +210,10 @@ class Recipe:
         base_dir = lambda name: self.folder(name) / "controlnet"  # noqa: E731
         ev = EvalSettings(steps=s["eval_steps"], guidance=s["guidance"])
 
-        def arm_run(arm, held, pairs, seed, lr, curve):
+        def arm_run(arm, held, pairs, seed, lr, curve, base=""):
             return ArmRun(arm, str(self.data(held)), str(self.data(f"eval-{held}")), held, pairs, tuple(curve), lr,
                           seed=seed, batch=s["batch"], rank=s["rank"], resolution=s["size"], eval=ev,
-                          eval_pairs=s["eval_pairs"])
+                          eval_pairs=s["eval_pairs"], base=base)
 
         bare = {}
         for held in s["held"]:
@@ -220,7 +221,7 @@ class Recipe:
                 sd_dir, base_dir("demo"), self.data(f"eval-{h}"), h, ev, s["eval_pairs"]))
         # What each base buys: the adapter arm, first held-out condition, one seed, the full data.
         held0 = s["held"][0]
-        ablation = {b: (arm_run("adapter", held0, s["pairs"], 0, s["ablation_lr"], s["ablation_curve"]), base_dir(b))
+        ablation = {b: (arm_run("adapter", held0, s["pairs"], 0, s["ablation_lr"], s["ablation_curve"], b), base_dir(b))
                     for b in bases}
         done = self.runs(folder / "bases", list(ablation.values()), sd_dir, "what each base buys")
         base_rows = {}
@@ -230,15 +231,19 @@ class Recipe:
                             "bare": self.cached(folder / f"bare-{held0}-{b}.json", "bare", b, lambda b=b: _bare(
                                 sd_dir, base_dir(b), self.data(f"eval-{held0}"), held0, ev, s["eval_pairs"]))["value"]}
         # The sweep: short runs of every arm at every rate, seed 0, the full data; the best by the mean
-        # over the sweep's curve.
-        sweep_runs = [(arm_run(a, h, s["sizes"][0], s["seeds"][0], lr, s["sweep_curve"]), base_dir("demo"))
-                      for h in s["held"] for a in s["arms"] for lr in s["lrs"]]
-        swept = self.runs(folder / "sweep", sweep_runs, sd_dir, "lr sweep")
-        sweep, chosen = {}, {}
-        for h in s["held"]:
-            for a in s["arms"]:
+        # over the sweep's curve. Where an arm's best is the highest rate tried, the next rate up
+        # (half a decade) runs too, up to sweep_grow times, for every arm alike: no arm is held back
+        # by the grid.
+        rates = {(a, h): list(s["lrs"]) for h in s["held"] for a in s["arms"]}
+        swept, sweep, chosen = {}, {}, {}
+        for _ in range(3):
+            runs = [(arm_run(a, h, s["sizes"][0], s["seeds"][0], lr, s["sweep_curve"]), base_dir("demo"))
+                    for (a, h), lrs in rates.items() for lr in lrs]
+            swept.update(self.runs(folder / "sweep", runs, sd_dir, "lr sweep"))
+            grown = False
+            for (a, h), lrs in rates.items():
                 tried = {lr: swept[arm_run(a, h, s["sizes"][0], s["seeds"][0], lr, s["sweep_curve"]).key]
-                         for lr in s["lrs"]}
+                         for lr in lrs}
                 higher = next(iter(tried.values()))["higher_is_better"]
                 mean = {lr: sum(p["value"] for p in r["curve"]) / len(r["curve"]) for lr, r in tried.items()}
                 best = (max if higher else min)(mean, key=mean.get)
@@ -246,6 +251,11 @@ class Recipe:
                 sweep[f"{a}/{h}"] = {"chosen": best, "mean_over_curve": {f"{lr:g}": v for lr, v in mean.items()},
                                      "curves": {f"{lr:g}": [(p["steps"], p["value"]) for p in r["curve"]]
                                                 for lr, r in tried.items()}}
+                if best == max(lrs) and len(lrs) < len(s["lrs"]) + s["sweep_grow"]:
+                    lrs.append(float(f"{best * (3 if f'{best:.0e}'[0] == '1' else 10 / 3):.1g}"))  # 1e-3, 3e-3, 1e-2
+                    grown = True
+            if not grown:
+                break
         main_runs = [(arm_run(a, h, n, seed, chosen[(a, h)], s["curve"]), base_dir("demo"))
                      for h in s["held"] for a in s["arms"] for n in s["sizes"] for seed in s["seeds"]]
         results = self.runs(folder / "runs", main_runs, sd_dir, "arms")
