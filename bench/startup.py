@@ -1,7 +1,12 @@
 """Start-up of README's first command: the wall time of ``ctrlora gen`` making the demo's first
 image (a fresh process each time, end to end), and how much of it is imports. Prints JSON.
 
-    python bench/startup.py [--repeats 3] [--tree PATH]   # --tree: another checkout's code (e.g. main's)
+    python bench/startup.py [--repeats 3] [--tree PATH] [--threads N] [--hide peft,accelerate,scipy]
+
+``--tree``: another checkout's code (e.g. main's). ``--threads``: OMP_NUM_THREADS for the children
+(default: torch's own choice). ``--hide``: run the children as if those installed distributions
+were not there (``python -S`` on a shadow of site-packages without them): what a default install,
+which pulls none of them, starts with.
 
 Setup (once, in a temporary folder, offline): ``pull demo`` and ``world make ./demo --condition seg
 -n 1 --size 32 --seed 7``. Then, ``--repeats`` times each, in fresh processes:
@@ -32,12 +37,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import site
 import time
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red triangle on a magenta background"
 GEN = ["gen", "--cond", "demo-seg=demo/source/0.png", "-p", PROMPT, "--seed", "7", "--out", "demo.png", "--force"]
+
+
+def shadow_site(hide: set[str], folder: Path) -> Path:
+    """A folder of links to every entry of site-packages except the files of the ``hide`` distributions."""
+    hidden = set()
+    for name in hide:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        hidden |= {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+    for entry in Path(site.getsitepackages()[0]).iterdir():
+        if entry.name not in hidden and entry.suffix != ".pth":
+            (folder / entry.name).symlink_to(entry)
+    return folder
 
 
 def run(args: list[str], cwd: str, env: dict) -> tuple[float, float, str]:
@@ -76,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="Runs of each measurement (default: 3).")
     parser.add_argument("--tree", type=Path, default=ROOT, help="The checkout whose code runs (default: this one).")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the children.")
+    parser.add_argument("--hide", default="", help="Comma-separated distributions the children do not see.")
     args = parser.parse_args()
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
@@ -84,9 +108,18 @@ def main() -> None:
 
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
+        paths = [str(args.tree.resolve()), os.environ.get("PYTHONPATH", "")]
+        hide = {h.strip() for h in args.hide.split(",") if h.strip()}
+        py: list[str] = []
+        if hide:
+            (Path(tmp) / "site").mkdir()
+            paths.insert(1, str(shadow_site(hide, Path(tmp) / "site")))
+            py = ["-S"]  # no site-packages (nor its .pth files): the shadow stands in for it
         env = {**os.environ, "CTRLORA_HOME": f"{tmp}/home", "CTRLORA_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join([str(args.tree.resolve()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        cli = ["-m", "ctrlora_cli"]
+               "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        cli = [*py, "-m", "ctrlora_cli"]
         run([*cli, "pull", "demo"], tmp, env)
         run([*cli, "world", "make", "./demo", "--condition", "seg", "-n", "1", "--size", "32", "--seed", "7"], tmp, env)
 
@@ -99,7 +132,7 @@ def main() -> None:
             total, top = import_times(stderr)
             imports.append(total)
             tops.append((total, top, "peft" in {line.split("|")[-1].strip() for line in stderr.splitlines()}))
-            _, _, stderr = run(["-X", "importtime", "-c", "import torch"], tmp, env)
+            _, _, stderr = run(["-X", "importtime", *py, "-c", "import torch"], tmp, env)
             torch_s.append(import_times(stderr)[0])
             helps.append(run([*cli, "--help"], tmp, env)[0])
 
@@ -107,6 +140,8 @@ def main() -> None:
     report = {
         "command": "ctrlora " + " ".join(GEN),
         "tree": str(args.tree.resolve()),
+        "threads": args.threads,
+        "hidden": sorted(hide),
         "repeats": args.repeats,
         "gen_wall_s": summary(walls),
         "gen_cpu_s": summary(cpus),
