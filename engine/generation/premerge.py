@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.models.adapters import RoutedLoraLinear, lora_layers
+from engine.models.adapters import lora_layers
+from engine.models.lora import RoutedLoraLinear
 
 # The encoder levels (highest resolution first) whose transformer linears are merged.
 DEFAULT_PREFIXES = ("down_blocks.0.attentions.", "down_blocks.1.attentions.")
@@ -37,7 +38,7 @@ def premerged(model, names: Sequence[str], prefixes: Sequence[str] = DEFAULT_PRE
                 for name, layer in lora_layers(model).items():
                     if name.startswith(tuple(prefixes)) and not layer.merged:
                         weight = layer.base_layer.weight
-                        merged = {n: weight + layer.get_delta_weight(n).to(weight.dtype) for n in set(names)}
+                        merged = {n: weight + layer.delta_weight(n).to(weight.dtype) for n in set(names)}
                         layer.forward = _premerged_forward(layer, merged)  # an instance attribute: undone below
                         patched.append(layer)
         yield

@@ -1,27 +1,23 @@
 """Per-condition adapters on the Base ControlNet.
 
-A condition's adapter is (1) LoRA on every ``nn.Linear`` (peft's LoRA layer, routed per batch
+A condition's adapter is (1) LoRA on every ``nn.Linear`` (``engine.models.lora``, routed per batch
 slice), (2) its own 13 zero convs and (3) its own transformer norms (the GroupNorm in front of
 each transformer and the LayerNorms norm1/2/3). (2) and (3) live beside the base's own values in
 ``Routed*`` layers, which keep the base's state-dict keys unchanged, so a bare base saves and
 loads exactly like an ordinary diffusers model.
 
-Adapter state dicts use explicit, adapter-name-free keys, as peft saves them:
+Adapter state dicts use explicit, adapter-name-free keys (the layout peft and diffusers save too):
 ``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight`` for LoRA and the plain module keys
 (``controlnet_down_blocks.3.weight``, ``...attentions.0.norm.bias``) for zero convs and norms.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora.layer import Linear as PeftLoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from engine.models.lora import RoutedLoraLinear
 from engine.models.routing import AdapterRouting
 from engine.models.state import check_keys
 
@@ -113,38 +109,6 @@ class RoutedConv2d(_Routed, nn.Conv2d):
         return torch.cat([F.conv2d(x[s:e], *self.params_for(n)) for n, s, e in segments])
 
 
-class RoutedLoraLinear(PeftLoraLinear):
-    """peft's LoRA Linear, applying each adapter to its own slice of the batch.
-
-    peft's own mixed-batch path gathers rows by index lists on every call; slices are views and
-    cost nothing. A merged (fused) adapter is used as is when it alone covers the batch.
-    """
-
-    routing: AdapterRouting
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        segments = self.routing.segments(x.shape[0])
-        if self.merged:
-            if len(segments) == 1 and self.merged_adapters == [segments[0][0]]:
-                return self.base_layer(x, *args, **kwargs)
-            self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
-        whole = len(segments) == 1
-        for name, start, stop in segments:
-            if name is None:
-                continue
-            if name not in self.lora_A:
-                raise KeyError(f"adapter {name!r} is not loaded")
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            part = x if whole else x[start:stop]
-            delta = lora_B(lora_A(part.to(lora_A.weight.dtype))) * self.scaling[name]
-            if whole:
-                result = result + delta.to(result.dtype)
-            else:
-                result[start:stop] += delta.to(result.dtype)
-        return result
-
-
 def install_routed_layers(model: nn.Module, routing: AdapterRouting) -> None:
     """Swap the transformer norms for routed ones (zero convs are built routed)."""
     for name, module in list(model.named_modules()):
@@ -175,57 +139,37 @@ def lora_layers(model: nn.Module) -> dict[str, RoutedLoraLinear]:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Every nn.Linear of the model that LoRA targets (peft wrappers count as their base)."""
+    """Every nn.Linear of the model that LoRA targets (a LoRA layer counts as its base)."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
+        if isinstance(module, RoutedLoraLinear):
             names.append(name)
         elif isinstance(module, nn.Linear) and ".lora_" not in name and not name.endswith("base_layer"):
             names.append(name)
     return names
 
 
-def lora_config(rank: int, alpha: float | None = None) -> LoraConfig:
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank if alpha is None else alpha,  # scale exactly 1, as the reference
-        lora_dropout=0.0,
-        init_lora_weights="gaussian",  # down ~ N(0, std=1/rank), up = 0: the reference's init
-        target_modules=None,
-    )
-    config._register_custom_module({nn.Linear: RoutedLoraLinear})
-    return config
-
-
 def add_adapter(model, name: str, rank: int = DEFAULT_RANK, alpha: float | None = None) -> None:
     """Add a fresh condition adapter: LoRA up = 0, zero convs and norms copied from the base, so
-    the model with this adapter equals the base at step 0."""
+    the model with this adapter equals the base at step 0. ``alpha`` defaults to the rank (LoRA
+    scale exactly 1, as the reference). New parameters are trainable; the others keep theirs."""
     _check_name(model, name)
-    targets = linear_layer_names(model)
-    config = lora_config(rank, alpha)
-    config.target_modules = set(targets)
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    with warnings.catch_warnings():
-        # peft warns when a second adapter is injected; several adapters at once is our design.
-        warnings.filterwarnings("ignore", message=".*peft_config.*")
-        inject_adapter_in_model(config, model, adapter_name=name)
-    for layer in lora_layers(model).values():
-        object.__setattr__(layer, "routing", model.routing)
-        # peft makes the newest adapter "active"; routing decides instead, so keep all active.
-        layer._active_adapter = list(layer.lora_A.keys())
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, not {rank}")
+    for target in linear_layer_names(model):  # model order: a seeded run draws the same numbers
+        layer = model.get_submodule(target)
+        if not isinstance(layer, RoutedLoraLinear):
+            parent, _, child = target.rpartition(".")
+            layer = RoutedLoraLinear(layer, model.routing)
+            setattr(model.get_submodule(parent), child, layer)
+        layer.add_adapter(name, rank, float(rank if alpha is None else alpha))
     for layer in routed_layers(model).values():
         layer.add_adapter(name)
-    # peft freezes everything but LoRA; restore what the caller had, trainability is theirs to set.
-    for n, p in model.named_parameters():
-        if n in requires_grad:
-            p.requires_grad_(requires_grad[n])
 
 
 def delete_adapter(model, name: str) -> None:
     for layer in lora_layers(model).values():
         layer.delete_adapter(name)
-        object.__setattr__(layer, "routing", model.routing)
-        layer._active_adapter = list(layer.lora_A.keys())
     for layer in routed_layers(model).values():
         layer.delete_adapter(name)
 
@@ -288,7 +232,7 @@ def fuse_adapter(model, name: str) -> None:
     for layer in lora_layers(model).values():
         if layer.merged:
             layer.unmerge()
-        layer.merge(adapter_names=[name])
+        layer.merge(name)
 
 
 def unfuse_adapters(model) -> None:

@@ -58,7 +58,7 @@ from engine.training.metrics import truncate_metrics
 from engine.training.settings import TrainBaseSettings
 from engine.files import atomic_path, write_json
 
-# The models (peft, diffusers) are imported where they are used: a worker that refuses its run
+# The models (torch, diffusers) are imported where they are used: a worker that refuses its run
 # folder does so in a second or two, before loading them.
 
 
