@@ -63,7 +63,8 @@ QUICK = dict(
     base_steps=2, base_batch=4, base_lr=3e-4, continue_steps=2,
     held=("sketch", "palette"), eval_steps=2, guidance=5.0,
     arms=("adapter", "controlnet", "scratch", "full"), sizes=(8, 4), seeds=(0,), lrs=(1e-4, 3e-4),
-    sweep_curve=(1,), sweep_grow=0, curve=(1, 2), ablation_curve=(2,), ablation_lr=3e-4, jobs=2,
+    # The sweep's runs double as seed 0's main runs (fewer runs in CI).
+    sweep_curve=(1, 2), sweep_grow=0, curve=(1, 2), ablation_curve=(2,), ablation_lr=3e-4, jobs=2,
 )
 QUICK_BASE_CONDITIONS = ("canny", "seg")
 ORIGINAL_BASE_CONDITIONS = ("canny", "seg", "depth", "bbox", "outpainting")  # the first builds' five (ablation)
