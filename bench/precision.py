@@ -14,6 +14,15 @@ over the whole tensor (the worst residual is reported beside the mean).
 ``--demo``: the demo's SD, base and demo-seg adapter from the store (CTRLORA_HOME), one
 condition; the images' PSNR and each precision's best time of 3 alternating runs.
 
+``--crossover``: where bf16 starts to pay on this CPU, the figures behind ``engine.runtime``'s
+``CPU_BF16_MIN_WIDTH``: SD1.5-layout UNets (random weights) of first-block widths 32 (the demo's
+widths), 64, 128 and 320 (SD1.5), each timed in fp32 and in bf16 (best of 3 alternating runs after
+a warm-up) for one guided forward (batch 2) and for one training step (forward and backward,
+bf16 autocast, batch 8 at 16 x 16 latents; SD1.5 width left out: minutes per step). Prints fp32
+over bf16 time (above 1: bf16 faster).
+
+    python bench/precision.py --crossover --threads 1
+
 tests/test_precision.py runs ``compare`` on the tiny preset and holds it to the tolerances there.
 """
 
@@ -36,6 +45,7 @@ from engine.generation.sampling import Condition  # noqa: E402
 from engine.models import adapters  # noqa: E402
 from engine.models.controlnet import BaseControlNetModel  # noqa: E402
 from engine.models.presets import build_sd, build_tiny_tokenizer  # noqa: E402
+from engine.runtime import DTYPES  # noqa: E402
 
 RANK = 128
 PROMPT, NEGATIVE = "a red circle above a blue square", "green"
@@ -132,6 +142,64 @@ def compare_demo(size: int = 32, steps: int = 20, rounds: int = 3) -> dict:
             "seconds": best, "bf16_speedup": best["fp32"] / best["bf16"]}
 
 
+CROSSOVER_SHAPES = (  # (first-block width, latent side of the forward): the demo at 32 and 64 px, SD at 256 px
+    (32, 8), (32, 16), (64, 16), (128, 16), (320, 32))
+
+
+def _unet(width: int, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    from engine.models.presets import unet_config
+
+    widths = (32, 64, 64, 64) if width == 32 else (width, 2 * width, 4 * width, 4 * width)  # 32: the demo's
+    context = 768 if width >= 320 else 64
+    torch.manual_seed(0)
+    config = dict(unet_config("sd15"), block_out_channels=widths, cross_attention_dim=context,
+                  attention_head_dim=8 if width >= 320 else 2)
+    return UNet2DConditionModel(**config).requires_grad_(False).to(dtype), context
+
+
+def _best_of(runs: dict, rounds: int = 3) -> dict:
+    """Best seconds of each named callable over ``rounds`` alternating rounds, after one warm-up."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values[1:]) for name, values in times.items()}
+
+
+def crossover() -> list[dict]:
+    rows = []
+    for width, side in CROSSOVER_SHAPES:
+        models = {name: _unet(width, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        context = models["fp32"][1]
+
+        def forward(name):
+            unet, dtype = models[name][0].eval(), DTYPES[name]
+            with torch.no_grad():
+                unet(torch.randn(2, 4, side, side, dtype=dtype), torch.tensor([500, 500]),
+                     torch.randn(2, 77, context, dtype=dtype))
+
+        def train_step(name):
+            unet, dtype = models[name][0].train(), DTYPES[name]
+            x = torch.randn(8, 4, 16, 16, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                out = unet(x.to(dtype), torch.full((8,), 500), torch.randn(8, 77, context, dtype=dtype)).sample
+            out.float().square().mean().backward()
+
+        gen = _best_of({name: (lambda n=name: forward(n)) for name in models})
+        row = {"width": width, "latent": side, "forward_fp32_over_bf16": round(gen["fp32"] / gen["bf16"], 2),
+               "forward_seconds": {k: round(v, 4) for k, v in gen.items()}}
+        if width < 320:
+            train = _best_of({name: (lambda n=name: train_step(n)) for name in models})
+            row.update(train_fp32_over_bf16=round(train["fp32"] / train["bf16"], 2),
+                       train_seconds={k: round(v, 4) for k, v in train.items()})
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="sd15", choices=("sd15", "tiny"))
@@ -142,10 +210,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--demo", action="store_true", help="the demo model in the store instead (sizes default "
                                                             "to 32 x 32, 20 steps)")
+    parser.add_argument("--crossover", action="store_true", help="fp32 against bf16 time by UNet width")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.demo:
+    if args.crossover:
+        from engine.runtime import CPU_BF16_MIN_WIDTH
+
+        result = {"min_width_for_bf16": CPU_BF16_MIN_WIDTH, "threads": torch.get_num_threads(), "rows": crossover()}
+    elif args.demo:
         result = compare_demo(args.size if args.size != 256 else 32, args.steps if args.steps != 4 else 20)
     else:
         result = compare(args.preset, args.size, args.steps, args.conditions, args.rank)

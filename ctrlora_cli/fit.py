@@ -101,6 +101,7 @@ def fit(
     from ctrlora_cli.store.results import add_fitted_adapter, weights_digest
     from engine.demo.world import recorded_condition
     from engine.training import fit as fitting
+    from engine.models.storage import unet_width
     from engine.training.latent_shards import fit_source, read_condition
 
     try:
@@ -113,7 +114,7 @@ def fit(
     envconfig.apply_cpu_bf16()  # CTRLORA_CPU_BF16, before auto is decided
     latent = fit_source(data, condition and condition.strip(), config, sd_dir)  # None: a folder of pairs
     picked = latent[2] if latent else (condition or recorded_condition(data) or name).strip()
-    config = replace(config, condition=picked).resolved()
+    config = replace(config, condition=picked).resolved(width=unet_width(sd_dir))
     cache_dir = cache_dir or store.root / "cache" / "latents"
 
     # The cheap checks are done; now the heavy work.

@@ -59,7 +59,7 @@ def ui(
         warn("--share: a public link; anyone who has it can use the app")
     session = Session(Store(), WarmModels(device, precision.value), out.resolve())
     app = build(session)
-    say(f"ctrlora ui on http://{_url_host(host)}:{port} ({session.warm.device}, {session.warm.precision}); "
+    say(f"ctrlora ui on http://{_url_host(host)}:{port} ({session.warm.device}, precision {precision.value}); "
         f"images go to {session.out}; Ctrl+C stops it")
     app.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, share=share, max_file_size=f"{max_file_size}mb", ssr_mode=False,

@@ -5,6 +5,8 @@ reference) and encoding once (the fast path) see the same latents: what remains 
 versus one-by-one, which changes float rounding only.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,6 +133,32 @@ def test_prepacked_convs_compute_the_same_and_restore_exactly(model, dtype, tol)
     after = unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any("forward" in vars(m) for m in unet.modules())
+
+
+def _resident_file_kb() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux: reads the process's RssFile")
+def test_page_out_hands_back_a_mapped_weight_and_keeps_what_it_holds(tmp_path):
+    """A weight loaded from safetensors is pages of the mapped file: ``page_out`` (called for each
+    weight the prepacked convolutions replace) makes them non-resident without changing them; a
+    tensor torch allocated itself is left alone."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.generation.prepacked import page_out
+
+    save_file({"w": torch.arange(16 * 2**20, dtype=torch.float32)}, tmp_path / "w.safetensors")  # 64 MiB
+    w = load_file(tmp_path / "w.safetensors")["w"]
+    assert not w.untyped_storage().resizable()  # memory of the mapped file, as diffusers' weights
+    total = float(w.sum())  # every page read: resident
+    before = _resident_file_kb()
+    page_out(w)
+    assert before - _resident_file_kb() > 48 * 1024  # most of the 64 MiB gone from the process
+    assert float(w.sum()) == total  # the same values, read back from the file
+    owned = torch.arange(2**20, dtype=torch.float32)
+    page_out(owned)
+    assert torch.equal(owned, torch.arange(2**20, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - {"ddim"}))  # ddim: the tests above

@@ -3,6 +3,7 @@ forced), the face's CTRLORA_CPU_BF16 override, ``gen --from`` in the recipe's pr
 results close to fp32 on the tiny preset (tolerances stated below)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,34 @@ def test_auto_follows_the_cpu_unless_overridden(restore_choice, monkeypatch):
         assert runtime.resolve_precision("fp32", CPU) == "fp32"
     with pytest.raises(SettingError, match="fp16 needs a GPU"):
         runtime.resolve_precision("fp16", CPU)
+
+
+def test_narrow_models_stay_in_fp32_on_a_bf16_cpu(restore_choice, monkeypatch):
+    """Per shape: a UNet narrower than CPU_BF16_MIN_WIDTH (the demo's 32 channels) is slower in bf16
+    (bench/precision.py --crossover), so auto keeps it in fp32; the override still wins."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.models.presets import unet_config
+    from engine.models.storage import unet_width
+    from engine.training.settings import FitConfig
+
+    demo_sd = Path(__file__).resolve().parents[1] / "ctrlora_cli" / "data" / "demo" / "sd"
+    assert unet_width(demo_sd) == 32
+    assert unet_width(UNet2DConditionModel(**unet_config("tiny"))) == 32
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda caps=None: True)
+    runtime.set_cpu_bf16(None)
+    assert runtime.CPU_BF16_MIN_WIDTH == 64
+    for width, want in ((32, "fp32"), (63, "fp32"), (64, "bf16"), (320, "bf16"), (None, "bf16")):
+        assert runtime.resolve_precision("auto", CPU, width=width) == want
+        assert runtime.device_and_dtype("cpu", "auto", width=width)[2] == want
+        assert FitConfig(device="cpu").resolved(width=width).precision == want
+    assert runtime.resolve_precision("bf16", CPU, width=32) == "bf16"  # asked for by name
+    assert runtime.resolve_precision("auto", CUDA, width=32) == "fp16"  # GPUs: not the CPU's rule
+    runtime.set_cpu_bf16(True)
+    assert runtime.resolve_precision("auto", CPU, width=32) == "bf16"
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda caps=None: False)
+    runtime.set_cpu_bf16(None)
+    assert runtime.resolve_precision("auto", CPU, width=320) == "fp32"
 
 
 def test_the_override_variable(monkeypatch, restore_choice):

@@ -136,14 +136,14 @@ def load_pipeline(sd_dir, cn_dir, adapters, device: str, precision: str | None, 
     (path, metadata, digest) as ``adapter_file`` and the store give them. ``precision`` None: the
     recipe's ``recorded_precision`` where the device runs it, else auto (``engine.runtime``)."""
     from engine.formats.adapter_file import load_adapter_file
-    from engine.models.storage import load_base, load_sd
+    from engine.models.storage import load_base, load_sd, unet_width
     from engine.generation.pipeline import CtrLoraPipeline
     from engine.runtime import device_and_dtype, replayed_precision, resolve_device
 
     envconfig.apply_cpu_bf16()  # CTRLORA_CPU_BF16, before auto is decided
     if precision is None:
         precision = replayed_precision(recorded_precision, resolve_device(device))
-    dev, dtype, precision = device_and_dtype(device, precision)
+    dev, dtype, precision = device_and_dtype(device, precision, width=unet_width(sd_dir))
     pipe = CtrLoraPipeline(load_sd(sd_dir, device=dev, dtype=dtype), load_base(cn_dir, device=dev, dtype=dtype),
                            device=dev, dtype=dtype, compile=compile_)
     names: dict[str, str] = {}  # an adapter given twice (two images, say) is loaded once

@@ -16,6 +16,7 @@ class WarmModels:
         from engine.runtime import device_and_dtype
 
         self.device, self.dtype, self.precision = device_and_dtype(device, precision)
+        self._asked = precision  # auto is decided again for each SD (its width: engine.runtime)
         self.lock = threading.Lock()  # one generation at a time: the pipeline is not re-entrant
         self.loads: Counter = Counter()
         self._sd = self._base = None  # (key, model)
@@ -26,8 +27,14 @@ class WarmModels:
         """(pipeline, {adapter digest: name in the pipeline}) for ``store.lookup.Models``."""
         from engine.formats.adapter_file import load_adapter_file
         from engine.generation.pipeline import CtrLoraPipeline
-        from engine.models.storage import load_base, load_sd
+        from engine.models.storage import load_base, load_sd, unet_width
+        from engine.runtime import device_and_dtype
 
+        _, dtype, precision = device_and_dtype(self.device, self._asked, width=unet_width(models.sd_dir))
+        if dtype != self.dtype:  # this SD runs in another precision: every model is loaded again in it
+            self.dtype, self.precision = dtype, precision
+            self._sd = self._base = self._pipe = None
+            self._adapters = {}
         sd_key = (str(Path(models.sd_dir).resolve()), models.made_with["sd"]["digest"])
         base_key = (str(Path(models.controlnet_dir).resolve()), models.made_with["base"]["digest"])
         if self._sd is None or self._sd[0] != sd_key:

@@ -81,10 +81,10 @@ def load(pipeline_class, paths: PretrainedPaths, device=None, precision: str | N
     adapter of ``paths`` loaded under its name; ``device`` and ``precision`` as ``engine.runtime``
     decides them (auto: CUDA and fp16 when there is a GPU); ``options`` go to the pipeline."""
     from engine.formats.adapter_file import load_adapter_file
-    from engine.models.storage import load_base, load_sd
+    from engine.models.storage import load_base, load_sd, unet_width
     from engine.runtime import device_and_dtype
 
-    dev, dtype, _ = device_and_dtype(device, precision)
+    dev, dtype, _ = device_and_dtype(device, precision, width=unet_width(paths.sd))
     pipe = pipeline_class(load_sd(paths.sd, device=dev, dtype=dtype), load_base(paths.base, device=dev, dtype=dtype),
                            device=dev, dtype=dtype, **options)
     for name, path in paths.adapters.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,6 +34,15 @@ def load_sd(folder: str | Path, device: str | torch.device = "cpu", dtype: torch
     for module in (m for m in (unet, vae, text_encoder) if m is not None):
         module.to(device).eval().requires_grad_(False)
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def unet_width(unet_or_folder) -> int:
+    """The channels of a UNet's first block (what ``engine.runtime`` weighs for CPU bf16): of a
+    loaded UNet, or of an SD folder's ``unet/config.json`` (read without loading weights)."""
+    config = getattr(unet_or_folder, "config", None)
+    if config is None:
+        config = json.loads((Path(unet_or_folder) / "unet" / "config.json").read_text())
+    return int(config["block_out_channels"][0])
 
 
 def save_sd(components: SDComponents, folder: str | Path) -> Path:

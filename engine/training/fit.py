@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from engine.models import adapters
+from engine.models.storage import unet_width
 from engine.training.latent_shards import LatentSamples, check_latent_shards, check_latent_validation
 from engine.training.pairs import EncodedPairs, LatentCache, PairSet, encode_pairs, load_image
 from engine.training.objective import controlled_eps, diffusion_loss
@@ -84,7 +85,7 @@ class AdapterTrainer:
     predict = staticmethod(controlled_eps)  # diffusion_loss's ``predict``
 
     def __init__(self, unet, controlnet, scheduler, data: EncodedPairs, config: FitConfig):
-        config = config.resolved()
+        config = config.resolved(width=unet_width(unet))
         self.config = config
         self.device = torch.device(config.device)
         self.unet, self.controlnet, self.scheduler, self.data = unet, controlnet, scheduler, data
@@ -224,7 +225,7 @@ def fit(pairs: PairSet | LatentSamples, *, sd, controlnet, run_dir: str | Path, 
             from dataclasses import replace
 
             config = replace(config, precision=began)
-    config = config.resolved()
+    config = config.resolved(width=unet_width(sd.unet))
     run_dir = Path(run_dir)
     started = time.perf_counter()
     checkpoint_path = run_dir / "checkpoint.pt"

@@ -67,13 +67,14 @@ class FitConfig:
         at_least("val_guidance", self.val_guidance, 0)
         return self
 
-    def resolved(self) -> "FitConfig":
-        """A copy with the ranges checked and device and precision decided."""
+    def resolved(self, width: int | None = None) -> "FitConfig":
+        """A copy with the ranges checked and device and precision decided (``width``: the UNet's,
+        ``engine.models.storage.unet_width``: on a CPU, narrow models train in fp32)."""
         self.check()
         from engine.runtime import resolve_device, resolve_precision
 
         dev = resolve_device(self.device)
-        precision = resolve_precision(self.precision, dev, training=True, allowed=("fp32", "bf16"))
+        precision = resolve_precision(self.precision, dev, training=True, allowed=("fp32", "bf16"), width=width)
         return FitConfig(**{**asdict(self), "device": str(dev), "precision": precision})
 
 

@@ -214,14 +214,14 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     """Train to ``args.steps`` (True), or until stopped (``--stop-after``, SIGTERM: False)."""
     from engine.models import adapters
     from engine.models.state import weights_digest
-    from engine.models.storage import load_base, load_sd, save_base
+    from engine.models.storage import load_base, load_sd, save_base, unet_width
     from engine.training.objective import diffusion_loss
     from engine.training.shards import load_condition_data
 
     from engine.runtime import resolve_precision, set_cpu_bf16
 
     set_cpu_bf16(None if args.cpu_bf16 == "auto" else args.cpu_bf16 == "1")
-    precision = resolve_precision(args.precision, device, training=True)
+    precision = resolve_precision(args.precision, device, training=True, width=unet_width(args.sd))
     saved = launcher.saved_run(out) if args.resume else None
     if saved is not None and args.precision == "auto":
         # auto keeps what the run began with (an older build, or another CPU, may have decided otherwise)
