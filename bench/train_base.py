@@ -18,6 +18,14 @@ process with the same threads, and the data path alone (the model replaced by a 
 shard readers and the feed) with 1, 2 and 4 background readers:
 
     python bench/train_base.py --shards [--steps 12] [--preset tiny] [--resolution 64]
+
+``--memory``: the memory each ``--precision`` takes, one process per precision (fp32, bf16) on
+the same model, data and steps: its peak resident memory (CPU) and, on a GPU, the most CUDA
+memory its tensors held (``torch.cuda.max_memory_allocated``), as the worker records them in
+``ranks/rank0.json``; the model's size is printed with them (parameters of the frozen UNet and of
+the base that trains):
+
+    python bench/train_base.py --memory [--preset sd15] [--resolution 64] [--steps 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -44,8 +52,8 @@ def make_data(folder: Path, conditions=("edges", "mask"), count=8, size=64) -> l
     return specs
 
 
-def run(nproc: int, threads: int, args, sd: str, data: list[str], out: Path) -> dict:
-    from engine.training.launcher import METRICS, Topology, worker_command, worker_env
+def run(nproc: int, threads: int, args, sd: str, data: list[str], out: Path, precision: str = "auto") -> dict:
+    from engine.training.launcher import METRICS, RANKS, Topology, worker_command, worker_env
     from engine.training.settings import TrainBaseSettings
 
     # Each process its share of the same total threads (how ctrlora train-base shares the cores).
@@ -53,7 +61,8 @@ def run(nproc: int, threads: int, args, sd: str, data: list[str], out: Path) -> 
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = worker_env(nproc, dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(max(1, threads // nproc))))
     settings = TrainBaseSettings(sd=sd, out=str(out), data=tuple(data), steps=args.steps, rank=args.rank,
-                                 resolution=args.resolution, cache=str(out.parent / "cache")).checked()
+                                 resolution=args.resolution, precision=precision,
+                                 cache=str(out.parent / "cache")).checked()
     command = worker_command(Topology(nproc_per_node=nproc), settings)  # what ctrlora train-base runs on one node
     import shutil
     import statistics
@@ -63,8 +72,49 @@ def run(nproc: int, threads: int, args, sd: str, data: list[str], out: Path) -> 
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     steady = records[2:] or records  # the first steps warm up
     total = statistics.median(r["samples_per_s"] for r in steady)  # every rank's samples, per second
+    ranks = [json.loads((out / RANKS / f"rank{r}.json").read_text()) for r in range(nproc)]
     return {"processes": nproc, "threads_per_process": int(env["OMP_NUM_THREADS"]),
-            "samples_per_s_per_process": total / nproc, "samples_per_s": total}
+            "samples_per_s_per_process": total / nproc, "samples_per_s": total,
+            "precision": ranks[0]["precision"], "unet_dtype": ranks[0]["unet_dtype"],
+            "peak_rss_mib_per_process": [round(r["peak_rss_mib"]) for r in ranks],
+            **({"gpu_max_allocated_gib_per_process": [round(r["gpu_max_allocated_gib"], 2) for r in ranks]}
+               if "gpu_max_allocated_gib" in ranks[0] else {})}
+
+
+def parameters(folder: Path) -> int:
+    """The parameters in a folder's safetensors files (read from their headers)."""
+    import math
+
+    from safetensors import safe_open
+
+    count = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return count
+
+
+def memory_bench(args) -> None:
+    """One process per precision, the same model, data and steps: peak memory of each."""
+    from engine.models.storage import make_random_model
+
+    threads = args.threads or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_random_model(args.preset, tmp / "sd", tmp / "base", any_tokenizer=True)
+        size = {"unet_parameters": parameters(tmp / "sd" / "unet"), "base_parameters": parameters(tmp / "base")}
+        data = make_data(tmp / "data", size=args.resolution)
+        results = [run(1, threads, args, str(tmp / "sd"), data, tmp / f"run-{p}", precision=p)
+                   for p in ("fp32", "bf16")]
+    import torch
+
+    fp32, bf16 = results
+    peak = "gpu_max_allocated_gib_per_process" if "gpu_max_allocated_gib_per_process" in fp32 else \
+        "peak_rss_mib_per_process"
+    print(json.dumps({"bench": "train_base --memory", "preset": args.preset, "resolution": args.resolution,
+                      "batch": 1, "lora_rank": args.rank, "conditions": 2, "steps": args.steps,
+                      "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(), **size,
+                      "results": results, "bf16_over_fp32_peak": bf16[peak][0] / fp32[peak][0]}, indent=2))
 
 
 def make_shards(specs: list[str], folder: Path, shards: int = 16, copies: int = 4) -> list[Path]:
@@ -156,6 +206,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--shards", action="store_true", help="raw against latent shards, and the data path alone")
+    parser.add_argument("--memory", action="store_true", help="peak memory of one process per --precision (fp32, "
+                        "bf16)")
     parser.add_argument("--data-samples", type=int, default=2000, help="--shards: samples the data path draws")
     parser.add_argument("--threads", type=int, default=None, help="total CPU threads of every configuration "
                         "(default: the cores this process may use)")
@@ -163,6 +215,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.shards:
         shards_bench(args)
+        return
+    if args.memory:
+        memory_bench(args)
         return
     from engine.training.launcher import threads_per_process
 

@@ -31,17 +31,22 @@ def check_available(log_to) -> None:
 
 class TensorBoardLog:
     """Scalars into ``<run_dir>/tensorboard``; the writer opens at the first figures, purging
-    anything logged from that step on (a resumed run's repeated steps)."""
+    anything logged from that step on (a resumed run's repeated steps), and again when the steps
+    go back (workers restarted by torchrun, ``--max-restarts``, redo the steps since the checkpoint)."""
 
     def __init__(self, run_dir: Path):
         self.folder = Path(run_dir) / TENSORBOARD
         self._writer = None
+        self._last = None
 
     def scalars(self, step: int, values: dict) -> None:
+        if self._writer is not None and step <= self._last:
+            self.close()
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.folder), purge_step=step)
+        self._last = step
         for tag, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(tag, value, step)

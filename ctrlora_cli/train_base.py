@@ -68,6 +68,7 @@ def train_base(
     print_command: bool = typer.Option(False, "--print-command", help="Print the torchrun command of every node and exit."),
     as_json: JsonOpt = False,
     log_to: LogToOpt = None,
+    pause_after: int = typer.Option(0, "--pause-after", hidden=True),  # tests: the workers wait to be killed there
 ) -> None:
     """Pretrain a Base ControlNet and one adapter per condition (torchrun, DDP; gloo on CPU, NCCL on GPU)."""
     from dataclasses import replace
@@ -84,7 +85,7 @@ def train_base(
                                  rank=rank, precision=precision.value, grad_checkpointing=grad_checkpointing,
                                  cpu_bf16={None: "auto", True: "1", False: "0"}[envconfig.cpu_bf16()],
                                  save_every=save_every, resume=resume, workers=workers, timeout=timeout,
-                                 resolution=resolution, seed=seed,
+                                 resolution=resolution, seed=seed, pause_after=pause_after,
                                  data=tuple(_absolute_data(item) for item in data or []),
                                  shards=tuple(str(Path(pattern).expanduser().absolute()) for pattern in shards)
                                  ).checked()

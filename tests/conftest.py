@@ -20,9 +20,9 @@ def ref_tiny() -> Path:
     return REF_TINY
 
 
-def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: str | Path | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``ctrlora`` from this source tree in a real subprocess (no terminal attached)."""
+def cli_env(env: dict | None = None) -> dict:
+    """The environment ``run_cli`` runs ``ctrlora`` in (``env`` on top); for a test that starts
+    ``[sys.executable, "-m", "ctrlora_cli", ...]`` itself (to act while it runs)."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -32,8 +32,14 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: 
     full_env.setdefault("CTRLORA_LOG_EVERY", "0")
     if env:
         full_env.update(env)
+    return full_env
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: str | Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``ctrlora`` from this source tree in a real subprocess (no terminal attached)."""
     return subprocess.run([sys.executable, "-m", "ctrlora_cli", *args], capture_output=True, text=True,
-                          env=full_env, input=input, cwd=cwd, timeout=timeout)
+                          env=cli_env(env), input=input, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

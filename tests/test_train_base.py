@@ -76,7 +76,10 @@ def test_settings_out_of_range_are_refused_naming_the_flag(tiny_store, tmp_path)
     data = make_pairs(tmp_path / "edges")
     for flag, value, message in [("--grad-accum", "0", "--grad-accum: must be at least 1, not 0"),
                                  ("--resolution", "100", "--resolution: must be a multiple of 8, not 100"),
-                                 ("--save-every", "-1", "--save-every: must be at least 0, not -1")]:
+                                 ("--save-every", "-1", "--save-every: must be at least 0, not -1"),
+                                 ("--precision", "fp16", "--precision: train-base trains in fp32 or bf16, not fp16: "
+                                  "fp16 training needs a gradient scaler (small gradients underflow to zero in fp16), "
+                                  "which train-base does not have; use bf16 (GPUs since Ampere) or fp32")]:
         result = run_cli("train-base", str(data), "--out", "x", "--init", "tiny", flag, value, "--print-command")
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [f"error: {message}"]
@@ -246,15 +249,18 @@ def _worker_env(**more):
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **more)
 
 
-def _processes_of(run) -> list[int]:
-    """Live processes whose command line names the run folder (Linux /proc)."""
+def _processes_of(run, rank: int | None = None) -> list[int]:
+    """Live processes whose command line names the run folder (Linux /proc); with ``rank``, only
+    the worker of that rank (torchrun's ``RANK`` in its environment)."""
     found = []
     for entry in os.listdir("/proc"):
         try:
             cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0") if rank is not None else []
         except OSError:
             continue
-        if entry.isdigit() and int(entry) != os.getpid() and str(run) in cmdline:
+        if entry.isdigit() and int(entry) != os.getpid() and str(run) in cmdline and (
+                rank is None or (b"-m\0engine.training.worker" in cmdline.encode() and f"RANK={rank}".encode() in environ)):
             found.append(int(entry))
     return found
 
@@ -276,14 +282,16 @@ def _rank0(run) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tiny_store_template, tmp_path_factory):
-    """Two runs of the same 8 steps on 2 processes (tiny preset, 64 px, checkpoint every 4 steps):
-    one through ``ctrlora train-base`` uninterrupted; one through torchrun, killed with SIGKILL
-    (the whole process group) at step 6, i.e. two steps after its checkpoint; ``killed-copy`` is
-    a copy of the killed folder for a second resume."""
+    """Two runs of the same 8 steps on 2 processes through ``ctrlora train-base`` (tiny preset,
+    64 px, checkpoint every 4 steps): one uninterrupted; one with ``--max-restarts 1`` whose rank-1
+    worker is killed with SIGKILL at step 6, i.e. two steps after its checkpoint, and which
+    torchrun restarts. ``killed`` is a copy of that run's folder as the kill found it (for a resume
+    by hand)."""
     import shutil
     import signal
     import time
 
+    from conftest import cli_env
     from ctrlora_cli.store.store import Store
 
     tmp = tmp_path_factory.mktemp("train-base")
@@ -297,29 +305,36 @@ def runs(tiny_store_template, tmp_path_factory):
                    env={**env, "OMP_NUM_THREADS": "", "CTRLORA_LOG_EVERY": "0.01"})
     assert done.returncode == 0, done.stderr[-3000:]
 
-    killed = tmp / "killed"
-    worker = ["--sd", str(store.folder("tiny-sd")), "--init-base", str(store.folder("tiny") / "controlnet"),
-              "--data", f"edges={edges}", "--data", f"mask={masks}", "--out", str(killed), *COMMON, "--pause-after", "6",
-              "--cpu-bf16", "0"]  # as the command passes CTRLORA_CPU_BF16=0 (conftest) on: fp32 like the others
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                                "--nproc-per-node", "2", "-m", "engine.training.worker", *worker],
-                               env=_worker_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while _last_step(killed) < 6:  # --pause-after holds it there until killed
-        assert process.poll() is None and time.time() < deadline, "the run to kill ended early"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    # torchrun starts its workers in sessions of their own: they end themselves once it is gone
-    deadline = time.time() + 30
-    while _processes_of(killed) and time.time() < deadline:
-        time.sleep(0.1)
-    left = _processes_of(killed)
-    assert not left, f"workers outlived torchrun: {left}"
-    shutil.copytree(killed, tmp / "killed-copy")
+    elastic = tmp / "elastic"
+    with open(tmp / "elastic.out", "w") as stdout, open(tmp / "elastic.err", "w") as stderr:
+        # --pause-after (hidden, for tests): the first attempt's workers wait at step 6 to be killed
+        process = subprocess.Popen([sys.executable, "-m", "ctrlora_cli", "train-base", *data, "--out", "elastic",
+                                    "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(elastic), "--json",
+                                    "--log-to", "tensorboard", "--max-restarts", "1", *COMMON, "--pause-after", "6"],
+                                   env=cli_env({**env, "OMP_NUM_THREADS": "1"}), stdout=stdout, stderr=stderr)
+        try:
+            deadline = time.time() + 300
+            while _last_step(elastic) < 6:
+                assert process.poll() is None and time.time() < deadline, (tmp / "elastic.err").read_text()[-3000:]
+                time.sleep(0.05)
+            shutil.copytree(elastic, tmp / "killed")  # a run killed at step 6, to resume by hand
+            [victim] = _processes_of(elastic, rank=1)
+            os.kill(victim, signal.SIGKILL)
+            process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
     return {"tmp": tmp, "store": store, "env": env, "data": data, "summary": json.loads(done.stdout), "log": done.stderr,
-            "run": tmp / "run", "killed": killed}
+            "run": tmp / "run", "killed": tmp / "killed", "elastic": elastic, "elastic_exit": process.returncode,
+            "elastic_out": (tmp / "elastic.out").read_text(), "elastic_err": (tmp / "elastic.err").read_text()}
+
+
+def _scalars(run, tag) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    return [(e.step, e.value) for e in board.Scalars(tag)]
 
 
 @pytest.mark.slow
@@ -334,6 +349,7 @@ def test_two_processes_train_and_land_in_the_store(runs):
     # Each of the 2 processes got its share of the cores (OMP_NUM_THREADS unset).
     cores = len(os.sched_getaffinity(0))
     assert [r["threads"] for r in ranks] == [max(1, cores // 2)] * 2
+    assert [(r["precision"], r["unet_dtype"]) for r in ranks] == [("fp32", "float32")] * 2 and ranks[0]["peak_rss_mib"] > 0
     base = store.get("toybase")
     assert base.kind == "base" and base.sd == "tiny-sd" and summary["base_digest"] == base.weights_digest
     for condition in ("edges", "mask"):
@@ -343,12 +359,11 @@ def test_two_processes_train_and_land_in_the_store(runs):
     # Without a terminal: plain progress lines (steps, loss, it/s); with --log-to tensorboard, rank 0's
     # metrics as scalars, written by the command (node 0), not the workers.
     assert "train-base 8/8 (100%) · loss " in runs["log"] and " it/s" in runs["log"], runs["log"][-2000:]
+    assert _scalars(run, "train/loss") == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(run / "tensorboard"))
     board.Reload()
-    assert [(e.step, e.value) for e in board.Scalars("train/loss")] == [
-        (m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
     assert {"train/lr", "train/it_s", "train/samples_s"} <= set(board.Tags()["scalars"])
     # The store holds the result; the run folder keeps the last checkpoint (to extend the run), no second copy.
     assert not (run / "result").exists() and (run / "checkpoint.pt").is_file()
@@ -356,62 +371,95 @@ def test_two_processes_train_and_land_in_the_store(runs):
 
 
 @pytest.mark.slow
-def test_a_run_killed_with_sigkill_resumes_exactly(runs):
-    """SIGKILL of torchrun's process group at step 6 (checkpoint at 4): ``--resume`` drops the two
-    metrics lines past the checkpoint, redoes steps 5-8 and ends bit for bit on the uninterrupted
-    run's weights; a changed setting or a new run over the folder is refused first."""
+def test_a_worker_killed_is_restarted_from_the_checkpoint_exactly(runs):
+    """Rank 1 killed with SIGKILL at step 6 (checkpoint at 4), ``--max-restarts 1``: torchrun
+    restarts both workers, which continue from the checkpoint: the metrics and the TensorBoard
+    scalars hold steps 1-8 once each, the command exits 0 and stores the result, and the weights
+    are the uninterrupted run's bit for bit. Then, over that folder, a new run or a resume with
+    changed settings is refused before any work."""
     import torch
 
-    killed, env, data = runs["killed"], runs["env"], runs["data"]
-    assert [m["step"] for m in _metrics(killed)] == list(range(1, 7)) and not (killed / "ranks").exists()
-    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 4
-    again = ["train-base", *data, "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(killed), "--json"]
+    elastic, env, data, store = runs["elastic"], runs["env"], runs["data"], runs["store"]
+    assert runs["elastic_exit"] == 0, runs["elastic_err"][-3000:]
+    assert _rank0(elastic)["weights"] == _rank0(runs["run"])["weights"] and _rank0(elastic)["start_step"] == 4
+    metrics = _metrics(elastic)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in _metrics(runs["run"])]  # one run, as uninterrupted
+    assert _scalars(elastic, "train/loss") == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
+    summary = json.loads(runs["elastic_out"])
+    assert summary["base_digest"] == store.get("elastic").weights_digest
+    assert store.get("elastic-edges").made_for["digest"] == store.get("elastic").weights_digest
 
+    again = ["train-base", *data, "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(elastic), "--json"]
     # Refused before any work: a new run over it, other settings, and (in a worker started by hand) the same.
     fresh = run_cli(*again, "--out", "fresh", *COMMON, env=env)
     assert fresh.returncode == 2 and fresh.stderr.count("\n") == 1, fresh.stderr
-    assert f"run folder {killed} already holds a run" in fresh.stderr
+    assert f"run folder {elastic} already holds a run" in fresh.stderr
     assert "--resume" in fresh.stderr and "--force" in fresh.stderr and "delete the folder" in fresh.stderr
     changed = run_cli(*again, "--out", "changed", "--resume", *COMMON, "--seed", "6", "--lr", "1e-3", "--batch", "2",
                       env=env)
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
     assert ("(--seed 5 -> 6; --lr 0.003 -> 0.001; total batch (--batch x processes) 2 -> 4)" in changed.stderr)
     changed = run_cli("train-base", f"mask={runs['tmp'] / 'mask'}", f"edges={runs['tmp'] / 'edges'}", "--init", "tiny",
-                      "--nproc-per-node", "2", "--run-dir", str(killed), "--out", "changed", "--resume", *COMMON,
+                      "--nproc-per-node", "2", "--run-dir", str(elastic), "--out", "changed", "--resume", *COMMON,
                       "--rank", "8", "--resolution", "32", "--precision", "bf16", "--conditions", "mask", env=env)
     assert changed.returncode == 2 and ("(--rank 4 -> 8; --resolution 64 -> 32; --precision 'auto' -> 'bf16'; "
                                         "conditions ['edges', 'mask'] -> ['mask'])") in changed.stderr, changed.stderr
-    changed = run_cli("train-base", data[0], "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(killed),
+    changed = run_cli("train-base", data[0], "--init", "tiny", "--nproc-per-node", "2", "--run-dir", str(elastic),
                       "--out", "changed", "--resume", *COMMON, env=env)
     assert changed.returncode == 2 and ("data folders {'edges': '%s', 'mask': '%s'} -> {'edges': '%s'}"
                                         % (data[0], data[1][5:], data[0])) in changed.stderr, changed.stderr
-    store = runs["store"]
     by_hand = subprocess.run([sys.executable, "-m", "engine.training.worker", "--sd", str(store.folder("tiny-sd")),
-                              "--data", data[0], "--data", data[1], "--out", str(killed), "--resume", *COMMON,
+                              "--data", data[0], "--data", data[1], "--out", str(elastic), "--resume", *COMMON,
                               "--grad-accum", "1"], capture_output=True, text=True, env=_worker_env())
     assert by_hand.returncode == 2 and "--grad-accum 2 -> 1" in by_hand.stderr, by_hand.stderr
-    assert [m["step"] for m in _metrics(killed)] == list(range(1, 7))  # nothing touched
+    assert _metrics(elastic) == metrics  # nothing touched
+    assert torch.load(elastic / "checkpoint.pt", weights_only=True)["step"] == 8
 
-    resumed = run_cli(*again, "--out", "resumed", "--resume", *COMMON, env={**env, "OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _rank0(killed)["weights"] == _rank0(runs["run"])["weights"] and _rank0(killed)["start_step"] == 4
-    metrics = _metrics(killed)
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    assert [m["loss"] for m in metrics] == [m["loss"] for m in _metrics(runs["run"])]  # one run, as uninterrupted
-    assert store.get("resumed-edges").made_for["digest"] == store.get("resumed").weights_digest
+
+def test_workers_end_with_torchrun(tmp_path):
+    """torchrun starts its workers in sessions of their own: when its process group is killed
+    with SIGKILL (a lost job), a worker ends itself rather than train on into the run folder."""
+    import signal
+    import time
+
+    ready = tmp_path / "ready"
+    code = (f"from engine.training.worker import _end_with_torchrun; _end_with_torchrun(); "
+            f"open({str(ready)!r}, 'w').close(); import time; time.sleep(300)")
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                                "--no-python", sys.executable, "-c", code], env=_worker_env(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert process.poll() is None and time.time() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        assert _processes_of(tmp_path)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.time() + 30
+        while _processes_of(tmp_path) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _processes_of(tmp_path), "the worker outlived torchrun"
+    finally:
+        for pid in _processes_of(tmp_path):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
 def test_resume_on_another_number_of_processes(runs):
-    """The killed 2-process run (batch 1 each) resumed on 1 process with batch 2: the same total
-    batch. Exact: the condition schedule, which samples each step reads (data positions are
-    global; rank r reads its slice) and the step count. Not exact: the noise, timesteps and prompt
-    dropout, drawn per (seed, micro-step, rank), so a sample that rank 1 drew before is now drawn
-    by rank 0 with rank 0's noise; the weights differ from the uninterrupted run's after the resume
-    (and the gradient sums are ordered differently)."""
+    """The 2-process run (batch 1 each) killed at step 6 (checkpoint at 4), resumed by hand
+    (``--resume``) on 1 process with batch 2: the same total batch. The metrics past the
+    checkpoint are dropped and redone. Exact: the condition schedule, which samples each step
+    reads (data positions are global; rank r reads its slice) and the step count. Not exact: the
+    noise, timesteps and prompt dropout, drawn per (seed, micro-step, rank), so a sample that rank
+    1 drew before is now drawn by rank 0 with rank 0's noise; the weights differ from the
+    uninterrupted run's after the resume (and the gradient sums are ordered differently)."""
     import torch
 
-    folder, env = runs["tmp"] / "killed-copy", runs["env"]
+    folder, env = runs["killed"], runs["env"]
+    assert [m["step"] for m in _metrics(folder)] == list(range(1, 7)) and not (folder / "ranks").exists()
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["step"] == 4
     resumed = run_cli("train-base", *runs["data"], "--init", "tiny", "--out", "oneproc", "--run-dir", str(folder),
                       "--json", "--resume", *COMMON, "--nproc-per-node", "1", "--batch", "2",
                       env={**env, "OMP_NUM_THREADS": "1"})

@@ -48,10 +48,11 @@ def _last_step(run) -> int:
 
 @pytest.mark.slow
 def test_latent_shards_on_two_processes_stop_on_sigterm_and_resume_on_one(tiny_store, tmp_path):
-    """encode-shards, then train-base from the latent shards (no VAE) on 2 processes x 1 reader;
-    SIGTERM to the whole job at step 2 (its periodic checkpoints are every 100 steps): the ranks
-    write a checkpoint at step 2 and stop. Resumed on 1 process x 2 readers (the same total batch)
-    to step 6: 12 samples in all, each of the 8 of epoch 0 once, then 4 of epoch 1, none twice."""
+    """encode-shards, then train-base from the latent shards (no VAE) on 2 processes x 1 reader,
+    in bf16 (the frozen UNet held in bf16, fp32 master weights for what trains); SIGTERM to the
+    whole job at step 2 (its periodic checkpoints are every 100 steps): the ranks write a
+    checkpoint at step 2 and stop. Resumed on 1 process x 2 readers (the same total batch) to step
+    6: 12 samples in all, each of the 8 of epoch 0 once, then 4 of epoch 1, none twice."""
     import torch
     from safetensors.torch import load
 
@@ -76,7 +77,7 @@ def test_latent_shards_on_two_processes_stop_on_sigterm_and_resume_on_one(tiny_s
     run = tmp_path / "run"
     common = ["--sd", str(sd), "--init-base", str(tiny_store.folder("tiny") / "controlnet"), "--shards",
               str(latent / "*.tar"), "--out", str(run), "--steps", "6", "--rank", "4", "--resolution", "64",
-              "--save-every", "100", "--seed", "3"]
+              "--save-every", "100", "--seed", "3", "--precision", "bf16"]
     process = _torchrun(2, [*common, "--workers", "1", "--pause-after", "2"], start_new_session=True,
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -86,9 +87,11 @@ def test_latent_shards_on_two_processes_stop_on_sigterm_and_resume_on_one(tiny_s
     os.killpg(process.pid, signal.SIGTERM)  # as SLURM: every process of the job
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode != 0 and "SIGTERM: checkpoint at step 2" in stderr, stderr[-3000:]
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and {t.dtype for t in checkpoint["model"].values()} == {torch.float32}
     first = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert not any(r["vae_loaded"] for r in first) and first[0]["weights"] == first[1]["weights"]
+    assert [(r["precision"], r["unet_dtype"]) for r in first] == [("bf16", "bfloat16")] * 2
 
     resumed = _torchrun(1, [*common, "--workers", "2", "--batch", "2", "--resume"], stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE, text=True)

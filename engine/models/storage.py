@@ -66,12 +66,17 @@ def save_base(model: BaseControlNetModel, folder: str | Path) -> Path:
     return Path(folder)
 
 
-def make_random_model(preset: str, sd_folder: str | Path, base_folder: str | Path, seed: int = 0) -> dict:
+def make_random_model(preset: str, sd_folder: str | Path, base_folder: str | Path, seed: int = 0,
+                      any_tokenizer: bool = False) -> dict:
     """Random-weight SD components and a Base ControlNet initialised from that UNet, saved in
-    diffusers layout. Only for trying commands without downloads; returns the base's config."""
-    from engine.models.presets import build_sd
+    diffusers layout. Only for trying commands without downloads; returns the base's config.
+    ``sd15`` has no offline tokenizer: refused, unless ``any_tokenizer`` (benchmarks), which gives
+    it the tiny preset's (token ids only index the random embedding)."""
+    from engine.models.presets import build_sd, build_tiny_tokenizer
 
     sd = build_sd(preset, seed=seed)
+    if sd.tokenizer is None and any_tokenizer:
+        sd.tokenizer = build_tiny_tokenizer()
     if sd.tokenizer is None:
         raise ValueError(f"preset {preset!r} has no offline tokenizer")
     save_sd(sd, sd_folder)

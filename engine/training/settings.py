@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from engine.checks import above, at_least, between, multiple_of, seed
-from engine.errors import UsageError
+from engine.errors import SettingError, UsageError
 
 # The paper's LoRA rank: engine.models.adapters.DEFAULT_RANK, which cannot be imported here
 # without loading torch (a test checks that the two agree).
@@ -105,7 +105,8 @@ class TrainBaseSettings:
     lr: float = field(default=1e-5, metadata=_help("AdamW learning rate"))
     rank: int = field(default=PAPER_RANK, metadata=_help("LoRA rank of every condition"))
     precision: str = field(default="auto", metadata=_help("auto (bf16 on GPU and on CPUs with native bf16, else "
-                                                             "fp32), fp32, bf16 or fp16"))
+                                                             "fp32), fp32 or bf16 (the frozen UNet in bf16, fp32 "
+                                                             "master weights for what trains)"))
     grad_checkpointing: bool = field(default=False, metadata=_help("recompute activations: less memory, slower"))
     save_every: int = field(default=1000, metadata=_help("write a checkpoint every N steps (0: only at the end)"))
     resume: bool = field(default=False, metadata=_help("continue the run in the run folder from its checkpoint"))
@@ -132,6 +133,10 @@ class TrainBaseSettings:
 
     def checked(self) -> "TrainBaseSettings":
         check_training(self)
+        if self.precision == "fp16":
+            raise SettingError("precision", "train-base trains in fp32 or bf16, not fp16: fp16 training needs a "
+                                            "gradient scaler (small gradients underflow to zero in fp16), which "
+                                            "train-base does not have; use bf16 (GPUs since Ampere) or fp32")
         at_least("log_every", self.log_every, 1)
         at_least("workers", self.workers, 0)
         at_least("timeout", self.timeout, 1)

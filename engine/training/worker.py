@@ -144,7 +144,8 @@ def main(argv=None) -> None:
     if restarted:  # torchrun --max-restarts started us again: continue from the last checkpoint, if any
         from dataclasses import replace
 
-        args = replace(args, resume=(out / CHECKPOINT).is_file())
+        # (--pause-after holds a test's first attempt only: the restarted one runs to the end)
+        args = replace(args, resume=(out / CHECKPOINT).is_file(), pause_after=0)
     signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
     try:
         # The command checked this already; a worker started by hand (--print-command) checks it too.
@@ -197,9 +198,9 @@ def _run(args: TrainBaseSettings, out: Path) -> bool:
         # Each rank on its own GPU before NCCL starts: a communicator (or a barrier) made first
         # would sit on GPU 0 for every rank of the node.
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
+        _init_process_group("nccl", timeout, device_id=device)
     else:
-        dist.init_process_group(backend="gloo", timeout=timeout)
+        _init_process_group("gloo", timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -208,6 +209,16 @@ def _run(args: TrainBaseSettings, out: Path) -> bool:
         return _train(args, out, rank, world, device)
     finally:
         dist.destroy_process_group()
+
+
+def _init_process_group(backend: str, timeout, **more) -> None:
+    """The process group, its keys kept apart per torchrun attempt. Workers restarted by torchrun
+    (``--max-restarts``) meet in the same store as the attempt before, where that attempt's keys
+    (each rank's address, NCCL's id) are still set: read by the new ranks, they point at the dead
+    ones, and the group never forms (gloo: it waits out ``--timeout``)."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"ctrlora-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **more)
 
 
 def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: torch.device) -> bool:
@@ -221,7 +232,8 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     from engine.runtime import resolve_precision, set_cpu_bf16
 
     set_cpu_bf16(None if args.cpu_bf16 == "auto" else args.cpu_bf16 == "1")
-    precision = resolve_precision(args.precision, device, training=True, width=unet_width(args.sd))
+    precision = resolve_precision(args.precision, device, training=True, allowed=("fp32", "bf16"),
+                                  width=unet_width(args.sd))
     saved = launcher.saved_run(out) if args.resume else None
     if saved is not None and args.precision == "auto":
         # auto keeps what the run began with (an older build, or another CPU, may have decided otherwise)
@@ -258,6 +270,11 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     for condition in conditions:
         adapters.add_adapter(controlnet, condition, rank=args.rank)
     controlnet.to(device).train()
+    if precision == "bf16":
+        # The frozen UNet in bf16 (autocast would cast it at every op), once the base has copied
+        # its fp32 encoder: what trains keeps fp32 master weights. The VAE and text encoder, which
+        # encode the data (and key its cache), stay as loaded.
+        sd.unet.to(torch.bfloat16)
     # The base's own zero convs and norms never act while a condition is routed: freeze them.
     own = {f"{n}.{p}" for n in adapters.routed_layers(controlnet) for p in ("weight", "bias")}
     for name, param in controlnet.named_parameters():
@@ -362,7 +379,9 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
     write_json(out / RANKS / f"rank{rank}.json", {"drawn": drawn, "weights": weights_digest(controlnet),
                                                   "start_step": step - len(drawn) // args.grad_accum,
                                                   "world_size": world, "threads": torch.get_num_threads(),
-                                                  "vae_loaded": sd.vae is not None,
+                                                  "vae_loaded": sd.vae is not None, "precision": precision,
+                                                  "unet_dtype": str(sd.unet.dtype).removeprefix("torch."),
+                                                  **_peak_memory(device),
                                                   **({"used": feed.used} if feed is not None else {})})
     if step >= args.steps:
         eval_end = _eval_loss(sd, controlnet, data, conditions, args, device, autocast)
@@ -370,6 +389,17 @@ def _train(args: TrainBaseSettings, out: Path, rank: int, world: int, device: to
             _write_result(controlnet, conditions, args, out, save_base, eval_start, eval_end)
     dist.barrier()
     return step >= args.steps
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """This process's peak resident memory (what the OS gave it, in MiB) and, on a GPU, the most
+    CUDA memory its tensors held (GiB): the memory a precision takes (``bench/train_base.py --memory``)."""
+    import resource
+
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        peak["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return peak
 
 
 def _checkpoint(controlnet, optimizer, step, cursors, feed, conditions, args, path: Path, rank: int, world: int,
