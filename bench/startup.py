@@ -18,6 +18,11 @@ Setup (once, in a temporary folder, offline): ``pull demo`` and ``world make ./d
   (``gen_import_top``: their own seconds, summed per top-level package, from the median run);
 - ``torch_import_s``: ``python -c "import torch"``, the floor the command's imports stand on (the
   peer: ``import_over_torch`` is their ratio, steadier than either figure on a busy machine);
+- ``library_import_s``: a process that imports only the model classes the demo is made of
+  (diffusers' UNet2DConditionModel and AutoencoderKL, transformers' CLIPTextModel): the floor any
+  diffusers-based generation stands on, whatever its own code does (``import_over_library``: gen's
+  imports over it); ``dynamo_import_s``: the part of it that is ``torch._dynamo``, which
+  ``diffusers.utils.torch_utils`` imports at load;
 - ``help_wall_s``: ``python -m ctrlora_cli --help``.
 
 Medians are reported beside every run. The machine's load average at the start and the end says
@@ -44,6 +49,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red triangle on a magenta background"
+LIBRARY = ("import diffusers.models.unets.unet_2d_condition, diffusers.models.autoencoders.autoencoder_kl, "
+           "transformers.models.clip.modeling_clip")
 GEN = ["gen", "--cond", "demo-seg=demo/source/0.png", "-p", PROMPT, "--seed", "7", "--out", "demo.png", "--force"]
 
 
@@ -123,7 +130,7 @@ def main() -> None:
         run([*cli, "pull", "demo"], tmp, env)
         run([*cli, "world", "make", "./demo", "--condition", "seg", "-n", "1", "--size", "32", "--seed", "7"], tmp, env)
 
-        walls, cpus, imports, tops, torch_s, helps = [], [], [], [], [], []
+        walls, cpus, imports, tops, torch_s, helps, library, dynamo = [], [], [], [], [], [], [], []
         for _ in range(args.repeats):
             wall, cpu, _ = run([*cli, *GEN], tmp, env)
             walls.append(wall)
@@ -134,6 +141,10 @@ def main() -> None:
             tops.append((total, top, "peft" in {line.split("|")[-1].strip() for line in stderr.splitlines()}))
             _, _, stderr = run(["-X", "importtime", *py, "-c", "import torch"], tmp, env)
             torch_s.append(import_times(stderr)[0])
+            _, _, stderr = run(["-X", "importtime", *py, "-c", LIBRARY], tmp, env)
+            library.append(import_times(stderr)[0])
+            dynamo.append(max((int(line.split("|")[1]) for line in stderr.splitlines()  # cumulative
+                               if line.split("|")[-1].strip() == "torch._dynamo"), default=0) / 1e6)
             helps.append(run([*cli, "--help"], tmp, env)[0])
 
     median_run = sorted(tops, key=lambda t: t[0])[len(tops) // 2]
@@ -148,6 +159,9 @@ def main() -> None:
         "gen_import_s": summary(imports),
         "torch_import_s": summary(torch_s),
         "import_over_torch": round(statistics.median(imports) / statistics.median(torch_s), 2),
+        "library_import_s": summary(library),
+        "dynamo_import_s": summary(dynamo),
+        "import_over_library": round(statistics.median(imports) / statistics.median(library), 2),
         "gen_import_top": median_run[1],
         "peft_imported": median_run[2],
         "help_wall_s": summary(helps),
