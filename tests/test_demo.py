@@ -131,9 +131,9 @@ def test_recipe_builds_a_demo_that_pull_and_gen_use(tmp_path):
     assert pulled.returncode == 0, pulled.stderr
     listed = json.loads(run_cli("list", "--json", env=home).stdout)
     assert {e["name"] for e in listed} == {"demo", "demo-sd", "demo-canny", "demo-seg", "demo-sketch", "demo-palette"}
-    condition = make_world(tmp_path / "cond", "sketch", count=1, size=32, seed=3)
+    condition = work / "data" / "eval-sketch" / "source" / "0.png"  # a held-out scene's sketch, 32 x 32
     out = tmp_path / "out.png"
-    made = run_cli("gen", "--cond", f"demo-sketch={condition / 'source' / '0.png'}", "-p", "a red circle",
+    made = run_cli("gen", "--cond", f"demo-sketch={condition}", "-p", "a red circle",
                    "--steps", "2", "--out", str(out), env=home)
     assert made.returncode == 0, made.stderr
     assert Image.open(out).size == (32, 32)
