@@ -144,6 +144,8 @@ class Recipe:
         self.work, self.s, self.in_process = work, settings, in_process
         self.env = dict(os.environ, CTRLORA_HOME=str(work / "store"), CTRLORA_OFFLINE="1")
         self.pool = None  # the claim's worker processes, started at its first run and kept for the rest
+        if in_process:  # before the commands' modules load (huggingface_hub reads the offline switch then)
+            os.environ.update(self.env)
         work.mkdir(parents=True, exist_ok=True)
 
     def data(self, name: str) -> Path:
@@ -163,25 +165,29 @@ class Recipe:
 
     def run_here(self, args: list[str], capture: bool) -> tuple[int, str]:
         """``ctrlora ARGS`` through the command's own ``main()`` (its parsing, checks and error
-        handling) in this process, with the recipe's environment; (exit code, captured stdout)."""
+        handling) in this process, whose environment is the recipe's; (exit code, captured stdout).
+        The signal handlers a command sets (train-base's SIGTERM) are put back after it."""
         import contextlib
         import io
+        import signal
 
         from ctrlora_cli.app import main
 
-        saved_argv, saved_env, out = sys.argv, dict(os.environ), io.StringIO()
+        saved_argv, out = sys.argv, io.StringIO()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         sys.argv = ["ctrlora", *args]
-        os.environ.update(self.env)
         try:
             with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
                 main()
             code = 0
-        except SystemExit as exc:
+        except SystemExit as exc:  # main() ends with sys.exit(code)
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
         finally:
             sys.argv = saved_argv
-            os.environ.clear()
-            os.environ.update(saved_env)
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
         sys.stdout.flush()
         return code, out.getvalue()
 
