@@ -24,14 +24,6 @@ from pairs import make_pairs
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny ops: threads only contend
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fixed_batch_loss(sd, controlnet, data, plan, seeds=(0, 1, 2)) -> float:
     """The loss on every pair with fixed posterior draws, noise and timesteps."""
     losses = []
