@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import run_cli
 from hub_fixtures import cli
+from engine.demo.world import write_dataset
 from engine.models import adapters
 from engine.formats.adapter_file import save_adapter_file
 from engine.generation.png_recipe import read_recipe
@@ -390,8 +391,6 @@ def test_an_adapter_runs_on_its_own_base_and_warns_on_another(two_bases, tiny_st
     assert code == 1 and warning in " ".join(stderr.split()) and not (folder / "asked.png").exists()
 
     # eval alike: the adapter's base by default, a warning on another.
-    from engine.demo.world import write_dataset
-
     data = tmp_path / "world"
     write_dataset(data, "canny", 1, size=64)
     scored = cli("eval", "tiny-canny", str(data), "--steps", "1", "--json")

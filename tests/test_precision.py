@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from hub_fixtures import cli
 from ctrlora_cli import envconfig
 from engine import runtime
 from engine.errors import SettingError, UsageError
@@ -83,8 +84,6 @@ def test_gen_auto_and_from_use_the_right_precision(tiny_store, tmp_path, monkeyp
     """Through the face: auto is bf16 with CTRLORA_CPU_BF16=1 (a real process); ``--from`` makes an
     image again in the precision its recipe records, although auto would pick fp32 now
     (CTRLORA_CPU_BF16=0; the command in this process, on one thread as the first)."""
-    from hub_fixtures import cli
-
     import numpy as np
     from PIL import Image
 
