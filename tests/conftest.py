@@ -11,6 +11,13 @@ REF_TINY = SHARED / "data" / "ref-tiny"
 # The suite's numbers are the same on every CPU: --precision auto means fp32 here (and in every
 # subprocess) unless the run sets CTRLORA_CPU_BF16; tests of bf16 ask for it.
 os.environ.setdefault("CTRLORA_CPU_BF16", "0")
+# Commands that tests run in this process (hub_fixtures.cli) find the libraries as quiet as in
+# ctrlora's own process: its settings for them, made before any test imports them. The
+# subprocesses that run_cli starts get the environment without them (ctrlora sets them itself).
+_SET_BY_USER = set(os.environ)
+from ctrlora_cli import envconfig  # noqa: E402  (light: no torch)
+
+envconfig.quiet_libraries()
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +37,9 @@ def cli_env(env: dict | None = None) -> dict:
     # No timed progress lines on stderr (a slow machine would add them to what tests compare);
     # tests of those lines set it.
     full_env.setdefault("CTRLORA_LOG_EVERY", "0")
+    for name in envconfig.LIBRARY_DEFAULTS:
+        if name not in _SET_BY_USER:
+            full_env.pop(name, None)
     if env:
         full_env.update(env)
     return full_env
@@ -64,6 +74,18 @@ def tiny_store(tiny_store_template, tmp_path, monkeypatch):
     shutil.copytree(tiny_store_template, root, ignore=shutil.ignore_patterns("views", ".lock"))
     monkeypatch.setenv("CTRLORA_HOME", str(root))
     return Store(root)
+
+
+@pytest.fixture()
+def one_thread():
+    """torch on one thread in this process for the test (tiny models: a second thread only
+    contends), as the subprocesses that tests start with OMP_NUM_THREADS=1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

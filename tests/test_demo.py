@@ -9,18 +9,20 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
+from hub_fixtures import cli
 
 RECIPE = REPO / "ctrlora_cli" / "data" / "demo" / "recipe.py"
 
 
 def make_world(folder, condition="canny", count=2, size=64, seed=1):
-    result = run_cli("world", "make", str(folder), "-c", condition, "-n", str(count), "--size", str(size),
-                     "--seed", str(seed))
-    assert result.returncode == 0, result.stderr
+    """World pairs, written in this process (``ctrlora world make`` itself: tests/test_prep_world_cli.py)."""
+    from engine.demo.world import write_dataset
+
+    write_dataset(folder, condition, count, size=size, seed=seed)
     return folder
 
 
-def test_eval_scores_the_bare_base_and_an_adapter(tiny_store, tmp_path):
+def test_eval_scores_the_bare_base_and_an_adapter(tiny_store, tmp_path, one_thread):
     data = make_world(tmp_path / "canny")
     bare = run_cli("eval", "none", str(data), "--steps", "2", "--json", "--save", str(tmp_path / "images"))
     assert bare.returncode == 0, bare.stderr
@@ -31,25 +33,27 @@ def test_eval_scores_the_bare_base_and_an_adapter(tiny_store, tmp_path):
     assert scores["ceiling"]["f1"] == pytest.approx(1.0)  # the targets are what the edges were drawn from
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["0.png", "1.png"]
 
-    adapter = run_cli("eval", "tiny-canny", str(data), "--steps", "2", "--count", "1", "--json")
-    assert adapter.returncode == 0, adapter.stderr
-    scores = json.loads(adapter.stdout)
+    # The same command in this process (no second start-up): with an adapter, then as text.
+    adapter = cli("eval", "tiny-canny", str(data), "--steps", "2", "--count", "1", "--json")
+    assert adapter.code == 0, adapter.err
+    scores = json.loads(adapter.out)
     assert scores["adapter"] == "tiny-canny" and scores["pairs"] == 1 and scores["kind"] == "canny"
 
-    text = run_cli("eval", "tiny-canny", str(data), "--steps", "1", "--count", "1")
-    assert text.returncode == 0 and "f1" in text.stdout and "own targets" in text.stdout
+    text = cli("eval", "tiny-canny", str(data), "--steps", "1", "--count", "1")
+    assert text.code == 0 and "f1" in text.out and "own targets" in text.out
 
 
-def test_eval_scores_do_not_depend_on_its_batch(tiny_store, tmp_path):
+def test_eval_scores_do_not_depend_on_its_batch(tiny_store, tmp_path, one_thread):
+    """Both runs in this process, on one thread: they differ by --batch alone."""
     import numpy as np
 
     data = make_world(tmp_path / "seg", condition="seg", count=3, size=32)
     runs = {}
     for batch in ("1", "2"):  # 2: a batch of two pairs, then one
-        result = run_cli("eval", "tiny-canny", str(data), "--kind", "seg", "--steps", "2", "--batch", batch, "--json",
-                         "--save", str(tmp_path / batch))
-        assert result.returncode == 0, result.stderr
-        runs[batch] = json.loads(result.stdout)
+        result = cli("eval", "tiny-canny", str(data), "--kind", "seg", "--steps", "2", "--batch", batch, "--json",
+                     "--save", str(tmp_path / batch))
+        assert result.code == 0, result.err
+        runs[batch] = json.loads(result.out)
         assert runs[batch]["scores"]["count"] == 3
     for i in range(3):
         one, two = (np.asarray(Image.open(tmp_path / b / f"{i}.png"), dtype=int) for b in ("1", "2"))
@@ -131,9 +135,9 @@ def test_recipe_builds_a_demo_that_pull_and_gen_use(tmp_path):
     assert pulled.returncode == 0, pulled.stderr
     listed = json.loads(run_cli("list", "--json", env=home).stdout)
     assert {e["name"] for e in listed} == {"demo", "demo-sd", "demo-canny", "demo-seg", "demo-sketch", "demo-palette"}
-    condition = make_world(tmp_path / "cond", "sketch", count=1, size=32, seed=3)
+    condition = work / "data" / "eval-sketch" / "source" / "0.png"  # a held-out scene's sketch, 32 x 32
     out = tmp_path / "out.png"
-    made = run_cli("gen", "--cond", f"demo-sketch={condition / 'source' / '0.png'}", "-p", "a red circle",
+    made = run_cli("gen", "--cond", f"demo-sketch={condition}", "-p", "a red circle",
                    "--steps", "2", "--out", str(out), env=home)
     assert made.returncode == 0, made.stderr
     assert Image.open(out).size == (32, 32)

@@ -24,14 +24,6 @@ from pairs import make_pairs
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny ops: threads only contend
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fixed_batch_loss(sd, controlnet, data, plan, seeds=(0, 1, 2)) -> float:
     """The loss on every pair with fixed posterior draws, noise and timesteps."""
     losses = []
@@ -148,10 +140,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_store, tmp_path,
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4
     assert not (run / "adapter.safetensors").exists() and not tiny_store.exists("resumed")
 
-    resumed = run_cli(*_fit_args(data, "resumed", run), "--resume", env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "fitted resumed: 12 steps on 3 pairs" in resumed.stdout
-    assert "ctrlora gen --cond resumed=" in resumed.stdout
+    # Resumed by the command in this process (on one thread, as the killed one), from what is on disk.
+    from hub_fixtures import cli
+
+    resumed = cli(*_fit_args(data, "resumed", run), "--resume")
+    assert resumed.code == 0, resumed.err
+    assert "fitted resumed: 12 steps on 3 pairs" in resumed.out
+    assert "ctrlora gen --cond resumed=" in resumed.out
     _check_store_entry(tiny_store, "resumed", data)
 
     # The same fit, never interrupted (in this process, also on one thread).
@@ -249,13 +244,17 @@ def test_bf16_keeps_fp32_master_weights_for_the_adapter_only(one_thread):
 
 
 @pytest.mark.slow
-def test_names_and_run_folders_are_never_lost_or_silently_replaced(tiny_store, tmp_path):
+def test_names_and_run_folders_are_never_lost_or_silently_replaced(tiny_store, tmp_path, one_thread):
     """fit claims its name before any work (--force replaces the entry); a run left in a run folder
     (here after ``rm`` of an entry whose run lies outside the store) is continued with --resume or
-    started over with --force, never silently; the adapter's condition is the data's own."""
+    started over with --force, never silently; the adapter's condition is the data's own. The
+    first fit and the refusals in real processes, the fits after them in this one."""
+    from engine.demo.world import write_dataset
+    from hub_fixtures import cli
+
     env = {"CTRLORA_HOME": str(tiny_store.root), **ONE_THREAD}
     data = tmp_path / "world"
-    assert run_cli("world", "make", str(data), "-c", "canny", "-n", "2", "--size", "64").returncode == 0
+    write_dataset(data, "canny", 2, size=64)
     run = tmp_path / "run"
     args = ["fit", str(data), "--name", "edges", "--run-dir", str(run), "--rank", "4", "--resolution", "64",
             "--save-every", "0", "--steps", "2"]
@@ -279,14 +278,14 @@ def test_names_and_run_folders_are_never_lost_or_silently_replaced(tiny_store, t
     assert sorted(p.name for p in run.iterdir()) == before and not tiny_store.exists("edges")
 
     # --resume continues it (two more steps), and the entry is back.
-    more = run_cli(*[a if a != "2" else "4" for a in args], "--resume", env=env)
-    assert more.returncode == 0, more.stderr
+    more = cli(*[a if a != "2" else "4" for a in args], "--resume")
+    assert more.code == 0, more.err
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert tiny_store.get("edges").extra["steps"] == 4
 
     # --force replaces the entry and starts the run over in the same folder.
-    again = run_cli(*args, "--force", "--condition", "outline", env=env)
-    assert again.returncode == 0, again.stderr
+    again = cli(*args, "--force", "--condition", "outline")
+    assert again.code == 0, again.err
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     entry = tiny_store.get("edges")
     assert (entry.extra["steps"], entry.condition) == (2, "outline")

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
+from hub_fixtures import cli
+from engine.demo.world import write_dataset
 from engine.models import adapters
 from engine.formats.adapter_file import save_adapter_file
 from engine.generation.png_recipe import read_recipe
@@ -61,7 +63,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
-def test_gen_writes_recipes_and_reproduces(gen_store):
+def test_gen_writes_recipes_and_reproduces(gen_store, one_thread):
     folder, files = gen_store
     long_prompt = " ".join(["a red circle above a blue square"] * 12)
     result = run_cli("gen", "--cond", f"edge={folder / 'a.png'}:0.8", "--cond", f"{files['blur']}={folder / 'b.png'}:1.2:0-0.5",
@@ -100,10 +102,11 @@ def test_gen_writes_recipes_and_reproduces(gen_store):
     assert grid_recipe["seed"] == 5 and grid_recipe["seeds"] == [5, 6] and len(grid_conditions) == 2
     assert a1111_fields(Image.open(summary["grid"]).text["parameters"])[2]["Seed"] == "5"
 
-    # From the file alone (the conditions come from the recipe), into a file named by --out.
-    again = run_cli("gen", "--from", str(paths[1]), "--out", str(folder / "again.png"), env=ONE_THREAD)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.strip() == str(folder / "again.png")
+    # From the file alone (the conditions come from the recipe), into a file named by --out; in
+    # this process, on one thread as the first run.
+    again = cli("gen", "--from", str(paths[1]), "--out", str(folder / "again.png"))
+    assert again.code == 0, again.err
+    assert again.out.strip() == str(folder / "again.png")
     made, remade = (np.asarray(Image.open(p), dtype=np.int16) for p in (paths[1], folder / "again.png"))
     assert np.abs(made - remade).max() <= 2  # batch of 2 against 1: float rounding only
     other = np.asarray(Image.open(paths[0]), dtype=np.int16)
@@ -252,7 +255,8 @@ def _files(folder):
 
 
 @pytest.mark.slow
-def test_outputs_never_replace_a_file_unless_forced(gen_store):
+def test_outputs_never_replace_a_file_unless_forced(gen_store, one_thread):
+    """The first image from a real process, the ones after it in this process (no start-up each)."""
     folder, _ = gen_store
     out = folder / "out"
     args = ["gen", "--cond", f"edge={folder / 'a.png'}", "-p", "a cat", "--steps", "1", "--seed", "7"]
@@ -261,9 +265,9 @@ def test_outputs_never_replace_a_file_unless_forced(gen_store):
     assert first.stdout.split() == [str(out / "ctrlora-7.png"), str(out / "ctrlora-7-grid.png")]
     made = _files(out)
     # The same seed again: the next free number, for the image and the grid alike.
-    again = run_cli(*args, "--out", str(out), "--grid", env=ONE_THREAD)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.split() == [str(out / "ctrlora-7-1.png"), str(out / "ctrlora-7-1-grid.png")]
+    again = cli(*args, "--out", str(out), "--grid")
+    assert again.code == 0, again.err
+    assert again.out.split() == [str(out / "ctrlora-7-1.png"), str(out / "ctrlora-7-1-grid.png")]
     assert {k: v for k, v in _files(out).items() if k in made} == made  # the first ones untouched
 
     # A file named by --out (or its grid) is refused before any model loads, and kept.
@@ -279,8 +283,8 @@ def test_outputs_never_replace_a_file_unless_forced(gen_store):
         assert refused.stderr.strip() == f"error: --out: {taken} already exists; pass --force to replace it, or pick " \
                                          "another name"
     assert mine.read_bytes() == b"my own picture" and not (folder / "x.png").exists()
-    forced = run_cli(*args, "--out", str(mine), "--force", env=ONE_THREAD)
-    assert forced.returncode == 0, forced.stderr
+    forced = cli(*args, "--out", str(mine), "--force")
+    assert forced.code == 0, forced.err
     assert read_recipe(mine)[0]["seed"] == 7  # replaced, as asked
 
 
@@ -364,7 +368,9 @@ def _on_a_terminal(args, answer: str, env: dict):
 
 
 @pytest.mark.slow
-def test_an_adapter_runs_on_its_own_base_and_warns_on_another(two_bases, tiny_store, tmp_path):
+def test_an_adapter_runs_on_its_own_base_and_warns_on_another(two_bases, tiny_store, tmp_path, one_thread):
+    """gen in a real process (nothing on stderr) and at a real terminal; the other runs in this
+    process (no start-up each)."""
     folder = two_bases
     cond = ["--cond", f"tiny-canny={folder / 'a.png'}", "-p", "a cat", "--steps", "1", "--seed", "1"]
     # Two bases in the store, no --base: the adapter's own (it used to refuse to guess).
@@ -375,8 +381,8 @@ def test_an_adapter_runs_on_its_own_base_and_warns_on_another(two_bases, tiny_st
     # Another base of the same architecture: it runs, with a warning naming both.
     warning = ("warning: adapter 'tiny-canny' was made for base 'tiny', not 'other' (same architecture, tiny): it "
                "runs, but may follow its condition less well; pass --base tiny to use its own")
-    other = run_cli("gen", *cond, "--base", "other", "--out", str(folder / "other.png"), env=ONE_THREAD)
-    assert other.returncode == 0 and other.stderr.strip() == warning, other.stderr
+    other = cli("gen", *cond, "--base", "other", "--out", str(folder / "other.png"))
+    assert other.code == 0 and other.err.strip() == warning, other.err
     assert read_recipe(folder / "other.png")[0]["base"]["name"] == "other"
 
     # At a terminal it asks first; No stops before anything is written.
@@ -386,10 +392,9 @@ def test_an_adapter_runs_on_its_own_base_and_warns_on_another(two_bases, tiny_st
 
     # eval alike: the adapter's base by default, a warning on another.
     data = tmp_path / "world"
-    assert run_cli("world", "make", str(data), "-c", "canny", "-n", "1", "--size", "64").returncode == 0
-    scored = run_cli("eval", "tiny-canny", str(data), "--steps", "1", "--json", env=ONE_THREAD)
-    assert scored.returncode == 0 and json.loads(scored.stdout)["base"] == "tiny" and scored.stderr == ""
-    elsewhere = run_cli("eval", "tiny-canny", str(data), "--steps", "1", "--json", "--base", "other", "-y",
-                        env=ONE_THREAD)
-    assert elsewhere.returncode == 0 and json.loads(elsewhere.stdout)["base"] == "other"
-    assert elsewhere.stderr.strip() == warning
+    write_dataset(data, "canny", 1, size=64)
+    scored = cli("eval", "tiny-canny", str(data), "--steps", "1", "--json")
+    assert scored.code == 0 and json.loads(scored.out)["base"] == "tiny" and scored.err == ""
+    elsewhere = cli("eval", "tiny-canny", str(data), "--steps", "1", "--json", "--base", "other", "-y")
+    assert elsewhere.code == 0 and json.loads(elsewhere.out)["base"] == "other"
+    assert elsewhere.err.strip() == warning

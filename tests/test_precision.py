@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from conftest import run_cli
+from hub_fixtures import cli
 from ctrlora_cli import envconfig
 from engine import runtime
 from engine.errors import SettingError, UsageError
 from engine.generation.png_recipe import read_recipe
 from engine.training import launcher
 from engine.training.settings import TrainBaseSettings
-from test_fit import _trainer, one_thread  # noqa: F401 (a fixture)
+from test_fit import _trainer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -108,9 +109,10 @@ def test_replayed_precision():
     assert runtime.replayed_precision(None, CPU) == "auto"  # an older recipe
 
 
-def test_gen_auto_and_from_use_the_right_precision(tiny_store, tmp_path):
-    """Through the face: auto is bf16 with CTRLORA_CPU_BF16=1; ``--from`` makes an image again in
-    the precision its recipe records, although auto would pick fp32 now (CTRLORA_CPU_BF16=0)."""
+def test_gen_auto_and_from_use_the_right_precision(tiny_store, tmp_path, monkeypatch, one_thread):
+    """Through the face: auto is bf16 with CTRLORA_CPU_BF16=1 (a real process); ``--from`` makes an
+    image again in the precision its recipe records, although auto would pick fp32 now
+    (CTRLORA_CPU_BF16=0; the command in this process, on one thread as the first)."""
     import numpy as np
     from PIL import Image
 
@@ -126,17 +128,16 @@ def test_gen_auto_and_from_use_the_right_precision(tiny_store, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
     one = {"OMP_NUM_THREADS": "1", "CTRLORA_HOME": str(tiny_store.root)}
 
-    def gen(*args, bf16):
-        result = run_cli("gen", *args, "--steps", "2", "--seed", "1", "-p", "x", "--json",
-                         env={**one, "CTRLORA_CPU_BF16": bf16})
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-
-    made = gen("--cond", f"{path}={image}", "--out", str(tmp_path / "bf16.png"), bf16="1")
-    assert made["precision"] == "bf16"
+    common = ("--steps", "2", "--seed", "1", "-p", "x", "--json")
+    made = run_cli("gen", "--cond", f"{path}={image}", "--out", str(tmp_path / "bf16.png"), *common,
+                   env={**one, "CTRLORA_CPU_BF16": "1"})
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["precision"] == "bf16"
     assert read_recipe(tmp_path / "bf16.png")[0]["precision"] == "bf16"
-    again = gen("--from", str(tmp_path / "bf16.png"), "--out", str(tmp_path / "again.png"), bf16="0")
-    assert again["precision"] == "bf16"  # the recipe's, although auto would be fp32 now
+    monkeypatch.setenv("CTRLORA_CPU_BF16", "0")
+    again = cli("gen", "--from", str(tmp_path / "bf16.png"), "--out", str(tmp_path / "again.png"), *common)
+    assert again.code == 0, again.err
+    assert json.loads(again.out)["precision"] == "bf16"  # the recipe's, although auto would be fp32 now
     same = [np.asarray(Image.open(tmp_path / p)) for p in ("bf16.png", "again.png")]
     assert np.array_equal(*same)
 

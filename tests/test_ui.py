@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from conftest import REPO, run_cli
+from hub_fixtures import cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 IN_CI = os.environ.get("CI") == "true"
@@ -83,7 +84,7 @@ def _recipe(path):
     return read_recipe(path)[0]
 
 
-def test_generate_api_writes_pngs_that_gen_from_makes_again(app, tmp_path):
+def test_generate_api_writes_pngs_that_gen_from_makes_again(app, tmp_path, monkeypatch, one_thread):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -110,9 +111,9 @@ def test_generate_api_writes_pngs_that_gen_from_makes_again(app, tmp_path):
         made = np.asarray(image.convert("RGB"))
     assert made.std() > 1  # an image, not a blank
 
-    again = run_cli("gen", "--from", str(served), "--out", str(tmp_path / "again.png"),
-                    env={"CTRLORA_HOME": str(home), **ONE_THREAD})
-    assert again.returncode == 0, again.stderr
+    monkeypatch.setenv("CTRLORA_HOME", str(home))  # the command in this process, on one thread as the app
+    again = cli("gen", "--from", str(served), "--out", str(tmp_path / "again.png"))
+    assert again.code == 0, again.err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png").convert("RGB")), made)
 
     # Warm: the second request loads nothing; a bad setting is one line naming it.

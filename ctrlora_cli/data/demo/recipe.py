@@ -25,7 +25,8 @@ project's own commands or engine functions.
 
 Every stage is skipped when its result exists in the work folder, and every claim run when its
 result file exists, so an interrupted recipe continues where it stopped. ``--quick`` runs every
-stage with tiny settings (the CI test). Timings: docs/claim.md.
+stage with tiny settings (the CI test), each command in the recipe's own process (``main()`` with
+its arguments: no start-up per stage). Timings: docs/claim.md.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def main() -> None:
     from engine.demo.world import BASE_CONDITIONS
 
     conditions = QUICK_BASE_CONDITIONS if args.quick else BASE_CONDITIONS
-    recipe = Recipe(args.work.resolve(), s)
+    recipe = Recipe(args.work.resolve(), s, in_process=args.quick)
     started = time.time()
 
     if args.continue_shipped:
@@ -139,9 +140,12 @@ def main() -> None:
 
 
 class Recipe:
-    def __init__(self, work: Path, settings: dict):
-        self.work, self.s = work, settings
+    def __init__(self, work: Path, settings: dict, in_process: bool = False):
+        self.work, self.s, self.in_process = work, settings, in_process
         self.env = dict(os.environ, CTRLORA_HOME=str(work / "store"), CTRLORA_OFFLINE="1")
+        self.pool = None  # the claim's worker processes, started at its first run and kept for the rest
+        if in_process:  # before the commands' modules load (huggingface_hub reads the offline switch then)
+            os.environ.update(self.env)
         work.mkdir(parents=True, exist_ok=True)
 
     def data(self, name: str) -> Path:
@@ -150,10 +154,42 @@ class Recipe:
     def run(self, *args, capture: bool = False) -> str:
         command = [sys.executable, "-m", "ctrlora_cli", *map(str, args)]
         print("$ ctrlora " + " ".join(map(str, args)), flush=True)
-        done = subprocess.run(command, env=self.env, text=True, stdout=subprocess.PIPE if capture else None)
-        if done.returncode != 0:
-            raise SystemExit(f"stage failed (exit {done.returncode}): ctrlora {' '.join(map(str, args))}")
-        return done.stdout or ""
+        if self.in_process:
+            code, out = self.run_here(command[3:], capture)
+        else:
+            done = subprocess.run(command, env=self.env, text=True, stdout=subprocess.PIPE if capture else None)
+            code, out = done.returncode, done.stdout
+        if code != 0:
+            raise SystemExit(f"stage failed (exit {code}): ctrlora {' '.join(map(str, args))}")
+        return out or ""
+
+    def run_here(self, args: list[str], capture: bool) -> tuple[int, str]:
+        """``ctrlora ARGS`` through the command's own ``main()`` (its parsing, checks and error
+        handling) in this process, whose environment is the recipe's; (exit code, captured stdout).
+        The signal handlers a command sets (train-base's SIGTERM) are put back after it."""
+        import contextlib
+        import io
+        import signal
+
+        from ctrlora_cli.app import main
+
+        saved_argv, out = sys.argv, io.StringIO()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        sys.argv = ["ctrlora", *args]
+        try:
+            with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
+                main()
+            code = 0
+        except SystemExit as exc:  # main() ends with sys.exit(code)
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+        finally:
+            sys.argv = saved_argv
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        sys.stdout.flush()
+        return code, out.getvalue()
 
     def has(self, name: str) -> bool:
         return (self.work / "store" / "manifests" / f"{name}.json").is_file()
@@ -203,6 +239,14 @@ class Recipe:
         base buys (the adapter arm on the first held-out condition), the lr sweep, then every arm at
         its rate on every seed and data size. Each run's result is a file: an interrupted stage
         redoes only the runs it had not finished."""
+        try:
+            return self._claim(bases)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+                self.pool = None
+
+    def _claim(self, bases: list[str]) -> dict:
         from engine.demo.claim import ArmRun
         from engine.demo.settings import EvalSettings
 
@@ -285,6 +329,8 @@ class Recipe:
             path = folder / f"{run.key}.json"
             if path.is_file():
                 results[run.key] = json.loads(path.read_text())
+            elif self.same_run(run, path):  # an earlier stage's run of the very same settings (--quick)
+                results[run.key] = json.loads(path.read_text())
             elif run.key not in {r.key for r, _, _ in todo}:
                 todo.append((run, base, path))
         if not todo:
@@ -294,16 +340,27 @@ class Recipe:
         threads = max(1, (os.cpu_count() or 2) // jobs)
         t0 = time.time()
         print(f"[{label}] {len(todo)} runs, {jobs} at once, {threads} threads each", flush=True)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_to_file, run, sd_dir, base, self.work / "cache", path, threads): run
-                       for run, base, path in todo}
-            for future in as_completed(futures):
-                result = future.result()
-                results[result["key"]] = result
-                print(f"  {result['key']}: " + " ".join(f"{p['value']:.3f}" for p in result["curve"])
-                      + f" ({result['seconds']:.0f} s)", flush=True)
+        if self.pool is None:  # one pool for every stage of the claim: its workers start (import torch) once
+            self.pool = ProcessPoolExecutor(self.s["jobs"], mp_context=multiprocessing.get_context("spawn"))
+        futures = {self.pool.submit(run_to_file, run, sd_dir, base, self.work / "cache", path, threads): run
+                   for run, base, path in todo}
+        for future in as_completed(futures):
+            result = future.result()
+            results[result["key"]] = result
+            print(f"  {result['key']}: " + " ".join(f"{p['value']:.3f}" for p in result["curve"])
+                  + f" ({result['seconds']:.0f} s)", flush=True)
         self.log(label, time.time() - t0)
         return results
+
+    def same_run(self, run, path: Path) -> bool:
+        """Whether another claim stage's folder holds a run of exactly ``run``'s settings; if so it
+        is copied to ``path`` (whole), so this stage reads it from its own folder from now on."""
+        for other in sorted((self.work / "claim").glob(f"*/{run.key}.json")):
+            result = json.loads(other.read_text())
+            if result["run"] == run.as_dict():
+                write_json(path, result, sort_keys=False)
+                return True
+        return False
 
     def preview(self, conditions, scenes: int = 3, zoom: int = 4) -> Path:
         """``preview.png``: for every adapter, ``scenes`` unseen scenes (world seed 2) as rows of
