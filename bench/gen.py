@@ -98,6 +98,14 @@ def main() -> None:
               "bench_seconds": round(time.perf_counter() - started, 1)}
     if cuda:
         report["bf16_matmul_peak_tflops"] = round(matmul_peak() / 1e12, 1)
+    else:  # the CPU's own ceiling at the bench's threads: a step's FLOPs (--flops) over it is its floor
+        report["cpu_matmul_gflops"] = {name: round(matmul_peak(2048, 10, "cpu", dtype) / 1e9)
+                                       for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        for r in results:
+            if "flops_per_step" in r and r.get("precision") in report["cpu_matmul_gflops"]:
+                r["fraction_of_matmul_peak"] = round(r["flops_per_step"] / r["seconds_per_step"] /
+                                                     (report["cpu_matmul_gflops"][r["precision"]] * 1e9), 3)
+    if cuda:
         for r in results:
             if "flops_per_step" in r:
                 r["fraction_of_bf16_peak"] = round(r["flops_per_step"] / r["seconds_per_step"] /
@@ -338,20 +346,23 @@ def _flops_per_step(run) -> float:
     return float(counts[1] - counts[0])
 
 
-def matmul_peak(n: int = 8192, repeats: int = 20) -> float:
-    """Measured bf16 matmul FLOP/s of this GPU (the best of a few large square products)."""
+def matmul_peak(n: int = 8192, repeats: int = 20, device: str = "cuda", dtype=None) -> float:
+    """Measured matmul FLOP/s of this GPU in bf16 (or of ``device`` in ``dtype``): the best of a few
+    square products."""
     import torch
 
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    dtype = dtype or torch.bfloat16
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
-        torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
