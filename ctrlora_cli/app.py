@@ -53,7 +53,8 @@ def _click_exceptions():
     return exceptions
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``ctrlora`` with ``argv`` (default: the process's own arguments); exits with its code."""
     from engine.errors import CtrloraError, SettingError
 
     click = _click_exceptions()
@@ -61,7 +62,7 @@ def main() -> None:
     try:
         # standalone_mode=False: click hands usage errors to us instead of drawing its box, so
         # every bad input reads the same: one line, exit 2.
-        code = app(prog_name="ctrlora", standalone_mode=False)
+        code = app(args=argv, prog_name="ctrlora", standalone_mode=False)
     except CtrloraError as exc:
         # The engine names its setting (grad_accum); the user typed a flag (--grad-accum).
         message = f"--{exc.setting.replace('_', '-')}: {exc}" if isinstance(exc, SettingError) else str(exc)

@@ -30,14 +30,12 @@ class WarmModels:
         from engine.models.storage import load_base, load_sd, unet_width
         from engine.runtime import device_and_dtype
 
-        _, dtype, precision = device_and_dtype(self.device, self._asked, width=unet_width(models.sd_dir))
-        if dtype != self.dtype:  # this SD runs in another precision: every model is loaded again in it
-            self.dtype, self.precision = dtype, precision
-            self._sd = self._base = self._pipe = None
-            self._adapters = {}
         sd_key = (str(Path(models.sd_dir).resolve()), models.made_with["sd"]["digest"])
         base_key = (str(Path(models.controlnet_dir).resolve()), models.made_with["base"]["digest"])
         if self._sd is None or self._sd[0] != sd_key:
+            _, dtype, precision = device_and_dtype(self.device, self._asked, width=unet_width(models.sd_dir))
+            if dtype != self.dtype:  # this SD runs in another precision: the base is loaded again in it too
+                self.dtype, self.precision, self._base = dtype, precision, None
             self._sd, self._pipe = (sd_key, load_sd(models.sd_dir, device=self.device, dtype=self.dtype)), None
             self.loads["sd"] += 1
         if self._base is None or self._base[0] != base_key:

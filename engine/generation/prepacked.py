@@ -18,6 +18,7 @@ stays eager).
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -57,27 +58,29 @@ def page_out(tensor: torch.Tensor) -> None:
     weight dropped for its reordered copy would otherwise stay resident (counted in the process's
     memory) until the file is unmapped, which happens only when every weight of that file is gone.
     Clean file pages are dropped (read again if ever touched). Only memory torch does not own (a
-mapped file's, whose storage cannot be resized) is hinted."""
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        except (OSError, AttributeError):
-            _libc = False
+    mapped file's, whose storage cannot be resized) is hinted."""
+    madvise = _madvise()
     # Memory torch allocated itself (resizable storage) is freed with the tensor: nothing to hint.
-    if not _libc or tensor.device.type != "cpu" or tensor.untyped_storage().resizable():
+    if madvise is None or tensor.device.type != "cpu" or tensor.untyped_storage().resizable():
         return
     page = 4096
     start = -(-tensor.data_ptr() // page) * page  # whole pages only: neighbours' data is not ours
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
     if end > start:
-        _libc.madvise(start, end - start, _MADV_PAGEOUT)  # refused (old kernel, not Linux): a hint lost
+        madvise(start, end - start, _MADV_PAGEOUT)  # refused (old kernel, not Linux): a hint lost
 
 
-_libc = None
+@functools.cache
+def _madvise():
+    """libc's ``madvise``, or None where there is no C library to ask."""
+    try:
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 class _Packer:

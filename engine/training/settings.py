@@ -104,8 +104,8 @@ class TrainBaseSettings:
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     lr: float = field(default=1e-5, metadata=_help("AdamW learning rate"))
     rank: int = field(default=PAPER_RANK, metadata=_help("LoRA rank of every condition"))
-    precision: str = field(default="auto", metadata=_help("auto (bf16 on GPU and on CPUs with native bf16, else "
-                                                             "fp32), fp32 or bf16 (the frozen UNet in bf16, fp32 "
+    precision: str = field(default="auto", metadata=_help("auto (bf16 on GPU and on CPUs with native bf16 for "
+                                                             "UNets of 64 channels or more, else fp32), fp32 or bf16 (the frozen UNet in bf16, fp32 "
                                                              "master weights for what trains)"))
     grad_checkpointing: bool = field(default=False, metadata=_help("recompute activations: less memory, slower"))
     save_every: int = field(default=1000, metadata=_help("write a checkpoint every N steps (0: only at the end)"))

@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     _end_with_torchrun()
     args = read_worker_args(argv, description=__doc__.split("\n\n")[0])
     out = Path(args.out)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    restarted = _attempt() > 0
     if restarted:  # torchrun --max-restarts started us again: continue from the last checkpoint, if any
         from dataclasses import replace
 
@@ -211,13 +211,18 @@ def _run(args: TrainBaseSettings, out: Path) -> bool:
         dist.destroy_process_group()
 
 
+def _attempt() -> int:
+    """Which start of the workers this is: 0 the first, more after torchrun restarted them."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _init_process_group(backend: str, timeout, **more) -> None:
     """The process group, its keys kept apart per torchrun attempt. Workers restarted by torchrun
     (``--max-restarts``) meet in the same store as the attempt before, where that attempt's keys
     (each rank's address, NCCL's id) are still set: read by the new ranks, they point at the dead
     ones, and the group never forms (gloo: it waits out ``--timeout``)."""
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    store = dist.PrefixStore(f"ctrlora-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    store = dist.PrefixStore(f"ctrlora-attempt-{_attempt()}", store)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **more)
 
 

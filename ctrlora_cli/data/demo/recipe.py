@@ -173,19 +173,17 @@ class Recipe:
 
         from ctrlora_cli.app import main
 
-        saved_argv, out = sys.argv, io.StringIO()
+        out = io.StringIO()
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        sys.argv = ["ctrlora", *args]
         try:
             with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
-                main()
+                main(args)
             code = 0
         except SystemExit as exc:  # main() ends with sys.exit(code)
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             if isinstance(exc.code, str):
                 print(exc.code, file=sys.stderr)
         finally:
-            sys.argv = saved_argv
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         sys.stdout.flush()
@@ -329,8 +327,8 @@ class Recipe:
             path = folder / f"{run.key}.json"
             if path.is_file():
                 results[run.key] = json.loads(path.read_text())
-            elif self.same_run(run, path):  # an earlier stage's run of the very same settings (--quick)
-                results[run.key] = json.loads(path.read_text())
+            elif (copied := self.same_run(run, path)) is not None:  # another stage's, same settings (--quick)
+                results[run.key] = copied
             elif run.key not in {r.key for r, _, _ in todo}:
                 todo.append((run, base, path))
         if not todo:
@@ -352,15 +350,16 @@ class Recipe:
         self.log(label, time.time() - t0)
         return results
 
-    def same_run(self, run, path: Path) -> bool:
-        """Whether another claim stage's folder holds a run of exactly ``run``'s settings; if so it
-        is copied to ``path`` (whole), so this stage reads it from its own folder from now on."""
+    def same_run(self, run, path: Path) -> dict | None:
+        """The result of a run of exactly ``run``'s settings that another claim stage's folder holds,
+        copied to ``path`` (whole, so this stage reads it from its own folder from now on); None if
+        there is none."""
         for other in sorted((self.work / "claim").glob(f"*/{run.key}.json")):
             result = json.loads(other.read_text())
             if result["run"] == run.as_dict():
                 write_json(path, result, sort_keys=False)
-                return True
-        return False
+                return result
+        return None
 
     def preview(self, conditions, scenes: int = 3, zoom: int = 4) -> Path:
         """``preview.png``: for every adapter, ``scenes`` unseen scenes (world seed 2) as rows of
